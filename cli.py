@@ -1,0 +1,74 @@
+"""What the three scripts share: argparse value types, quiet TensorFlow start-up, and turning errors into one
+line on stderr with an exit code."""
+import argparse
+import math
+import os
+import sys
+
+EXIT_USAGE = 2  # bad input: a flag value, a prime, an incompatible resume
+EXIT_FAILURE = 1  # something missing or broken: no save dir, no checkpoint, a NaN loss
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+def _number(kind, check, description):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+        return value
+    parse.__name__ = description  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+
+
+def quiet_tensorflow():
+    """Import TensorFlow without its start-up chatter on stderr (oneDNN and CUDA notices).
+
+    Its C++ logging ignores TF_CPP_MIN_LOG_LEVEL before absl is initialised, so stderr is pointed at
+    /dev/null while TensorFlow loads and finds its devices; set CHAR_RNN_VERBOSE=1 to see the notices.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("CHAR_RNN_VERBOSE"):
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def fail(message, code):
+    """Print one line on stderr and return the exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run(action):
+    """Call action(); turn user errors into one line on stderr and an exit code instead of a traceback."""
+    try:
+        return action() or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ValueError as e:
+        return fail(e, EXIT_USAGE)
+    except (FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
+        return fail(e, EXIT_FAILURE)
+    except OSError as e:
+        return fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), EXIT_FAILURE)

@@ -1,0 +1,129 @@
+"""The char-rnn network and the compiled text generator.
+
+CharRNN: Embedding -> num_layers x (LSTM | GRU | SimpleRNN) -> Dense over the vocabulary. The recurrent state
+goes in and out explicitly as a flat tuple of [batch, rnn_size] tensors (h, c per LSTM layer; h per GRU or
+SimpleRNN layer), so the same weights serve a training batch and batch-1 sampling and no layer is stateful.
+
+Generator: the whole sampling loop (prime, then n tokens) as one compiled TensorFlow function over tensors.
+"""
+import tensorflow as tf
+from tensorflow import keras
+
+RNN_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+STATES_PER_LAYER = {"lstm": 2, "gru": 1, "rnn": 1}
+MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
+
+
+class CharRNN(keras.Model):
+    """Embedding -> stacked recurrent layers -> Dense logits, with explicit state in and out."""
+
+    def __init__(self, vocab_size, rnn_size=128, num_layers=3, model="lstm", embedding_size=None, dropout=0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if model not in RNN_LAYERS:
+            raise ValueError(f"unknown model type {model!r}: choose one of {', '.join(RNN_LAYERS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout {dropout} is not a probability in [0, 1)")
+        self.vocab_size, self.rnn_size, self.num_layers, self.cell_type = vocab_size, rnn_size, num_layers, model
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_size or rnn_size, name="embedding")
+        # Default activations, no recurrent dropout, no unrolling: the layers stay eligible for cuDNN.
+        self.rnn_layers = [RNN_LAYERS[model](rnn_size, return_sequences=True, return_state=True,
+                                             name=f"{model}_{i}") for i in range(num_layers)]
+        # `dropout` is the probability of dropping a unit (TF1's keep_prob confusion is not repeated).
+        self.dropouts = [keras.layers.Dropout(dropout, name=f"dropout_{i}") for i in range(num_layers)]
+        self.head = keras.layers.Dense(vocab_size, name="head")
+        # tf.train.Checkpoint does not see into Keras' tracked lists: give every layer its own attribute.
+        for i, (layer, dropout_layer) in enumerate(zip(self.rnn_layers, self.dropouts)):
+            setattr(self, f"rnn_{i}", layer)
+            setattr(self, f"dropout_{i}", dropout_layer)
+        self.states_per_layer = STATES_PER_LAYER[model]
+
+    @property
+    def num_states(self):
+        """How many [batch, rnn_size] tensors make up the recurrent state."""
+        return self.num_layers * self.states_per_layer
+
+    def zero_state(self, batch_size):
+        """The initial state for `batch_size` rows: a tuple of zero tensors."""
+        return tuple(tf.zeros([batch_size, self.rnn_size]) for _ in range(self.num_states))
+
+    def _layer_states(self, states, i):
+        k = self.states_per_layer
+        return list(states[i * k:(i + 1) * k])
+
+    def call(self, inputs, states, training=False):
+        """inputs [batch, time] int ids, states a flat tuple -> (logits [batch, time, vocab], new states)."""
+        x = self.embedding(inputs)
+        new_states = []
+        for i, layer in enumerate(self.rnn_layers):
+            x, *layer_states = layer(x, initial_state=self._layer_states(states, i), training=training)
+            new_states.extend(layer_states)
+            x = self.dropouts[i](x, training=training)
+        return self.head(x), tuple(new_states)
+
+    def step(self, token_ids, states):
+        """One time step for inference: token_ids [batch] -> (logits [batch, vocab], new states).
+
+        Calls the cells directly, which skips the per-call sequence machinery of the layers.
+        """
+        x = self.embedding(token_ids)
+        new_states = []
+        for i, layer in enumerate(self.rnn_layers):
+            x, layer_states = layer.cell(x, self._layer_states(states, i), training=False)
+            new_states.extend(layer_states if isinstance(layer_states, (list, tuple)) else [layer_states])
+        return self.head(x), tuple(new_states)
+
+    def build_weights(self):
+        """Create every weight (Keras builds lazily) by running one tiny batch."""
+        self(tf.zeros([1, 1], tf.int32), self.zero_state(1))
+
+
+def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id):
+    """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
+    scaled = logits / temperature
+    vocab_size = tf.shape(scaled)[0]
+    # Keep the top_k largest logits (all when top_k is 0): mask the rest to -inf.
+    k = tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size)
+    kth_largest = tf.math.top_k(scaled, k=k, sorted=True).values[k - 1]
+    scaled = tf.where(scaled < kth_largest, tf.constant(-float("inf"), scaled.dtype), scaled)
+    sampled = tf.random.stateless_categorical(scaled[tf.newaxis], 1, seed=step_seed, dtype=tf.int32)[0, 0]
+    greedy = tf.argmax(logits, output_type=tf.int32)
+    sample_here = tf.logical_or(tf.equal(mode, MODE_SAMPLE),
+                                tf.logical_and(tf.equal(mode, MODE_SAMPLE_ON_SPACES), tf.equal(previous, space_id)))
+    return tf.where(sample_here, sampled, greedy)
+
+
+class Generator(tf.Module):
+    """Compiled sampling over one CharRNN; holds no Python state, so one instance serves many threads."""
+
+    def __init__(self, model, space_id=-1):
+        super().__init__(name="generator")
+        self.model = model
+        self.space_id = tf.constant(space_id, tf.int32)
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.int32, name="prime"),
+        tf.TensorSpec([], tf.int32, name="n"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int32, name="mode"),
+        tf.TensorSpec([], tf.int64, name="seed"),
+        tf.TensorSpec([], tf.int32, name="top_k"),
+    ])
+    def generate(self, prime, n, temperature, mode, seed, top_k):
+        """Feed the prime ids (at least one), then generate n ids; returns int32 [n].
+
+        mode: 0 argmax, 1 sample every step, 2 sample only right after a space. temperature divides the
+        logits; top_k > 0 samples among the k likeliest tokens only; seed makes the draw repeatable.
+        """
+        logits, states = self.model(prime[tf.newaxis], self.model.zero_state(1))
+        outputs = tf.TensorArray(tf.int32, size=n)
+
+        def body(i, previous, logits, states, outputs):
+            step_seed = tf.stack([seed, tf.cast(i, tf.int64)])
+            token = choose_next(logits, previous, step_seed, temperature, mode, top_k, self.space_id)
+            next_logits, next_states = self.model.step(token[tf.newaxis], states)
+            return i + 1, token, next_logits[0], next_states, outputs.write(i, token)
+
+        _, _, _, _, outputs = tf.while_loop(
+            lambda i, *_: i < n, body, (tf.constant(0), prime[-1], logits[0, -1], states, outputs))
+        return outputs.stack()

@@ -1,0 +1,54 @@
+"""Sample text from a model trained by train.py.
+
+usage: python sample.py [--save_dir save] [-n 500] [--prime The] [--sample 1] [--temperature 1.0] [--seed 1]
+       python sample.py --save_dir save/best       # the model with the lowest validation loss
+"""
+import argparse
+import sys
+
+import cli
+
+DESCRIPTION = "Generate text from a trained char-rnn model: the prime followed by n sampled tokens."
+
+
+def build_parser():
+    """The original's flags and defaults, plus --seed and --top_k."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--save_dir", default="save",
+                        help="save dir written by train.py (SAVE_DIR/best for the best model)")
+    parser.add_argument("-n", type=cli.non_negative_int, default=500,
+                        help="number of tokens (characters, or words at word level) to sample")
+    parser.add_argument("--prime", default="The",
+                        help="prime text fed to the network first; empty: start as if at a new line")
+    parser.add_argument("--sample", type=int, default=1, choices=[0, 1, 2],
+                        help="0 to use argmax at each timestep, 1 to sample at each timestep, 2 to sample only "
+                             "after a space (argmax elsewhere; at word level the same as 1)")
+    parser.add_argument("--temperature", type=cli.positive_float, default=1.0,
+                        help="divides the logits: below 1 more conservative, above 1 more varied; any value > 0")
+    parser.add_argument("--top_k", type=cli.non_negative_int, default=0,
+                        help="sample only among the k likeliest tokens (0: all)")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=None,
+                        help="random seed, for repeatable output (default: a random one)")
+    parser.add_argument("--word_level", action="store_true",
+                        help="accepted for compatibility: word or character level comes from the saved model")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.quiet_tensorflow()
+    from sampler import Sampler
+
+    def sample():
+        sampler = Sampler.load(args.save_dir)
+        if args.word_level and not sampler.word_level:
+            print("warning: --word_level ignored: this model was trained at character level", file=sys.stderr)
+        text = sampler.sample(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k)
+        sys.stdout.write(text + "\n")
+
+    return cli.run(sample)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Text in, text out around the compiled Generator: what sample.py and the sampling server share.
+
+Sampler.load(save_dir) restores a save dir; sampler.sample(prime, n, mode, temperature, seed, top_k) checks
+every argument, turns the prime into ids (refusing unknown tokens by name), runs the generator and returns the
+prime followed by the generated text.
+"""
+import math
+import secrets
+
+import numpy as np
+import tensorflow as tf
+
+import savedir
+from model import MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, Generator
+from utils import NEWLINE, join_tokens, tokenize
+
+SAMPLE_MODES = (MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES)
+MAX_SEED = 2 ** 63 - 1
+# An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
+# vocabulary has no line break): text then begins as if at the start of a line.
+EMPTY_PRIME_START = NEWLINE
+
+
+class Sampler:
+    """A restored model and its vocabulary, ready to generate text; safe to share between threads."""
+
+    def __init__(self, loaded):
+        self.config, self.vocab, self.unk_token = loaded.config, loaded.vocab, loaded.unk_token
+        self.word_level = bool(self.config["word_level"])
+        self.index = {token: i for i, token in enumerate(self.vocab)}
+        self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1))
+        self.start_id = self.index.get(EMPTY_PRIME_START, 0)
+
+    @classmethod
+    def load(cls, save_dir):
+        """Restore save_dir (see savedir.load) and build its sampler."""
+        return cls(savedir.load(save_dir))
+
+    def encode(self, prime):
+        """Prime text -> token ids; unknown tokens map to the unknown-word token, or are refused by name."""
+        tokens = tokenize(prime, self.word_level)
+        unknown = [t for t in dict.fromkeys(tokens) if t not in self.index]
+        if unknown and self.unk_token is None:
+            shown = ", ".join(repr(t) for t in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            kind = "words" if self.word_level else "characters"
+            raise ValueError(f"the prime has {kind} the model does not know: {shown}")
+        unk_id = self.index.get(self.unk_token, -1)
+        return [self.index.get(t, unk_id) for t in tokens]
+
+    def sample(self, prime="", n=500, mode=MODE_SAMPLE, temperature=1.0, seed=None, top_k=0):
+        """Return the prime followed by n generated tokens as text. Bad arguments raise ValueError."""
+        check_arguments(n, mode, temperature, seed, top_k)
+        ids = self.encode(prime) or [self.start_id]
+        if self.word_level and mode == MODE_SAMPLE_ON_SPACES:
+            mode = MODE_SAMPLE  # every word follows a space, so "sample on spaces" samples at every step
+        seed = secrets.randbelow(MAX_SEED) if seed is None else seed
+        generated = self.generator.generate(tf.constant(ids, tf.int32), tf.constant(n, tf.int32),
+                                            tf.constant(temperature, tf.float32), tf.constant(mode, tf.int32),
+                                            tf.constant(seed, tf.int64), tf.constant(top_k, tf.int32))
+        return self.join(prime, [self.vocab[i] for i in generated.numpy()])
+
+    def join(self, prime, tokens):
+        """The prime followed by generated tokens, as the original printed them."""
+        text = join_tokens(tokens, self.word_level)
+        if self.word_level and prime and text and not prime[-1].isspace() and text[0] != NEWLINE:
+            return prime + " " + text  # words are joined by single spaces, line breaks stand alone
+        return prime + text
+
+
+def check_arguments(n, mode, temperature, seed, top_k):
+    """Raise ValueError with a one-line reason when a sampling argument is out of range."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"sample mode must be 0 (argmax), 1 (sample) or 2 (sample on spaces), got {mode!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {top_k!r}")

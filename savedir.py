@@ -1,0 +1,256 @@
+"""Everything about a save directory: its file names, config and vocabulary, checkpoints, best/, the
+compatibility checks of a resume, the lock against two trainers, and `load()` for sampling and serving.
+
+Layout of a save dir (best/ holds the same files for the best model so far, plus model_info.yaml):
+    config.yaml                 model and training settings (plain YAML, read with yaml.safe_load)
+    vocab.json                  the tokens in id order (JSON round-trips every code point)
+    checkpoint                  tf.train.CheckpointManager's index of checkpoints (relative paths)
+    model.ckpt-<step>.index / .data-*
+    metrics.csv                 the loss curves
+No pickle: loading a model never executes code from a file.
+"""
+import contextlib
+import errno
+import fcntl
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+import tensorflow as tf
+import yaml
+
+from model import CharRNN
+from utils import atomic_write_bytes
+
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+MODEL_INFO_FILE = "model_info.yaml"
+METRICS_FILE = "metrics.csv"
+LOCK_FILE = "train.lock"
+CHECKPOINT_NAME = "model.ckpt"
+BEST_DIR = "best"
+MAX_TO_KEEP = 5  # checkpoints kept in a save dir; older ones are the fallback for a damaged newest one
+# Settings that decide the shape or meaning of the weights: a resume must keep every one of them.
+WEIGHT_FIELDS = ("model", "rnn_size", "num_layers", "word_level", "embedding_size", "vocab_size")
+_STEP_FROM_PATH = re.compile(r"-(\d+)$")
+
+
+def warn(message):
+    """Print a one-line warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.yaml and vocab.json
+
+
+def write_yaml(path, data):
+    """Write a dict as plain YAML, atomically."""
+    atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=False).encode("ascii"))
+
+
+def read_yaml(path):
+    """Read a plain-YAML dict (safe_load: no objects are constructed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({e.__class__.__name__}); the save dir is damaged")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a settings mapping; the save dir is damaged")
+    return data
+
+
+def write_config(save_dir, config):
+    """Write config.yaml into save_dir."""
+    write_yaml(os.path.join(save_dir, CONFIG_FILE), config)
+
+
+def read_config(save_dir):
+    """Read save_dir/config.yaml; a missing file is a FileNotFoundError that says what a save dir is."""
+    path = os.path.join(save_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --save_dir must be a directory written by train.py")
+    config = read_yaml(path)
+    missing = [field for field in WEIGHT_FIELDS if field not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; the save dir is damaged")
+    return config
+
+
+def write_vocab(save_dir, vocab, unk_token=None):
+    """Write the vocabulary (tokens in id order) and the unknown-word token as JSON."""
+    data = json.dumps({"tokens": list(vocab), "unk_token": unk_token}, ensure_ascii=True, indent=0)
+    atomic_write_bytes(os.path.join(save_dir, VOCAB_FILE), data.encode("ascii"))
+
+
+def read_vocab(save_dir):
+    """Read save_dir/vocab.json; returns (tokens in id order, unk_token or None)."""
+    path = os.path.join(save_dir, VOCAB_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return list(data["tokens"]), data.get("unk_token")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: --save_dir must be a directory written by train.py")
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a vocabulary written by train.py; the save dir is damaged")
+
+
+def check_compatible(saved_config, saved_vocab, config, vocab):
+    """Raise ValueError naming the first setting in which a resumed run differs from its checkpoint."""
+    for field in WEIGHT_FIELDS:
+        if saved_config.get(field) != config.get(field):
+            raise ValueError(f"cannot resume: {field} is {config.get(field)!r} here but {saved_config.get(field)!r} "
+                             f"in the checkpoint; train with the same {field} or use a new --save_dir")
+    if list(saved_vocab) != list(vocab):
+        raise ValueError("cannot resume: the vocabulary of this data differs from the checkpoint's "
+                         "(other text or tokenization settings); use the same data or a new --save_dir")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def has_checkpoint(directory):
+    """True when a directory holds at least one checkpoint index file."""
+    return bool(glob.glob(os.path.join(directory, CHECKPOINT_NAME + "-*.index")))
+
+
+def checkpoint_paths(directory):
+    """Checkpoint prefixes in a directory, newest first (the `checkpoint` file first, then any others)."""
+    listed = []
+    state = None
+    with contextlib.suppress(tf.errors.OpError, ValueError):
+        state = tf.train.get_checkpoint_state(directory)
+    if state is not None:
+        listed = [os.path.join(directory, os.path.basename(p)) for p in state.all_model_checkpoint_paths]
+    found = [p[:-len(".index")] for p in glob.glob(os.path.join(directory, CHECKPOINT_NAME + "-*.index"))]
+    paths = {p for p in listed + found if os.path.exists(p + ".index")}
+    return sorted(paths, key=checkpoint_step, reverse=True)
+
+
+def checkpoint_step(path):
+    """The step number in a checkpoint prefix such as save/model.ckpt-1000."""
+    match = _STEP_FROM_PATH.search(path)
+    return int(match.group(1)) if match else -1
+
+
+def restore_newest(checkpoint, directory):
+    """Restore the newest intact checkpoint of `directory` into `checkpoint`; return its path.
+
+    A damaged newest checkpoint is skipped with a warning. Raises FileNotFoundError when none is usable.
+    """
+    paths = checkpoint_paths(directory)
+    if not paths:
+        raise FileNotFoundError(f"no checkpoint in {directory}: train a model there first with "
+                                f"`python train.py --save_dir {directory}`")
+    for path in paths:
+        try:
+            # Every variable that exists here must get a value; values the file has beyond them (the
+            # optimizer's, when only the model is restored) are expected.
+            checkpoint.read(path).assert_existing_objects_matched().expect_partial()
+            return path
+        except (tf.errors.OpError, ValueError, AssertionError) as e:
+            warn(f"checkpoint {path} is damaged ({e.__class__.__name__}); trying the one before it")
+    raise FileNotFoundError(f"every checkpoint in {directory} is damaged; retrain, or resume from a copy")
+
+
+def checkpoint_manager(checkpoint, directory):
+    """A CheckpointManager writing model.ckpt-<step> files with relative paths into `directory`."""
+    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=MAX_TO_KEEP,
+                                      checkpoint_name=CHECKPOINT_NAME)
+
+
+def save_best(save_dir, checkpoint, step, config, vocab, unk_token, info):
+    """Replace save_dir/best with the current weights and their model_info.yaml, crash-safely.
+
+    Everything is written into best.new/ first, then renamed over best/: after a kill, best/ (or, for the
+    instant between the two renames, best.old/, which recover_best puts back) always holds a complete set.
+    """
+    best, new, old = (os.path.join(save_dir, BEST_DIR + suffix) for suffix in ("", ".new", ".old"))
+    shutil.rmtree(new, ignore_errors=True)
+    os.makedirs(new)
+    tf.train.CheckpointManager(checkpoint, new, max_to_keep=1, checkpoint_name=CHECKPOINT_NAME).save(step)
+    write_config(new, config)
+    write_vocab(new, vocab, unk_token)
+    write_yaml(os.path.join(new, MODEL_INFO_FILE), info)
+    _fsync_dir(new)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(best):
+        os.rename(best, old)
+    os.rename(new, best)
+    _fsync_dir(save_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_best(save_dir):
+    """Finish or undo a best/ swap that a kill interrupted."""
+    best, new, old = (os.path.join(save_dir, BEST_DIR + suffix) for suffix in ("", ".new", ".old"))
+    if not os.path.isdir(best) and os.path.isdir(old):
+        os.rename(old, best)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lock and loading
+
+
+@contextlib.contextmanager
+def training_lock(save_dir):
+    """Hold an exclusive lock on save_dir while training; a second trainer gets a clear error."""
+    os.makedirs(save_dir, exist_ok=True)
+    with open(os.path.join(save_dir, LOCK_FILE), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"another train.py is already training in {save_dir}; "
+                                 f"wait for it to finish or use another --save_dir")
+            raise
+        yield
+
+
+def build_model(config):
+    """Create the CharRNN a config describes, with all its weights built."""
+    model = CharRNN(config["vocab_size"], config["rnn_size"], config["num_layers"], config["model"],
+                    config["embedding_size"], config.get("dropout", 0.0))
+    model.build_weights()
+    return model
+
+
+class Loaded:
+    """A model restored for inference: config (dict), vocab (tokens in id order), unk_token, model, path."""
+
+    def __init__(self, config, vocab, unk_token, model, path):
+        self.config, self.vocab, self.unk_token, self.model, self.path = config, vocab, unk_token, model, path
+
+
+def load(save_dir):
+    """Restore the newest intact checkpoint of a save dir for sampling; returns a Loaded.
+
+    Raises FileNotFoundError (no save dir, no checkpoint) or ValueError (damaged files), never returns
+    random weights.
+    """
+    if not os.path.isdir(save_dir):
+        raise FileNotFoundError(f"save dir {save_dir} does not exist: train a model first or give --save_dir")
+    config = read_config(save_dir)
+    vocab, unk_token = read_vocab(save_dir)
+    if len(vocab) != config["vocab_size"]:
+        raise ValueError(f"{save_dir}: vocab.json has {len(vocab)} tokens but config.yaml says "
+                         f"{config['vocab_size']}; the save dir is damaged")
+    model = build_model(config)
+    path = restore_newest(tf.train.Checkpoint(model=model), save_dir)
+    return Loaded(config, vocab, unk_token, model, path)

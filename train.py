@@ -1,0 +1,84 @@
+"""Train a character- or word-level RNN language model on data_dir/input.txt.
+
+usage: python train.py [--data_dir data/tinyshakespeare] [--save_dir save] [--model lstm] ...
+       python train.py --init_from save        # resume where the run in save/ stopped
+"""
+import argparse
+import os
+import sys
+
+import cli
+
+DESCRIPTION = "Train a multi-layer LSTM/GRU/RNN language model over characters or words."
+
+
+def build_parser():
+    """The command line: the original's flags, names and defaults, plus a few new ones."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", default=os.path.join("data", "tinyshakespeare"),
+                      help="directory containing input.txt (the default corpus is downloaded when missing)")
+    data.add_argument("--word_level", action="store_true",
+                      help="split the text into words (on whitespace, keeping line breaks) instead of characters")
+    data.add_argument("--val_frac", type=cli.fraction, default=0.05,
+                      help="fraction of the tokens (the contiguous tail) held out for validation; 0 for none")
+    data.add_argument("--encoding", default="utf-8", help="text encoding of input.txt")
+    data.add_argument("--max_vocab", type=cli.non_negative_int, default=0,
+                      help="keep only the N most frequent tokens, others become <unk> (0: keep all)")
+    data.add_argument("--min_count", type=cli.positive_int, default=1,
+                      help="tokens seen fewer times become <unk>")
+    data.add_argument("--data_url", default=None,
+                      help="mirror (URL or file path) of the default corpus; also $CHAR_RNN_DATA_URL")
+
+    io = parser.add_argument_group("saving and resuming")
+    io.add_argument("--save_dir", default="save", help="directory for checkpoints; the best model goes to "
+                    "SAVE_DIR/best (lowest validation loss)")
+    io.add_argument("--save_every", type=cli.positive_int, default=1000,
+                    help="write a checkpoint and compute the validation loss every N steps (and on the last)")
+    io.add_argument("--init_from", default=None,
+                    help="resume training from the save dir at this path (config.yaml, vocab.json and "
+                         "checkpoints written by train.py): same step, epoch, learning rate and data position")
+    io.add_argument("--print_every", type=cli.positive_int, default=10, help="print training stats every N steps")
+    io.add_argument("--log_dir", default=None, help="TensorBoard log directory (default: SAVE_DIR/logs)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="lstm", choices=["lstm", "gru", "rnn"], help="rnn, gru, or lstm")
+    model.add_argument("--rnn_size", type=cli.positive_int, default=128, help="size of RNN hidden state")
+    model.add_argument("--num_layers", type=cli.positive_int, default=3, help="number of layers in the RNN")
+    model.add_argument("--dropout", type=cli.probability, default=0.0,
+                       help="probability of dropping each unit of a layer's output, in training only")
+    model.add_argument("--word2vec_embedding", default=None,
+                       help="initialise the embedding from word2vec vectors (word2vec text/binary format, or a "
+                            "gensim 4 KeyedVectors/Word2Vec file: those are pickles, load only trusted ones)")
+
+    optimization = parser.add_argument_group("optimization")
+    optimization.add_argument("--batch_size", type=cli.positive_int, default=50,
+                              help="minibatch size (parallel streams of text)")
+    optimization.add_argument("--seq_length", type=cli.positive_int, default=50,
+                              help="RNN sequence length (steps of backpropagation through time)")
+    optimization.add_argument("--num_epochs", type=cli.positive_int, default=50, help="number of epochs")
+    optimization.add_argument("--max_steps", type=cli.non_negative_int, default=0,
+                              help="stop (with a checkpoint) after this many steps in all; 0: no limit")
+    optimization.add_argument("--grad_clip", type=cli.positive_float, default=5.0,
+                              help="clip gradients to this global norm")
+    optimization.add_argument("--learning_rate", type=cli.positive_float, default=0.002,
+                              help="Adam learning rate")
+    optimization.add_argument("--decay_rate", type=cli.positive_float, default=0.97,
+                              help="per-epoch learning-rate decay: epoch e uses learning_rate * decay_rate**e")
+    optimization.add_argument("--seed", type=cli.non_negative_int, default=None,
+                              help="random seed, for a repeatable run (default: a random one, saved in config)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.quiet_tensorflow()
+    import trainer  # after the flags: --help and flag errors stay fast
+
+    config = trainer.TrainConfig(**vars(args))
+    return cli.run(lambda: trainer.train(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

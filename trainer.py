@@ -1,0 +1,349 @@
+"""The training loop: compiled steps with the RNN state carried between batches (truncated BPTT), Adam with a
+per-epoch learning-rate decay and global-norm clipping, full-pass validation, checkpoints, best/ and resume.
+
+train(config) is what train.py calls. Everything whose value a resumed run needs (weights, optimizer,
+step, epoch, position in the epoch, carried state, best score, loss since the last save) lives in
+TensorFlow variables inside one tf.train.Checkpoint, so a resume continues exactly where the run stopped.
+"""
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import secrets
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow import keras
+
+import savedir
+from model import CharRNN
+from utils import TextLoader, stream_layout
+
+EVAL_STREAMS = 32  # parallel streams of a full-pass evaluation (each starts from a zero state)
+EVAL_CHUNK = 256  # time steps per compiled evaluation call
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every train.py flag; see train.py --help for their meaning."""
+    data_dir: str = os.path.join("data", "tinyshakespeare")
+    save_dir: str = "save"
+    rnn_size: int = 128
+    num_layers: int = 3
+    model: str = "lstm"
+    batch_size: int = 50
+    seq_length: int = 50
+    num_epochs: int = 50
+    save_every: int = 1000
+    grad_clip: float = 5.0
+    learning_rate: float = 0.002
+    decay_rate: float = 0.97
+    init_from: str | None = None
+    word2vec_embedding: str | None = None
+    dropout: float = 0.0
+    print_every: int = 10
+    word_level: bool = False
+    val_frac: float = 0.05
+    seed: int | None = None
+    log_dir: str | None = None
+    encoding: str = "utf-8"
+    max_vocab: int = 0
+    min_count: int = 1
+    max_steps: int = 0
+    data_url: str | None = None
+
+
+class Progress(tf.Module):
+    """The counters and carried state of a run, as checkpointed variables."""
+
+    def __init__(self, num_states, batch_size, rnn_size, seq_length):
+        super().__init__(name="progress")
+        int_var = lambda value: tf.Variable(value, dtype=tf.int64, trainable=False)
+        self.step, self.epoch, self.batch_in_epoch = int_var(0), int_var(0), int_var(0)
+        self.batch_size, self.seq_length = int_var(batch_size), int_var(seq_length)
+        self.best_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)  # training loss since the last save
+        self.loss_count = int_var(0)
+        # [num_states, batch, rnn_size]: one row per stream, so replicas can each carry the rows they own.
+        self.state = tf.Variable(tf.zeros([num_states, batch_size, rnn_size]), trainable=False,
+                                 shape=tf.TensorShape(None))
+
+    def reset_state(self):
+        self.state.assign(tf.zeros_like(self.state))
+
+
+def model_config(config, loader, embedding_size):
+    """The settings written to config.yaml: every flag plus what the data decided."""
+    saved = dataclasses.asdict(config)
+    saved.update(vocab_size=loader.vocab_size, embedding_size=embedding_size, unk_token=loader.unk_token)
+    return saved
+
+
+def make_train_step(model, optimizer, progress, grad_clip):
+    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced."""
+    @tf.function
+    def train_step(inputs, targets):
+        state = tf.ensure_shape(progress.state.value(), [model.num_states, None, model.rnn_size])
+        states = tuple(tf.unstack(state, num=model.num_states))
+        with tf.GradientTape() as tape:
+            logits, new_states = model(inputs, states, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads, _ = tf.clip_by_global_norm(grads, grad_clip)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        progress.state.assign(tf.stack(new_states))
+        progress.loss_sum.assign_add(tf.cast(loss, tf.float64))
+        progress.loss_count.assign_add(1)
+        progress.step.assign_add(1)
+        progress.batch_in_epoch.assign_add(1)
+        return loss
+    return train_step
+
+
+def make_eval_chunk(model):
+    """A compiled full-pass chunk: (inputs, targets, weights, states) -> (summed loss, new states)."""
+    @tf.function(reduce_retracing=True)
+    def eval_chunk(inputs, targets, weights, states):
+        logits, new_states = model(inputs, states, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+        return tf.reduce_sum(tf.cast(losses, tf.float64) * tf.cast(weights, tf.float64)), new_states
+    return eval_chunk
+
+
+def full_pass_loss(model, ids, eval_chunk=None):
+    """Mean next-token loss (nats) over every token of `ids`, state carried; returns (loss, token count)."""
+    if len(ids) < 2:
+        raise ValueError(f"{len(ids)} tokens are too few to evaluate: at least 2 are needed")
+    eval_chunk = eval_chunk or make_eval_chunk(model)
+    inputs, targets, weights = stream_layout(ids, EVAL_STREAMS)
+    states = model.zero_state(inputs.shape[0])
+    total = 0.0
+    for start in range(0, inputs.shape[1], EVAL_CHUNK):
+        columns = slice(start, start + EVAL_CHUNK)
+        loss_sum, states = eval_chunk(inputs[:, columns], targets[:, columns], weights[:, columns], states)
+        total += float(loss_sum)
+    count = len(ids) - 1
+    return total / count, count
+
+
+def format_duration(seconds):
+    """Seconds as h:mm:ss."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLog:
+    """Loss curves: rows appended to save_dir/metrics.csv and, when tensorboard is installed, scalars."""
+
+    def __init__(self, save_dir, log_dir):
+        self.path = os.path.join(save_dir, savedir.METRICS_FILE)
+        if not os.path.exists(self.path):
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(METRICS_COLUMNS)
+        self.writer = None
+        with contextlib.suppress(ImportError):
+            import tensorboard  # noqa: F401  (tf.summary writes nothing useful without it)
+            self.writer = tf.summary.create_file_writer(log_dir)
+
+    def write(self, step, **values):
+        """Append one row (missing columns stay empty) and the same scalars to TensorBoard."""
+        row = {"step": step, **values}
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_csv_value(row.get(column)) for column in METRICS_COLUMNS])
+        if self.writer is not None:
+            with self.writer.as_default():
+                for name, value in values.items():
+                    if name not in ("epoch", "elapsed_s") and value is not None:
+                        tf.summary.scalar(name, value, step=step)
+            self.writer.flush()
+
+
+def _csv_value(value):
+    return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
+
+
+class Trainer:
+    """One training run over a TextLoader; model, optimizer and counters are created in one place."""
+
+    def __init__(self, config, loader, saved_config):
+        self.config, self.loader, self.saved_config = config, loader, saved_config
+        # Model, optimizer and counters are built together so that this block can sit in strategy.scope().
+        self.model = savedir.build_model(saved_config)
+        self.optimizer = keras.optimizers.Adam(config.learning_rate)
+        self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
+        self.progress = Progress(self.model.num_states, config.batch_size, config.rnn_size, config.seq_length)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
+        self.manager = savedir.checkpoint_manager(self.checkpoint, config.save_dir)
+        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip)
+        self.eval_chunk = make_eval_chunk(self.model)
+        self.metrics = MetricsLog(config.save_dir, config.log_dir or os.path.join(config.save_dir, "logs"))
+        self.started = time.time()
+
+    def resume(self, directory):
+        """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch."""
+        path = savedir.restore_newest(self.checkpoint, directory)
+        progress, config = self.progress, self.config
+        if (int(progress.batch_size), int(progress.seq_length)) != (config.batch_size, config.seq_length):
+            print(f"batch_size/seq_length changed: epoch {int(progress.epoch)} restarts from its first batch",
+                  file=sys.stderr)
+            progress.batch_size.assign(config.batch_size)
+            progress.seq_length.assign(config.seq_length)
+            progress.batch_in_epoch.assign(0)
+            progress.state.assign(tf.zeros([self.model.num_states, config.batch_size, config.rnn_size]))
+        best_info = os.path.join(config.save_dir, savedir.BEST_DIR, savedir.MODEL_INFO_FILE)
+        if os.path.isfile(best_info):  # best/ describes itself; the checkpoint may be older or newer than it
+            progress.best_loss.assign(float(savedir.read_yaml(best_info).get("score", math.inf)))
+        elif os.path.abspath(directory) != os.path.abspath(config.save_dir):
+            progress.best_loss.assign(math.inf)
+        print(f"resumed from {path}: step {int(progress.step)}, epoch {int(progress.epoch)}, batch "
+              f"{int(progress.batch_in_epoch)}/{self.loader.num_batches}, learning rate "
+              f"{self.learning_rate():.6g}, best score {float(progress.best_loss):.4f}")
+
+    def learning_rate(self):
+        return self.config.learning_rate * self.config.decay_rate ** int(self.progress.epoch)
+
+    def total_steps(self):
+        """Steps this run will have made when it ends (counting those before a resume)."""
+        progress, num_batches = self.progress, self.loader.num_batches
+        remaining = (self.config.num_epochs - int(progress.epoch)) * num_batches - int(progress.batch_in_epoch)
+        total = int(progress.step) + max(remaining, 0)
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def run(self):
+        """Train until num_epochs (or max_steps); returns the exit code (0, or 130 after Ctrl-C)."""
+        total = self.total_steps()
+        try:
+            while int(self.progress.step) < total:
+                self.run_epoch(total)
+        except KeyboardInterrupt:
+            path = self.save(validate=False)
+            print(f"\ninterrupted: checkpoint written to {path}; resume with --init_from {self.config.save_dir}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if int(self.progress.loss_count) or not self.manager.latest_checkpoint:
+            self.save()
+        return 0
+
+    def run_epoch(self, total):
+        """Run the rest of the current epoch (or up to `total` steps), printing, validating and saving."""
+        progress, config, loader = self.progress, self.config, self.loader
+        self.optimizer.learning_rate = self.learning_rate()
+        if int(progress.batch_in_epoch) == 0:
+            progress.reset_state()  # truncated BPTT: every epoch starts from a zero state
+        step, epoch = int(progress.step), int(progress.epoch)
+        tick, tick_step = time.perf_counter(), step
+        for index in range(int(progress.batch_in_epoch), loader.num_batches):
+            loss = self.train_step(*loader.batch(index))
+            step += 1
+            if step % config.print_every == 0 or step == total:
+                seconds = (time.perf_counter() - tick) / (step - tick_step)
+                self.report(step, total, epoch, float(loss), seconds)
+                tick, tick_step = time.perf_counter(), step
+            if step % config.save_every == 0 or step == total:
+                self.save()
+            if step >= total:
+                return
+        progress.epoch.assign_add(1)
+        progress.batch_in_epoch.assign(0)
+
+    def report(self, step, total, epoch, loss, seconds):
+        """Print the original's progress line plus an ETA, and log the training loss."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {step}; training stopped, the "
+                                     f"last good checkpoint is kept; try a lower --learning_rate")
+        tokens_per_s = self.config.batch_size * self.config.seq_length / seconds
+        print(f"{step}/{total} (epoch {epoch}), train_loss = {loss:.4f}, time/batch = {seconds:.3f}, "
+              f"ETA {format_duration((total - step) * seconds)}", flush=True)
+        self.metrics.write(step, epoch=epoch, train_loss=loss, learning_rate=self.learning_rate(),
+                           tokens_per_s=tokens_per_s, elapsed_s=round(time.time() - self.started, 1))
+
+    def save(self, validate=True):
+        """Write a checkpoint; when `validate`, also the full-pass validation loss and best/ if it improved."""
+        progress, config = self.progress, self.config
+        count = int(progress.loss_count)
+        train_loss = float(progress.loss_sum) / count if count else math.nan
+        if count and not math.isfinite(train_loss):
+            raise FloatingPointError(f"the training loss became {train_loss} before step {int(progress.step)}; "
+                                     f"training stopped, the last good checkpoint is kept; try a lower --learning_rate")
+        step = int(progress.step)
+        val_loss = None
+        if validate and config.val_frac > 0:
+            val_loss, _ = full_pass_loss(self.model, self.loader.val_ids, self.eval_chunk)
+            print(f"{step}/{self.total_steps()} (epoch {int(progress.epoch)}), val_loss = {val_loss:.4f}",
+                  flush=True)
+            self.metrics.write(step, epoch=int(progress.epoch), val_loss=val_loss)
+        # Best: lowest validation loss; without a validation split, lowest mean training loss since last save.
+        score = val_loss if val_loss is not None else train_loss
+        improved = validate and count > 0 and math.isfinite(score) and score < float(progress.best_loss)
+        if improved:
+            progress.best_loss.assign(score)
+        progress.loss_sum.assign(0.0)
+        progress.loss_count.assign(0)
+        if improved:
+            savedir.save_best(config.save_dir, self.checkpoint, step, self.saved_config, self.loader.vocab,
+                              self.loader.unk_token, self.model_info(step, score, val_loss, train_loss))
+        return self.manager.save(checkpoint_number=step)
+
+    def model_info(self, step, score, val_loss, train_loss):
+        return {"score": float(score), "score_is": "val_loss" if val_loss is not None else "mean train_loss",
+                "val_loss": None if val_loss is None else float(val_loss),
+                "train_loss": float(train_loss), "step": step, "total_steps": self.total_steps(),
+                "epoch": int(self.progress.epoch), "time_s": round(time.time() - self.started, 1),
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def prepare_save_dir(config, loader, saved_config):
+    """Check that this run may write into save_dir (and resume from init_from); write config and vocab.
+
+    Raises ValueError before anything is written when the run would overwrite another model or resume an
+    incompatible one.
+    """
+    if config.init_from:
+        old_config = savedir.read_config(config.init_from)
+        old_vocab, _ = savedir.read_vocab(config.init_from)
+        savedir.check_compatible(old_config, old_vocab, saved_config, loader.vocab)
+        if not savedir.has_checkpoint(config.init_from):
+            raise FileNotFoundError(f"no checkpoint in {config.init_from} to resume from")
+    same_dir = config.init_from and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)
+    if not same_dir and savedir.has_checkpoint(config.save_dir):
+        raise ValueError(f"{config.save_dir} already holds a trained model; resume it with --init_from "
+                         f"{config.save_dir}, or give another --save_dir")
+    os.makedirs(config.save_dir, exist_ok=True)
+    savedir.recover_best(config.save_dir)
+    savedir.write_config(config.save_dir, saved_config)
+    savedir.write_vocab(config.save_dir, loader.vocab, loader.unk_token)
+
+
+def train(config):
+    """Train as `config` says; returns the exit code. Raises ValueError/FileNotFoundError on user errors."""
+    seed = config.seed if config.seed is not None else secrets.randbelow(2 ** 31)
+    config = dataclasses.replace(config, seed=seed)
+    keras.utils.set_random_seed(seed)
+    loader = TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac, config.encoding,
+                        config.word_level, config.max_vocab, config.min_count, config.data_url)
+    print(f"{len(loader.ids):,} tokens, vocabulary of {loader.vocab_size}: {len(loader.train_ids):,} for training "
+          f"({loader.num_batches} batches of {config.batch_size}x{config.seq_length}), "
+          f"{len(loader.val_ids):,} for validation")
+    embedding_size, vectors = config.rnn_size, None
+    if config.init_from:
+        embedding_size = savedir.read_config(config.init_from).get("embedding_size", config.rnn_size)
+        if config.word2vec_embedding:
+            print("--word2vec_embedding ignored: the weights come from --init_from", file=sys.stderr)
+    elif config.word2vec_embedding:
+        import embeddings  # gensim is slow to import; only word2vec users pay for it
+        vectors = embeddings.embedding_matrix(config.word2vec_embedding, loader.vocab, seed)
+        embedding_size = vectors.shape[1]
+    saved_config = model_config(config, loader, embedding_size)
+    with savedir.training_lock(config.save_dir):
+        prepare_save_dir(config, loader, saved_config)
+        trainer = Trainer(config, loader, saved_config)
+        if config.init_from:
+            trainer.resume(config.init_from)
+        elif vectors is not None:
+            trainer.model.embedding.embeddings.assign(vectors)
+        return trainer.run()

@@ -1,0 +1,336 @@
+"""Text -> token ids -> batches.
+
+TextLoader reads `data_dir/input.txt`, builds (or reuses) a cache of token ids keyed by the text's content hash
+and the tokenization settings, and serves char-rnn batches: the training tokens are cut into `batch_size`
+parallel streams and batch i is the next `seq_length` tokens of every stream. The last `val_frac` of the tokens
+(a contiguous tail) is held out for validation.
+
+The text is read in chunks and never held whole in memory: a 1 GB corpus needs about its token array
+(2 bytes per token for vocabularies under 65,536 tokens), memory-mapped from the cache.
+"""
+import codecs
+import collections
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+INPUT_FILE = "input.txt"
+DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DATA_URL_ENV = "CHAR_RNN_DATA_URL"  # mirror of the default corpus (URL or local path), for air-gapped machines
+DOWNLOAD_TIMEOUT_S = 30
+
+CACHE_PREFIX = "cache-"
+CACHE_VERSION = 1  # bump when the cache layout or tokenization changes
+READ_CHUNK_BYTES = 8 << 20  # text is decoded and tokenized this many bytes at a time
+BOM = "\ufeff"
+NEWLINE = "\n"
+UNK_TOKEN = "<unk>"
+_WORDS_AND_NEWLINES = re.compile(r"\n|[^\s]+")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The default corpus
+
+
+def ensure_input(data_dir, data_url=None):
+    """Return the path of data_dir/input.txt, downloading the default corpus if it is missing.
+
+    Only the default data dir is downloaded (from `data_url`, $CHAR_RNN_DATA_URL or the public address);
+    any other data dir without input.txt is a FileNotFoundError.
+    """
+    path = os.path.join(data_dir, INPUT_FILE)
+    if os.path.isfile(path):
+        return path
+    if os.path.normpath(data_dir) != os.path.normpath(DEFAULT_DATA_DIR):
+        raise FileNotFoundError(f"{path} not found: put your text in {INPUT_FILE} inside --data_dir")
+    source = data_url or os.environ.get(DATA_URL_ENV) or TINYSHAKESPEARE_URL
+    download(source, path, TINYSHAKESPEARE_SHA256)
+    return path
+
+
+def download(source, path, sha256):
+    """Fetch `source` (a URL or a local path) to `path`, check its SHA-256, and write it atomically."""
+    print(f"downloading {source} -> {path}", file=sys.stderr)
+    try:
+        if "://" in source:
+            with urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                data = response.read()
+        else:
+            with open(source, "rb") as f:
+                data = f.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"could not download the default corpus from {source} ({getattr(e, 'reason', e)}); "
+            f"put tinyshakespeare's input.txt at {path}, or give a mirror with --data_url or ${DATA_URL_ENV}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"the file from {source} has SHA-256 {digest}, expected {sha256}: "
+                         f"it is not tinyshakespeare; nothing was written to {path}")
+    atomic_write_bytes(path, data)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` so that a crash leaves either the old file or the whole new one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def split_words(text):
+    """Split text into words (runs of non-space) and line breaks; other whitespace only separates."""
+    return _WORDS_AND_NEWLINES.findall(text)
+
+
+def join_tokens(tokens, word_level):
+    """Turn tokens back into text: characters concatenate; words join with single spaces, lines kept."""
+    if not word_level:
+        return "".join(tokens)
+    pieces = []
+    for token in tokens:
+        if token != NEWLINE and pieces and pieces[-1] != NEWLINE:
+            pieces.append(" ")
+        pieces.append(token)
+    return "".join(pieces)
+
+
+def tokenize(text, word_level):
+    """Split text into tokens: code points, or words and line breaks at word level."""
+    return split_words(text) if word_level else list(text)
+
+
+def read_text_chunks(path, encoding="utf-8"):
+    """Yield the decoded text of `path` in chunks; drop a leading byte-order mark.
+
+    Invalid input raises ValueError naming the byte offset of the first bad byte.
+    """
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}: give a Python codec name such as utf-8 or latin-1")
+    offset, first = 0, True
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(READ_CHUNK_BYTES)
+            final = not raw
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                bad = offset - pending + e.start
+                raise ValueError(f"{path} is not valid {encoding} at byte offset {bad}: "
+                                 f"convert it to UTF-8 or give its --encoding")
+            offset += len(raw)
+            if first and text:
+                text = text.removeprefix(BOM)
+                first = False
+            if text:
+                yield text
+            if final:
+                return
+
+
+def _word_chunks(chunks):
+    """Re-cut text chunks so that no word is split across two of them."""
+    carry = ""
+    for chunk in chunks:
+        chunk = carry + chunk
+        cut = max(chunk.rfind(" "), chunk.rfind(NEWLINE), chunk.rfind("\t"))
+        carry = chunk[cut + 1:]
+        if cut >= 0:
+            yield chunk[:cut + 1]
+    if carry:
+        yield carry
+
+
+def _chunk_tokens(path, encoding, word_level):
+    """Yield the tokens of the file one chunk at a time: a numpy code-point array, or a list of words."""
+    chunks = read_text_chunks(path, encoding)
+    if word_level:
+        for chunk in _word_chunks(chunks):
+            yield split_words(chunk)
+    else:
+        for chunk in chunks:
+            yield np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def build_vocab(counts, max_vocab=0, min_count=1):
+    """Order tokens by falling count (ties by token) and apply the cap; returns (tokens, unk_token or None).
+
+    With a cap (`max_vocab` > 0 or `min_count` > 1) that drops any token, UNK_TOKEN is added as the last id.
+    """
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = [token for token, count in ordered if count >= min_count]
+    if max_vocab and len(kept) > max_vocab:
+        kept = kept[:max_vocab]
+    if len(kept) == len(ordered):
+        return kept, None
+    if UNK_TOKEN in kept:
+        kept.remove(UNK_TOKEN)
+    return kept + [UNK_TOKEN], UNK_TOKEN
+
+
+def _count_tokens(path, encoding, word_level):
+    counts = collections.Counter()
+    for tokens in _chunk_tokens(path, encoding, word_level):
+        if word_level:
+            counts.update(tokens)
+        else:
+            points, n = np.unique(tokens, return_counts=True)
+            counts.update({chr(p): int(c) for p, c in zip(points, n)})
+    return counts
+
+
+def _encode_file(path, encoding, word_level, vocab, unk_token, out):
+    """Write the ids of every token of the file into the array `out` (one chunk at a time)."""
+    index = {token: i for i, token in enumerate(vocab)}
+    unk_id = index.get(unk_token, -1)
+    position = 0
+    if not word_level:
+        # Code points of the vocabulary, sorted, to look a whole chunk up at once.
+        char_ids = np.array([i for i, token in enumerate(vocab) if token != unk_token], dtype=np.int64)
+        points = np.array([ord(vocab[i]) for i in char_ids], dtype=np.uint32)
+        order = np.argsort(points)
+        sorted_points, sorted_ids = points[order], char_ids[order]
+    for tokens in _chunk_tokens(path, encoding, word_level):
+        if word_level:
+            ids = np.fromiter((index.get(t, unk_id) for t in tokens), dtype=np.int64, count=len(tokens))
+        else:
+            where = np.minimum(np.searchsorted(sorted_points, tokens), len(sorted_points) - 1)
+            ids = np.where(sorted_points[where] == tokens, sorted_ids[where], unk_id)
+        out[position:position + len(ids)] = ids
+        position += len(ids)
+    return position
+
+
+def id_dtype(vocab_size):
+    """The smallest unsigned dtype that holds every token id."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def file_sha256(path):
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ_CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preprocess(input_path, cache_dir, encoding="utf-8", word_level=False, max_vocab=0, min_count=1):
+    """Tokenize `input_path` once and cache it; return (ids memmap, vocab list, unk_token or None).
+
+    The cache name is the hash of the text and of every tokenization setting, so an edited input or other
+    settings never reuse a stale cache.
+    """
+    settings = {"version": CACHE_VERSION, "encoding": encoding, "word_level": word_level,
+                "max_vocab": max_vocab, "min_count": min_count}
+    key = hashlib.sha256((file_sha256(input_path) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    stem = os.path.join(cache_dir, CACHE_PREFIX + key[:24])
+    ids_path, vocab_path = stem + ".ids.npy", stem + ".vocab.json"
+    if os.path.isfile(ids_path) and os.path.isfile(vocab_path):
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            return np.load(ids_path, mmap_mode="r"), meta["vocab"], meta["unk_token"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    counts = _count_tokens(input_path, encoding, word_level)
+    vocab, unk_token = build_vocab(counts, max_vocab, min_count)
+    total = sum(counts.values())
+    fd, tmp_ids = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=id_dtype(len(vocab)), shape=(total,))
+        _encode_file(input_path, encoding, word_level, vocab, unk_token, out)
+        out.flush()
+        del out
+        os.replace(tmp_ids, ids_path)
+    finally:
+        if os.path.exists(tmp_ids):
+            os.remove(tmp_ids)
+    meta = {"vocab": vocab, "unk_token": unk_token, "settings": settings}
+    atomic_write_bytes(vocab_path, json.dumps(meta, ensure_ascii=True).encode("ascii"))
+    return np.load(ids_path, mmap_mode="r"), vocab, unk_token
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class TextLoader:
+    """Token ids of one data dir, split into training streams and a validation tail.
+
+    Attributes: vocab (tokens in id order), vocab_size, unk_token, train_ids, val_ids, num_batches.
+    """
+
+    def __init__(self, data_dir, batch_size, seq_length, val_frac=0.05, encoding="utf-8", word_level=False,
+                 max_vocab=0, min_count=1, data_url=None):
+        input_path = ensure_input(data_dir, data_url)
+        self.batch_size, self.seq_length, self.word_level = batch_size, seq_length, word_level
+        self.ids, self.vocab, self.unk_token = preprocess(input_path, data_dir, encoding, word_level,
+                                                          max_vocab, min_count)
+        self.vocab_size = len(self.vocab)
+        num_val = int(len(self.ids) * val_frac)
+        if val_frac > 0 and num_val < 2:
+            raise ValueError(f"the validation split of {len(self.ids)} tokens at --val_frac {val_frac} "
+                             f"has {num_val} tokens; raise --val_frac (or give --val_frac 0)")
+        self.train_ids = self.ids[:len(self.ids) - num_val]
+        self.val_ids = self.ids[len(self.ids) - num_val:]
+        self.num_batches = (len(self.train_ids) - 1) // (batch_size * seq_length)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{len(self.train_ids)} training tokens are too few for one batch of batch_size {batch_size} "
+                f"x seq_length {seq_length}; lower --batch_size and/or --seq_length (or give more text)")
+        usable = self.num_batches * batch_size * seq_length
+        # One row per parallel stream; targets are the next token, with no wrap-around.
+        self._x = self.train_ids[:usable].reshape(batch_size, -1)
+        self._y = self.train_ids[1:usable + 1].reshape(batch_size, -1)
+
+    def batch(self, index):
+        """Return batch `index` of the epoch as two int32 arrays (inputs, targets) of [batch, seq_length]."""
+        columns = slice(index * self.seq_length, (index + 1) * self.seq_length)
+        return self._x[:, columns].astype(np.int32), self._y[:, columns].astype(np.int32)
+
+
+def stream_layout(ids, num_streams):
+    """Cut a token array into parallel streams for a full pass: every next-token prediction appears once.
+
+    Returns (inputs, targets, weights), each [num_streams, length]; padding has weight 0.
+    """
+    ids = np.asarray(ids)
+    count = len(ids) - 1
+    num_streams = max(1, min(num_streams, count))
+    length = -(-count // num_streams)
+    inputs = np.zeros(num_streams * length, dtype=np.int32)
+    targets = np.zeros(num_streams * length, dtype=np.int32)
+    weights = np.zeros(num_streams * length, dtype=np.float32)
+    inputs[:count], targets[:count], weights[:count] = ids[:-1], ids[1:], 1.0
+    shape = (num_streams, length)
+    return inputs.reshape(shape), targets.reshape(shape), weights.reshape(shape)

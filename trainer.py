@@ -115,12 +115,15 @@ def make_eval_chunk(model):
     return eval_chunk
 
 
-def full_pass_loss(model, ids, eval_chunk=None):
-    """Mean next-token loss (nats) over every token of `ids`, state carried; returns (loss, token count)."""
+def full_pass_loss(model, ids, eval_chunk=None, num_streams=EVAL_STREAMS):
+    """Mean next-token loss (nats) over every token of `ids`, state carried; returns (loss, token count).
+
+    The tokens are cut into `num_streams` parallel streams for speed; 1 reads them as one sequence.
+    """
     if len(ids) < 2:
         raise ValueError(f"{len(ids)} tokens are too few to evaluate: at least 2 are needed")
     eval_chunk = eval_chunk or make_eval_chunk(model)
-    inputs, targets, weights = stream_layout(ids, EVAL_STREAMS)
+    inputs, targets, weights = stream_layout(ids, num_streams)
     states = model.zero_state(inputs.shape[0])
     total = 0.0
     for start in range(0, inputs.shape[1], EVAL_CHUNK):

@@ -1,0 +1,51 @@
+"""Shared fixtures: small corpora, a helper that runs a script as a user would, and a tiny trained save dir."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# The real corpus, for the few tests that need it: the mirror CI points at, else the shared copy beside the repo.
+SHARED_CORPUS = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare", "input.txt")
+REAL_CORPUS = os.environ.get("CHAR_RNN_DATA_URL") or SHARED_CORPUS
+
+# A small text with a clear structure, so that a tiny model learns it within a few dozen steps.
+TINY_TEXT = ("the cat sat on the mat.\nthe dog sat on the log.\n" * 60)
+# Flags for a model small enough to train in seconds.
+TINY_MODEL = ["--rnn_size", "16", "--num_layers", "1", "--batch_size", "4", "--seq_length", "10"]
+
+
+def run_script(script, *args, cwd=None, timeout=300, env=None):
+    """Run one of the top-level scripts as a separate process; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def make_data_dir(path, text=TINY_TEXT):
+    """Create a data dir holding `text` as input.txt; returns its path as a string."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "input.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A fresh data dir with the tiny corpus."""
+    return make_data_dir(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_save_dir(tmp_path_factory):
+    """A tiny character-level model trained for a few epochs (shared by the sampling and serving tests)."""
+    import train
+    root = tmp_path_factory.mktemp("trained")
+    data = make_data_dir(root / "data")
+    save = str(root / "save")
+    code = train.main(["--data_dir", data, "--save_dir", save, *TINY_MODEL, "--num_epochs", "3",
+                       "--save_every", "50", "--print_every", "50", "--seed", "1"])
+    assert code == 0
+    return save

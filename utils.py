@@ -11,6 +11,7 @@ The text is read in chunks and never held whole in memory: a 1 GB corpus needs a
 import codecs
 import collections
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -30,7 +31,8 @@ DOWNLOAD_TIMEOUT_S = 30
 
 CACHE_PREFIX = "cache-"
 CACHE_VERSION = 1  # bump when the cache layout or tokenization changes
-READ_CHUNK_BYTES = 8 << 20  # text is decoded and tokenized this many bytes at a time
+READ_CHUNK_BYTES = 2 << 20  # text is decoded and tokenized this many bytes at a time (bounds the working set)
+NUM_CODE_POINTS = 0x110000
 BOM = "\ufeff"
 NEWLINE = "\n"
 UNK_TOKEN = "<unk>"
@@ -67,7 +69,7 @@ def download(source, path, sha256):
         else:
             with open(source, "rb") as f:
                 data = f.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise FileNotFoundError(
             f"could not download the default corpus from {source} ({getattr(e, 'reason', e)}); "
             f"put tinyshakespeare's input.txt at {path}, or give a mirror with --data_url or ${DATA_URL_ENV}")
@@ -193,36 +195,40 @@ def build_vocab(counts, max_vocab=0, min_count=1):
 
 
 def _count_tokens(path, encoding, word_level):
-    counts = collections.Counter()
-    for tokens in _chunk_tokens(path, encoding, word_level):
-        if word_level:
+    """Count every token of the file: a Counter of token -> count."""
+    if word_level:
+        counts = collections.Counter()
+        for tokens in _chunk_tokens(path, encoding, word_level):
             counts.update(tokens)
-        else:
-            points, n = np.unique(tokens, return_counts=True)
-            counts.update({chr(p): int(c) for p, c in zip(points, n)})
-    return counts
+        return counts
+    point_counts = np.zeros(NUM_CODE_POINTS, dtype=np.int64)  # one counter per code point: 9 MB, O(n) counting
+    for points in _chunk_tokens(path, encoding, word_level):
+        point_counts += np.bincount(points, minlength=NUM_CODE_POINTS)
+    seen = np.flatnonzero(point_counts)
+    return collections.Counter({chr(p): int(point_counts[p]) for p in seen})
 
 
 def _encode_file(path, encoding, word_level, vocab, unk_token, out):
-    """Write the ids of every token of the file into the array `out` (one chunk at a time)."""
+    """Append the ids of every token of the file to the open binary file `out`, one chunk at a time.
+
+    Chunks are written straight to the file (not through a memory map) so that the written ids never
+    count against the process's memory.
+    """
     index = {token: i for i, token in enumerate(vocab)}
     unk_id = index.get(unk_token, -1)
-    position = 0
+    dtype = id_dtype(len(vocab))
     if not word_level:
-        # Code points of the vocabulary, sorted, to look a whole chunk up at once.
-        char_ids = np.array([i for i, token in enumerate(vocab) if token != unk_token], dtype=np.int64)
-        points = np.array([ord(vocab[i]) for i in char_ids], dtype=np.uint32)
-        order = np.argsort(points)
-        sorted_points, sorted_ids = points[order], char_ids[order]
+        # A table from code point to id (unknown code points to the unknown token): one lookup per chunk.
+        table = np.full(NUM_CODE_POINTS, max(unk_id, 0), dtype=dtype)
+        for token, i in index.items():
+            if token != unk_token:
+                table[ord(token)] = i
     for tokens in _chunk_tokens(path, encoding, word_level):
         if word_level:
-            ids = np.fromiter((index.get(t, unk_id) for t in tokens), dtype=np.int64, count=len(tokens))
+            ids = np.fromiter((index.get(t, unk_id) for t in tokens), dtype=dtype, count=len(tokens))
         else:
-            where = np.minimum(np.searchsorted(sorted_points, tokens), len(sorted_points) - 1)
-            ids = np.where(sorted_points[where] == tokens, sorted_ids[where], unk_id)
-        out[position:position + len(ids)] = ids
-        position += len(ids)
-    return position
+            ids = table[tokens]
+        out.write(ids.tobytes())
 
 
 def id_dtype(vocab_size):
@@ -265,12 +271,12 @@ def preprocess(input_path, cache_dir, encoding="utf-8", word_level=False, max_vo
     vocab, unk_token = build_vocab(counts, max_vocab, min_count)
     total = sum(counts.values())
     fd, tmp_ids = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npy")
-    os.close(fd)
     try:
-        out = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=id_dtype(len(vocab)), shape=(total,))
-        _encode_file(input_path, encoding, word_level, vocab, unk_token, out)
-        out.flush()
-        del out
+        with os.fdopen(fd, "wb") as out:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(id_dtype(len(vocab)))),
+                      "fortran_order": False, "shape": (total,)}
+            np.lib.format.write_array_header_1_0(out, header)
+            _encode_file(input_path, encoding, word_level, vocab, unk_token, out)
         os.replace(tmp_ids, ids_path)
     finally:
         if os.path.exists(tmp_ids):

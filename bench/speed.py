@@ -1,0 +1,158 @@
+"""Speed yardstick: training tokens/s, sampling chars/s and preprocessing throughput, as one JSON line.
+
+usage: python bench/speed.py --data ../shared/data/tinyshakespeare/input.txt
+       python bench/speed.py --data ... --peer_python /tmp/peer/bin/python --peer_script ../shared/bench/peer_torch.py
+
+Training: the original's default sizes (3 x 128, batch 50, seq 50) on the given text, `--steps` compiled steps
+timed after a warm-up, for each of --models. Sampling: chars/s of the compiled generator at n = --sample_n, and
+seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows). Preprocessing: a
+synthetic corpus of --preprocess_mb MB (the text repeated) tokenized in a child process, with its MB/s and peak
+resident memory per input byte. With --peer_*, the PyTorch peer's speed mode runs in the same invocation, right
+after ours, and the ratios are printed too.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import cli  # noqa: E402
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="path to a UTF-8 text (tinyshakespeare's input.txt)")
+    parser.add_argument("--models", default="lstm,gru,rnn", help="comma-separated cell types to time")
+    parser.add_argument("--steps", type=cli.positive_int, default=100, help="timed training steps per model")
+    parser.add_argument("--sample_n", type=cli.positive_int, default=2000, help="tokens per timed sample")
+    parser.add_argument("--flat_n", default="1000,100000", help="n values for the time-per-token check")
+    parser.add_argument("--preprocess_mb", type=cli.non_negative_int, default=100,
+                        help="size of the synthetic preprocessing corpus in MB (0: skip)")
+    parser.add_argument("--peer_python", default=None, help="python of the PyTorch peer's environment")
+    parser.add_argument("--peer_script", default=None, help="path of the peer's peer_torch.py")
+    return parser
+
+
+def train_speed(data_dir, cell, steps):
+    """Training tokens/s at the default sizes for one cell type."""
+    import tensorflow as tf
+    from tensorflow import keras
+    from model import CharRNN
+    from trainer import Progress, make_train_step
+    from utils import TextLoader
+
+    loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
+    model = CharRNN(loader.vocab_size, 128, 3, cell)
+    model.build_weights()
+    optimizer = keras.optimizers.Adam(0.002)
+    optimizer.build(model.trainable_variables)
+    progress = Progress(model.num_states, 50, 128, 50)
+    step = make_train_step(model, optimizer, progress, 5.0)
+    for i in range(5):  # warm-up: tracing and the first allocations
+        step(*loader.batch(i))
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(*loader.batch((5 + i) % loader.num_batches))
+    float(loss)
+    seconds = time.perf_counter() - start
+    tf.keras.backend.clear_session()
+    return steps * 50 * 50 / seconds, model
+
+
+def sample_speed(model, n, flat_ns):
+    """Sampling chars/s at n, and seconds per token for each of flat_ns."""
+    import tensorflow as tf
+    from model import Generator
+
+    generator = Generator(model, space_id=0)
+
+    def timed(count):
+        start = time.perf_counter()
+        generator.generate(tf.constant([1], tf.int32), tf.constant(count), tf.constant(1.0), tf.constant(1),
+                           tf.constant(7, tf.int64), tf.constant(0)).numpy()
+        return time.perf_counter() - start
+
+    timed(10)  # warm-up
+    result = {"sample_chars_per_s": round(n / timed(n), 1)}
+    for count in flat_ns:
+        result[f"sample_s_per_token_n{count}"] = timed(count) / count
+    return result
+
+
+# Peak resident memory of this process alone (VmHWM; getrusage's maxrss can carry the parent's peak).
+PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
+PREPROCESS_CHILD = f"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import utils
+start = time.perf_counter()
+ids, vocab, _ = utils.preprocess(sys.argv[2], sys.argv[3])
+print(time.perf_counter() - start, {PEAK_RSS}, len(ids))
+"""
+
+
+def preprocess_speed(text_path, megabytes, work):
+    """Tokenize a synthetic corpus of `megabytes` MB in a child process: MB/s and peak RSS per input byte."""
+    corpus = os.path.join(work, "big.txt")
+    with open(text_path, "rb") as f:
+        text = f.read()
+    with open(corpus, "wb") as f:
+        for _ in range(megabytes * 1_000_000 // len(text) + 1):
+            f.write(text)
+        f.truncate(megabytes * 1_000_000)
+    cache = os.path.join(work, "cache")
+    os.makedirs(cache)
+    baseline = subprocess.run([sys.executable, "-c", f"import numpy; print({PEAK_RSS})"], capture_output=True,
+                              text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PREPROCESS_CHILD, REPO, corpus, cache], capture_output=True,
+                         text=True, check=True)
+    seconds, peak, tokens = out.stdout.split()
+    size = os.path.getsize(corpus)
+    return {"preprocess_mb": megabytes, "preprocess_mb_per_s": round(size / 1e6 / float(seconds), 1),
+            "preprocess_peak_rss_mb": round(int(peak) / 1e6, 1),
+            "preprocess_peak_bytes_per_input_byte": round(int(peak) / size, 3),
+            "preprocess_python_numpy_baseline_mb": round(int(baseline.stdout) / 1e6, 1)}
+
+
+def peer_speed(args):
+    out = subprocess.run([args.peer_python, args.peer_script, "--data", args.data, "--mode", "speed",
+                          "--steps", str(args.steps), "--sample_n", str(args.sample_n)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.quiet_tensorflow()
+    work = tempfile.mkdtemp(prefix="char-rnn-speed-")
+    try:
+        data_dir = os.path.join(work, "data")
+        os.makedirs(data_dir)
+        shutil.copyfile(args.data, os.path.join(data_dir, "input.txt"))
+        result = {"project": "char-rnn-tensorflow", "train_tokens_per_s": {}}
+        for cell in args.models.split(","):
+            tokens_per_s, model = train_speed(data_dir, cell, args.steps)
+            result["train_tokens_per_s"][cell] = round(tokens_per_s, 1)
+            if cell == "lstm":
+                result.update(sample_speed(model, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
+        if args.preprocess_mb:
+            result.update(preprocess_speed(args.data, args.preprocess_mb, work))
+        if args.peer_python and args.peer_script:
+            peer = peer_speed(args)
+            result["peer"] = peer
+            result["ratio_train_lstm"] = round(result["train_tokens_per_s"]["lstm"] / peer["train_tokens_per_s"], 2)
+            result["ratio_sample"] = round(result["sample_chars_per_s"] / peer["sample_chars_per_s"], 2)
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import savedir
 from model import MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, Generator
-from utils import NEWLINE, join_tokens, tokenize
+from utils import NEWLINE, encode_tokens, join_tokens, tokenize
 
 SAMPLE_MODES = (MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES)
 MAX_SEED = 2 ** 63 - 1
@@ -38,14 +38,8 @@ class Sampler:
 
     def encode(self, prime):
         """Prime text -> token ids; unknown tokens map to the unknown-word token, or are refused by name."""
-        tokens = tokenize(prime, self.word_level)
-        unknown = [t for t in dict.fromkeys(tokens) if t not in self.index]
-        if unknown and self.unk_token is None:
-            shown = ", ".join(repr(t) for t in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-            kind = "words" if self.word_level else "characters"
-            raise ValueError(f"the prime has {kind} the model does not know: {shown}")
-        unk_id = self.index.get(self.unk_token, -1)
-        return [self.index.get(t, unk_id) for t in tokens]
+        return encode_tokens(tokenize(prime, self.word_level), self.index, self.unk_token, self.word_level,
+                             what="the prime")
 
     def sample(self, prime="", n=500, mode=MODE_SAMPLE, temperature=1.0, seed=None, top_k=0):
         """Return the prime followed by n generated tokens as text. Bad arguments raise ValueError."""

@@ -340,3 +340,14 @@ def stream_layout(ids, num_streams):
     inputs[:count], targets[:count], weights[:count] = ids[:-1], ids[1:], 1.0
     shape = (num_streams, length)
     return inputs.reshape(shape), targets.reshape(shape), weights.reshape(shape)
+
+
+def encode_tokens(tokens, index, unk_token, word_level, what="the text"):
+    """Map tokens to ids with `index`; unknown tokens become unk_token, or are refused by name (ValueError)."""
+    unknown = [t for t in dict.fromkeys(tokens) if t not in index]
+    if unknown and unk_token is None:
+        shown = ", ".join(repr(t) for t in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        kind = "words" if word_level else "characters"
+        raise ValueError(f"{what} has {kind} the model does not know: {shown}")
+    unk_id = index.get(unk_token, -1)
+    return [index.get(t, unk_id) for t in tokens]

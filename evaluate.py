@@ -1,0 +1,78 @@
+"""Measure a trained model: loss in nats and bits per token, and perplexity, over every token of a text.
+
+usage: python evaluate.py --save_dir save                      # the validation split of the training data
+       python evaluate.py --save_dir save/best --text other.txt
+"""
+import argparse
+import json
+import math
+import sys
+
+import cli
+
+DESCRIPTION = "Evaluate a trained char-rnn model on its validation split or on any text."
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--save_dir", default="save", help="save dir written by train.py (SAVE_DIR/best too)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None, help="evaluate on this text file instead of a split")
+    source.add_argument("--split", default="val", choices=["val", "train"],
+                        help="which part of the training data (data_dir and val_frac from config.yaml)")
+    parser.add_argument("--encoding", default=None, help="encoding of --text (default: the model's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    return parser
+
+
+def split_ids(config, vocab, split):
+    """The token ids of the training run's validation or training split, checked against the model's vocab."""
+    from utils import TextLoader
+    loader = TextLoader(config["data_dir"], config["batch_size"], config["seq_length"], config["val_frac"],
+                        config["encoding"], config["word_level"], config["max_vocab"], config["min_count"])
+    if loader.vocab != vocab:
+        raise ValueError(f"{config['data_dir']} no longer holds the text this model was trained on "
+                         f"(its vocabulary differs); evaluate with --text instead")
+    ids = loader.val_ids if split == "val" else loader.train_ids
+    if len(ids) < 2:
+        raise ValueError(f"the {split} split is empty (val_frac {config['val_frac']}); use --text")
+    return ids, f"{split} split of {config['data_dir']}"
+
+
+def text_ids(path, config, vocab, unk_token, encoding):
+    """The token ids of a text file, refusing tokens the model does not know (unless it has an unk token)."""
+    from utils import encode_tokens, read_text_chunks, tokenize
+    text = "".join(read_text_chunks(path, encoding or config["encoding"]))
+    index = {token: i for i, token in enumerate(vocab)}
+    word_level = config["word_level"]
+    return encode_tokens(tokenize(text, word_level), index, unk_token, word_level, what=path), path
+
+
+def evaluate(args):
+    import savedir
+    from trainer import full_pass_loss
+    loaded = savedir.load(args.save_dir)
+    if args.text:
+        ids, source = text_ids(args.text, loaded.config, loaded.vocab, loaded.unk_token, args.encoding)
+    else:
+        ids, source = split_ids(loaded.config, loaded.vocab, args.split)
+    loss, count = full_pass_loss(loaded.model, ids)
+    result = {"source": source, "tokens": count, "loss_nats": loss, "bits_per_token": loss / math.log(2),
+              "perplexity": math.exp(loss), "checkpoint": loaded.path}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{source}: {count:,} predicted tokens, checkpoint {loaded.path}")
+        print(f"loss = {loss:.4f} nats/token, {result['bits_per_token']:.4f} bits/token, "
+              f"perplexity = {result['perplexity']:.3f}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.quiet_tensorflow()
+    return cli.run(lambda: evaluate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -154,7 +154,7 @@ def restore_newest(checkpoint, directory):
             # optimizer's, when only the model is restored) are expected.
             checkpoint.read(path).assert_existing_objects_matched().expect_partial()
             return path
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:  # IndexError: a truncated file
             warn(f"checkpoint {path} is damaged ({e.__class__.__name__}); trying the one before it")
     raise FileNotFoundError(f"every checkpoint in {directory} is damaged; retrain, or resume from a copy")
 

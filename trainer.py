@@ -180,7 +180,13 @@ class Trainer:
         self.optimizer = keras.optimizers.Adam(config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
         self.progress = Progress(self.model.num_states, config.batch_size, config.rnn_size, config.seq_length)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
+        # The dropout layers' random state (Keras gives one only to a rate > 0), so that a resumed run draws the
+        # masks the uninterrupted run would have drawn.
+        self.dropout_rng = tf.Module(name="dropout_rng")
+        self.dropout_rng.states = [layer.seed_generator.state for layer in self.model.dropouts
+                                   if hasattr(layer, "seed_generator")]
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress,
+                                              dropout_rng=self.dropout_rng)
         self.manager = savedir.checkpoint_manager(self.checkpoint, config.save_dir)
         self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip)
         self.eval_chunk = make_eval_chunk(self.model)
@@ -189,7 +195,10 @@ class Trainer:
 
     def resume(self, directory):
         """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch."""
-        path = savedir.restore_newest(self.checkpoint, directory)
+        weights = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
+        path = savedir.restore_newest(weights, directory)
+        # Apart, and only where saved: a run that had no dropout saved no dropout state.
+        tf.train.Checkpoint(dropout_rng=self.dropout_rng).read(path).expect_partial()
         progress, config = self.progress, self.config
         if (int(progress.batch_size), int(progress.seq_length)) != (config.batch_size, config.seq_length):
             print(f"batch_size/seq_length changed: epoch {int(progress.epoch)} restarts from its first batch",

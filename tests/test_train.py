@@ -1,0 +1,373 @@
+"""train.py and the training loop: the loss falls, resume continues the same run, saves survive kills, best/ is
+the best model, and user mistakes end in one line on stderr without touching what the user had."""
+import csv
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import savedir
+import train
+import trainer
+import utils
+from conftest import REPO, TINY_MODEL, TINY_TEXT, make_data_dir, run_script
+
+SPAWN_TIMEOUT_S = 120  # a trainer subprocess must print its first step within this (TensorFlow loads slowly)
+
+
+def train_flags(data_dir, save_dir, *extra):
+    """train.py flags for the tiny model, quiet, repeatable."""
+    return ["--data_dir", data_dir, "--save_dir", save_dir, *TINY_MODEL, "--seed", "1", "--print_every", "1000",
+            *map(str, extra)]
+
+
+def metrics(save_dir, column):
+    """[(step, value)] of one column of save_dir/metrics.csv, rows where it is filled."""
+    with open(os.path.join(save_dir, savedir.METRICS_FILE), newline="") as f:
+        return [(int(row["step"]), float(row[column])) for row in csv.DictReader(f) if row[column]]
+
+
+def snapshot(directory):
+    """{relative path: SHA-256} of every file under a directory."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def error_line(capsys):
+    """The one line a refused run printed on stderr (asserting it is one line, and no traceback)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def trained_copy(trained_save_dir, tmp_path):
+    """A private copy of the session's trained save dir; returns (save_dir, data_dir)."""
+    save = str(tmp_path / "save")
+    shutil.copytree(trained_save_dir, save)
+    return save, savedir.read_config(save)["data_dir"]
+
+
+def newest_step(save_dir):
+    return savedir.checkpoint_step(tf.train.latest_checkpoint(save_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning
+
+
+@pytest.mark.parametrize("dropout", ["0", "0.3"])
+@pytest.mark.parametrize("num_layers", ["1", "3"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_loss_falls(tmp_path, data_dir, cell, num_layers, dropout):
+    save = str(tmp_path / "save")
+    code = train.main(train_flags(data_dir, save, "--model", cell, "--num_layers", num_layers, "--dropout", dropout,
+                                  "--num_epochs", 2, "--learning_rate", 0.01, "--print_every", 1, "--val_frac", 0))
+    assert code == 0
+    losses = [loss for _, loss in metrics(save, "train_loss")]
+    assert len(losses) == 2 * 71  # every step of two epochs of 71 batches
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    # Well below the ~2.3 nats a model of character frequencies alone would reach: it learned the sequence.
+    assert last < first - 0.75, (first, last)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def checkpoint_values(save_dir):
+    """{variable: value} of the newest checkpoint, without the bookkeeping that counts saves."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(save_dir))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+            if not key.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
+
+
+@pytest.mark.parametrize("total, split, dropout", [
+    (100, 50, "0"),  # the second half crosses the end of epoch 0 (68 batches)
+    (136, 68, "0"),  # the first half stops exactly at the end of an epoch
+    (100, 50, "0.25"),  # dropout masks continue their random sequence
+])
+def test_resume_continues_the_same_run(tmp_path, data_dir, total, split, dropout, capsys):
+    straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
+    flags = ["--save_every", split, "--dropout", dropout]
+    assert train.main(train_flags(data_dir, straight, *flags, "--max_steps", total)) == 0
+    assert train.main(train_flags(data_dir, halves, *flags, "--max_steps", split)) == 0
+    assert newest_step(halves) == split
+    capsys.readouterr()
+    assert train.main(train_flags(data_dir, halves, *flags, "--max_steps", total, "--init_from", halves)) == 0
+    assert f"resumed from {os.path.join(halves, 'model.ckpt-' + str(split))}: step {split}" in capsys.readouterr().out
+
+    expected, resumed = checkpoint_values(straight), checkpoint_values(halves)
+    assert sorted(resumed) == sorted(expected)
+    for key in ("progress/step", "progress/epoch", "progress/batch_in_epoch", "optimizer/_learning_rate"):
+        full_key = key + "/.ATTRIBUTES/VARIABLE_VALUE"
+        assert resumed[full_key] == pytest.approx(expected[full_key]), key
+    assert resumed["progress/step/.ATTRIBUTES/VARIABLE_VALUE"] == total
+    for key, value in expected.items():  # weights, Adam's moments, carried state, best score
+        np.testing.assert_allclose(resumed[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    # best/ was kept by the resume and is the same model as the uninterrupted run's.
+    best = [savedir.read_yaml(os.path.join(d, savedir.BEST_DIR, savedir.MODEL_INFO_FILE)) for d in (straight, halves)]
+    assert best[1]["step"] == best[0]["step"]
+    assert best[1]["val_loss"] == pytest.approx(best[0]["val_loss"], abs=1e-6)
+
+
+def assert_best_describes_its_weights(save_dir, data_dir):
+    """best/model_info.yaml names the step of the checkpoint beside it and that model's validation loss."""
+    best = os.path.join(save_dir, savedir.BEST_DIR)
+    if not os.path.isdir(best):  # killed between the two renames of a swap: best.old/ is the complete set
+        best = os.path.join(save_dir, savedir.BEST_DIR + ".old")
+    info = savedir.read_yaml(os.path.join(best, savedir.MODEL_INFO_FILE))
+    loaded = savedir.load(best)
+    assert savedir.checkpoint_step(loaded.path) == info["step"]
+    loader = utils.TextLoader(data_dir, 4, 10)
+    val_loss, _ = trainer.full_pass_loss(loaded.model, loader.val_ids)
+    assert val_loss == pytest.approx(info["val_loss"], abs=1e-4)
+
+
+def wait_for(condition, process, what):
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not condition():
+        assert process.poll() is None, f"the trainer exited ({process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {SPAWN_TIMEOUT_S}s"
+        time.sleep(0.05)
+
+
+def test_sigkill_at_random_moments_leaves_a_resumable_save_dir(tmp_path, data_dir, capsys):
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    save = str(tmp_path / "save")
+    # A checkpoint (and often a new best/) every other step, so that kills land in the middle of saves.
+    flags = train_flags(data_dir, save, "--save_every", 2, "--print_every", 1, "--num_epochs", 1000)
+    for kill in range(4):
+        log_path = tmp_path / f"run{kill}.log"
+        resuming = kill > 0
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(REPO, "train.py"), *flags, *(["--init_from", save] if resuming else [])],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            if resuming:  # it restored the save dir the last kill left, and trains on
+                wait_for(lambda: "resumed from" in log_path.read_text() and
+                         " (epoch " in log_path.read_text().split("resumed from")[1], process, "training step")
+            else:
+                wait_for(lambda: savedir.has_checkpoint(save), process, "first checkpoint")
+            delay = rng.uniform(0.0, 1.0)
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        context = f"kill {kill} after {delay:.2f}s (random seed {seed}); log:\n{log_path.read_text()[-2000:]}"
+        try:
+            assert_best_describes_its_weights(save, data_dir)
+            # Continue in this process: it must resume and end cleanly when given more steps.
+            target = max(savedir.checkpoint_step(p) for p in savedir.checkpoint_paths(save)) + 2
+            assert train.main(flags + ["--init_from", save, "--max_steps", str(target)]) == 0
+            assert newest_step(save) == target
+            assert_best_describes_its_weights(save, data_dir)
+        except AssertionError as e:
+            raise AssertionError(f"{context}\n{e}") from e
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("suffix", [".data-00000-of-00001", ".index"])
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, capsys, suffix):
+    save, data = trained_copy
+    newest, before = savedir.checkpoint_paths(save)[:2]
+    with open(newest + suffix, "r+b") as f:
+        f.truncate(os.path.getsize(newest + suffix) // 2)
+
+    loaded = savedir.load(save)
+    assert loaded.path == before
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {newest} is damaged" in err and "trying the one before it" in err
+
+    target = savedir.checkpoint_step(newest) + 3
+    assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", target)) == 0
+    captured = capsys.readouterr()
+    assert f"warning: checkpoint {newest} is damaged" in captured.err
+    assert f"resumed from {before}: step {savedir.checkpoint_step(before)}" in captured.out
+    assert newest_step(save) == target
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "train.py"),
+             *train_flags(data_dir, save, "--print_every", 1, "--num_epochs", 1000, "--save_every", 10 ** 6)],
+            stdout=log, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_for(lambda: "\n20/" in log_path.read_text(), process, "step 20")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=SPAWN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == trainer.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err
+    printed = [int(line.split("/")[0]) for line in log_path.read_text().splitlines() if " train_loss = " in line]
+    saved = newest_step(save)  # save_every is out of reach: this checkpoint is the interrupt's
+    assert saved >= printed[-1] >= 20
+    assert f"interrupted: checkpoint written to {os.path.join(save, 'model.ckpt-' + str(saved))}" in err
+    assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", saved + 1)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# best/
+
+
+def test_best_is_the_lowest_validation_loss(tmp_path):
+    # The validation tail is characters the training text never has: the better the model learns the
+    # training text, the worse it does there, so the best model is an early one, not the last.
+    tail = "".join(random.Random(0).choice("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(200))
+    data = make_data_dir(tmp_path / "data", TINY_TEXT + tail)
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data, save, "--save_every", 10, "--max_steps", 60, "--learning_rate", 0.01)) == 0
+    val = metrics(save, "val_loss")
+    assert [step for step, _ in val] == [10, 20, 30, 40, 50, 60]
+    best_step, best_loss = min(val, key=lambda row: row[1])
+    assert best_step < 60  # the premise: the last model is not the best one
+    info = savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
+    assert info["step"] == best_step and info["score_is"] == "val_loss"
+    assert info["val_loss"] == pytest.approx(best_loss, rel=1e-5)
+    assert_best_describes_its_weights(save, data)
+
+
+def test_best_without_validation_split_is_the_lowest_mean_training_loss(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--val_frac", 0, "--save_every", 10, "--print_every", 1,
+                                  "--max_steps", 40)) == 0
+    losses = dict(metrics(save, "train_loss"))
+    assert metrics(save, "val_loss") == []
+    means = {end: np.mean([losses[step] for step in range(end - 9, end + 1)]) for end in (10, 20, 30, 40)}
+    best_step = min(means, key=means.get)
+    info = savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
+    assert info["step"] == best_step and info["score_is"] == "mean train_loss" and info["val_loss"] is None
+    assert info["score"] == pytest.approx(means[best_step], abs=1e-4)
+    assert savedir.checkpoint_step(savedir.load(os.path.join(save, savedir.BEST_DIR)).path) == best_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals: one line, a non-zero exit code, nothing changed
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--rnn_size", "32"], "rnn_size"),
+    (["--model", "gru"], "model"),
+    (["--num_layers", "2"], "num_layers"),
+    (["--word_level"], "word_level"),
+    ([], "vocab_size"),  # other text, more characters
+    ([], "vocabulary"),  # other text, as many characters
+])
+def test_incompatible_resume_is_refused_naming_the_field(trained_copy, tmp_path, capsys, flags, field):
+    save, data = trained_copy
+    if field == "vocab_size":
+        data = make_data_dir(tmp_path / "other", "the quick brown fox jumps over the lazy dog.\n" * 60)
+    elif field == "vocabulary":  # "c" becomes "b": 15 characters again, not the same ones
+        data = make_data_dir(tmp_path / "other", TINY_TEXT.replace("c", "b"))
+    before = snapshot(save)
+    assert train.main(train_flags(data, save, "--init_from", save, *flags)) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: cannot resume: ") and field in line, line
+    assert snapshot(save) == before  # best/ included: same files, same bytes
+
+
+def test_second_trainer_on_one_save_dir_is_refused(trained_copy, capsys):
+    save, data = trained_copy
+    before = snapshot(save)
+    with savedir.training_lock(save):
+        assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", 300)) == 2
+    assert "another train.py is already training in" in error_line(capsys)
+    assert snapshot(save) == before
+
+
+def test_fresh_run_into_a_trained_save_dir_is_refused(trained_copy, capsys):
+    save, data = trained_copy
+    before = snapshot(save)
+    assert train.main(train_flags(data, save, "--rnn_size", 32)) == 2
+    assert f"{save} already holds a trained model; resume it with --init_from {save}" in error_line(capsys)
+    assert snapshot(save) == before
+
+
+def test_too_little_data_is_refused_naming_the_sizes(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "data", "too short\n" * 3)
+    assert train.main(train_flags(data, str(tmp_path / "save"), "--val_frac", 0)) == 2
+    line = error_line(capsys)
+    assert "batch_size 4 x seq_length 10" in line and "lower --batch_size and/or --seq_length" in line
+
+
+def test_missing_input_is_one_line(tmp_path, capsys):
+    assert train.main(train_flags(str(tmp_path / "nothing"), str(tmp_path / "save"))) == 1
+    assert "input.txt not found: put your text in input.txt" in error_line(capsys)
+
+
+def test_offline_default_corpus_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default data dir is relative
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/input.txt"
+    assert train.main(train_flags(utils.DEFAULT_DATA_DIR, "save", "--data_url", url)) == 1
+    notice, error = capsys.readouterr().err.strip().splitlines()
+    assert notice.startswith(f"downloading {url}")
+    assert error.startswith("error: could not download the default corpus")
+    assert f"put tinyshakespeare's input.txt at {os.path.join('data', 'tinyshakespeare', 'input.txt')}" in error
+    assert not os.path.exists(os.path.join(utils.DEFAULT_DATA_DIR, "input.txt")) and not os.path.exists("save")
+
+
+def test_odd_code_points_reach_the_saved_vocabulary(tmp_path):
+    text = "a\u0085b\u2028c\x00d\U0001F600e\n" * 40
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "input.txt").write_bytes((utils.BOM + text).encode("utf-8"))
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(str(data), save, "--max_steps", 2)) == 0
+    tokens, _ = savedir.read_vocab(save)
+    assert sorted(tokens) == sorted(set(text))  # every odd code point is a token; the BOM is not
+    assert savedir.read_config(save)["vocab_size"] == len(tokens)
+
+
+def test_invalid_utf8_is_one_line_from_train_py_and_latin1_reads_it(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "input.txt").write_bytes(TINY_TEXT.encode() + b"caf\xe9\n" + TINY_TEXT.encode())
+    offset = len(TINY_TEXT.encode()) + 3
+    result = run_script("train.py", *train_flags(str(data), str(tmp_path / "save"), "--max_steps", 2))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data / 'input.txt'} is not valid utf-8 at byte offset {offset}: "
+        f"convert it to UTF-8 or give its --encoding"]
+    assert not os.path.exists(tmp_path / "save")
+    assert train.main(train_flags(str(data), str(tmp_path / "save"), "--max_steps", 2, "--encoding", "latin-1")) == 0
+    assert "\u00e9" in savedir.read_vocab(str(tmp_path / "save"))[0]
+
+
+def test_resume_may_change_batch_size_seq_length_and_dropout(trained_copy, capsys):
+    save, data = trained_copy
+    step = newest_step(save)
+    argv = train_flags(data, save, "--init_from", save, "--batch_size", 2, "--seq_length", 7, "--dropout", 0.2,
+                       "--max_steps", step + 3)
+    assert train.main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"epoch {savedir.read_yaml(os.path.join(save, 'best', 'model_info.yaml'))['epoch']}" in captured.out
+    assert "batch_size/seq_length changed" in captured.err
+    assert newest_step(save) == step + 3

@@ -12,6 +12,7 @@ from tensorflow import keras
 RNN_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
 STATES_PER_LAYER = {"lstm": 2, "gru": 1, "rnn": 1}
 MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
+GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop
 
 
 class CharRNN(keras.Model):
@@ -78,15 +79,22 @@ class CharRNN(keras.Model):
         self(tf.zeros([1, 1], tf.int32), self.zero_state(1))
 
 
+def keep_top_k(logits, top_k):
+    """Mask all but the top_k largest logits to -inf (all kept when top_k is 0)."""
+    def masked():
+        k = tf.minimum(top_k, tf.shape(logits)[0])
+        kth_largest = tf.gather(tf.sort(logits, direction="DESCENDING"), k - 1)
+        return tf.where(logits < kth_largest, tf.constant(-float("inf"), logits.dtype), logits)
+    return tf.cond(top_k > 0, masked, lambda: logits)
+
+
 def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id):
     """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
-    scaled = logits / temperature
-    vocab_size = tf.shape(scaled)[0]
-    # Keep the top_k largest logits (all when top_k is 0): mask the rest to -inf.
-    k = tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size)
-    kth_largest = tf.math.top_k(scaled, k=k, sorted=True).values[k - 1]
-    scaled = tf.where(scaled < kth_largest, tf.constant(-float("inf"), scaled.dtype), scaled)
-    sampled = tf.random.stateless_categorical(scaled[tf.newaxis], 1, seed=step_seed, dtype=tf.int32)[0, 0]
+    scaled = keep_top_k(logits / temperature, top_k)
+    # Gumbel-max: argmax(logits + Gumbel noise) is an exact draw from softmax(logits), never out of range,
+    # and compiles with XLA on every device (stateless_categorical has no XLA kernel on the CPU).
+    uniform = tf.random.stateless_uniform(tf.shape(scaled), seed=step_seed, minval=1e-20, maxval=1.0)
+    sampled = tf.argmax(scaled - tf.math.log(-tf.math.log(uniform)), output_type=tf.int32)
     greedy = tf.argmax(logits, output_type=tf.int32)
     sample_here = tf.logical_or(tf.equal(mode, MODE_SAMPLE),
                                 tf.logical_and(tf.equal(mode, MODE_SAMPLE_ON_SPACES), tf.equal(previous, space_id)))
@@ -94,12 +102,31 @@ def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id)
 
 
 class Generator(tf.Module):
-    """Compiled sampling over one CharRNN; holds no Python state, so one instance serves many threads."""
+    """Compiled sampling over one CharRNN; holds no Python state, so one instance serves many threads.
+
+    The token loop runs in blocks of GENERATE_BLOCK steps, each compiled by XLA into one fused program (a
+    per-token graph loop spends most of its time dispatching small ops); a graph loop runs the blocks.
+    """
 
     def __init__(self, model, space_id=-1):
         super().__init__(name="generator")
         self.model = model
         self.space_id = tf.constant(space_id, tf.int32)
+        self._block = tf.function(self._generate_block, jit_compile=True)
+
+    def _generate_block(self, position, previous, logits, states, temperature, mode, seed, top_k):
+        """GENERATE_BLOCK more tokens from (previous token, its logits, states); returns them and the new carry."""
+        tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
+
+        def body(i, previous, logits, states, tokens):
+            step_seed = tf.stack([seed, tf.cast(position + i, tf.int64)])
+            token = choose_next(logits, previous, step_seed, temperature, mode, top_k, self.space_id)
+            next_logits, next_states = self.model.step(token[tf.newaxis], states)
+            return i + 1, token, next_logits[0], next_states, tokens.write(i, token)
+
+        _, previous, logits, states, tokens = tf.while_loop(
+            lambda i, *_: i < GENERATE_BLOCK, body, (tf.constant(0), previous, logits, states, tokens))
+        return tokens.stack(), previous, logits, states
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.int32, name="prime"),
@@ -116,14 +143,14 @@ class Generator(tf.Module):
         logits; top_k > 0 samples among the k likeliest tokens only; seed makes the draw repeatable.
         """
         logits, states = self.model(prime[tf.newaxis], self.model.zero_state(1))
-        outputs = tf.TensorArray(tf.int32, size=n)
+        num_blocks = (n + GENERATE_BLOCK - 1) // GENERATE_BLOCK
+        blocks = tf.TensorArray(tf.int32, size=num_blocks, element_shape=[GENERATE_BLOCK])
 
-        def body(i, previous, logits, states, outputs):
-            step_seed = tf.stack([seed, tf.cast(i, tf.int64)])
-            token = choose_next(logits, previous, step_seed, temperature, mode, top_k, self.space_id)
-            next_logits, next_states = self.model.step(token[tf.newaxis], states)
-            return i + 1, token, next_logits[0], next_states, outputs.write(i, token)
+        def body(b, previous, logits, states, blocks):
+            tokens, previous, logits, states = self._block(b * GENERATE_BLOCK, previous, logits, states,
+                                                           temperature, mode, seed, top_k)
+            return b + 1, previous, logits, states, blocks.write(b, tokens)
 
-        _, _, _, _, outputs = tf.while_loop(
-            lambda i, *_: i < n, body, (tf.constant(0), prime[-1], logits[0, -1], states, outputs))
-        return outputs.stack()
+        _, _, _, _, blocks = tf.while_loop(lambda b, *_: b < num_blocks, body,
+                                           (tf.constant(0), prime[-1], logits[0, -1], states, blocks))
+        return blocks.concat()[:n]

@@ -16,6 +16,7 @@ from utils import NEWLINE, encode_tokens, join_tokens, tokenize
 
 SAMPLE_MODES = (MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES)
 MAX_SEED = 2 ** 63 - 1
+MAX_N = 2 ** 30  # the generator counts tokens in int32
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
 EMPTY_PRIME_START = NEWLINE
@@ -63,8 +64,8 @@ class Sampler:
 
 def check_arguments(n, mode, temperature, seed, top_k):
     """Raise ValueError with a one-line reason when a sampling argument is out of range."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_N:
+        raise ValueError(f"n must be an integer from 0 to {MAX_N}, got {n!r}")
     if mode not in SAMPLE_MODES:
         raise ValueError(f"sample mode must be 0 (argmax), 1 (sample) or 2 (sample on spaces), got {mode!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):

@@ -14,17 +14,15 @@ import secrets
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 from tensorflow import keras
 
 import savedir
-from model import CharRNN
+from cli import EXIT_INTERRUPTED
 from utils import TextLoader, stream_layout
 
 EVAL_STREAMS = 32  # parallel streams of a full-pass evaluation (each starts from a zero state)
 EVAL_CHUNK = 256  # time steps per compiled evaluation call
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
 
 
@@ -309,18 +307,20 @@ class Trainer:
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def prepare_save_dir(config, loader, saved_config):
-    """Check that this run may write into save_dir (and resume from init_from); write config and vocab.
+def check_resume(config, loader, saved_config):
+    """Raise (before anything is written) when --init_from holds no checkpoint or an incompatible model."""
+    old_config = savedir.read_config(config.init_from)
+    old_vocab, _ = savedir.read_vocab(config.init_from)
+    savedir.check_compatible(old_config, old_vocab, saved_config, loader.vocab)
+    if not savedir.has_checkpoint(config.init_from):
+        raise FileNotFoundError(f"no checkpoint in {config.init_from} to resume from")
 
-    Raises ValueError before anything is written when the run would overwrite another model or resume an
-    incompatible one.
+
+def prepare_save_dir(config, loader, saved_config):
+    """Check that this run may write into save_dir (holding its lock); write config and vocab.
+
+    Raises ValueError before anything is written when the run would overwrite another model.
     """
-    if config.init_from:
-        old_config = savedir.read_config(config.init_from)
-        old_vocab, _ = savedir.read_vocab(config.init_from)
-        savedir.check_compatible(old_config, old_vocab, saved_config, loader.vocab)
-        if not savedir.has_checkpoint(config.init_from):
-            raise FileNotFoundError(f"no checkpoint in {config.init_from} to resume from")
     same_dir = config.init_from and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)
     if not same_dir and savedir.has_checkpoint(config.save_dir):
         raise ValueError(f"{config.save_dir} already holds a trained model; resume it with --init_from "
@@ -345,12 +345,15 @@ def train(config):
     if config.init_from:
         embedding_size = savedir.read_config(config.init_from).get("embedding_size", config.rnn_size)
         if config.word2vec_embedding:
-            print("--word2vec_embedding ignored: the weights come from --init_from", file=sys.stderr)
+            savedir.warn("--word2vec_embedding ignored: the weights come from --init_from")
+            config = dataclasses.replace(config, word2vec_embedding=None)
     elif config.word2vec_embedding:
         import embeddings  # gensim is slow to import; only word2vec users pay for it
         vectors = embeddings.embedding_matrix(config.word2vec_embedding, loader.vocab, seed)
         embedding_size = vectors.shape[1]
     saved_config = model_config(config, loader, embedding_size)
+    if config.init_from:
+        check_resume(config, loader, saved_config)
     with savedir.training_lock(config.save_dir):
         prepare_save_dir(config, loader, saved_config)
         trainer = Trainer(config, loader, saved_config)

@@ -371,3 +371,27 @@ def test_resume_may_change_batch_size_seq_length_and_dropout(trained_copy, capsy
     assert f"epoch {savedir.read_yaml(os.path.join(save, 'best', 'model_info.yaml'))['epoch']}" in captured.out
     assert "batch_size/seq_length changed" in captured.err
     assert newest_step(save) == step + 3
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    real_make_train_step = trainer.make_train_step
+
+    def poisoned_from_step_25(model, optimizer, progress, grad_clip):
+        step = real_make_train_step(model, optimizer, progress, grad_clip)
+
+        def train_step(inputs, targets):
+            loss = step(inputs, targets)
+            if int(progress.step) >= 25:  # as if the weights had blown up
+                progress.loss_sum.assign(float("nan"))
+                return tf.constant(float("nan"))
+            return loss
+        return train_step
+
+    monkeypatch.setattr(trainer, "make_train_step", poisoned_from_step_25)
+    save = str(tmp_path / "save")
+    code = train.main(train_flags(data_dir, save, "--save_every", 20, "--max_steps", 60))
+    assert code == 1
+    line = error_line(capsys)
+    assert "nan" in line and "last good checkpoint" in line
+    assert newest_step(save) == 20
+    assert savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))["step"] == 20

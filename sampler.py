@@ -72,5 +72,5 @@ def check_arguments(n, mode, temperature, seed, top_k):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {top_k!r}")
+    if not 0 <= top_k <= MAX_N:  # top_k goes to the generator as int32, which would wrap larger values
+        raise ValueError(f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got {top_k!r}")

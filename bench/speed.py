@@ -4,7 +4,8 @@ usage: python bench/speed.py --data ../shared/data/tinyshakespeare/input.txt
        python bench/speed.py --data ... --peer_python /tmp/peer/bin/python --peer_script ../shared/bench/peer_torch.py
 
 Training: the original's default sizes (3 x 128, batch 50, seq 50) on the given text, `--steps` compiled steps
-timed after a warm-up, for each of --models. Sampling: chars/s of the compiled generator at n = --sample_n, and
+timed after a warm-up, for each of --models. Server: requests/s and latency at n = 200 (bench/server.py).
+Sampling: chars/s of the compiled generator at n = --sample_n, and
 seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows). Preprocessing: a
 synthetic corpus of --preprocess_mb MB (the text repeated) tokenized in a child process, with its MB/s and peak
 resident memory per input byte. With --peer_*, the PyTorch peer's speed mode runs in the same invocation, right
@@ -34,6 +35,9 @@ def build_parser():
     parser.add_argument("--flat_n", default="1000,100000", help="n values for the time-per-token check")
     parser.add_argument("--preprocess_mb", type=cli.non_negative_int, default=100,
                         help="size of the synthetic preprocessing corpus in MB (0: skip)")
+    parser.add_argument("--server_clients", type=cli.non_negative_int, default=8,
+                        help="concurrent clients of the server measurement (0: skip it)")
+    parser.add_argument("--server_seconds", type=cli.positive_float, default=10.0, help="length of that run")
     parser.add_argument("--peer_python", default=None, help="python of the PyTorch peer's environment")
     parser.add_argument("--peer_script", default=None, help="path of the peer's peer_torch.py")
     return parser
@@ -61,7 +65,6 @@ def train_speed(data_dir, cell, steps):
         loss = step(*loader.batch((5 + i) % loader.num_batches))
     float(loss)
     seconds = time.perf_counter() - start
-    tf.keras.backend.clear_session()
     return steps * 50 * 50 / seconds, model
 
 
@@ -120,6 +123,28 @@ def preprocess_speed(text_path, megabytes, work):
             "preprocess_python_numpy_baseline_mb": round(int(baseline.stdout) / 1e6, 1)}
 
 
+def server_speed(model, data_dir, work, clients, seconds):
+    """Requests/s and latency of sample_server.py at n = 200, serving `model` (see bench/server.py)."""
+    import tensorflow as tf
+    import savedir
+    from utils import TextLoader
+
+    loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
+    save_dir = os.path.join(work, "serve")
+    os.makedirs(save_dir)
+    savedir.write_config(save_dir, {"model": model.cell_type, "rnn_size": model.rnn_size,
+                                    "num_layers": model.num_layers, "word_level": False,
+                                    "embedding_size": model.rnn_size, "vocab_size": loader.vocab_size})
+    savedir.write_vocab(save_dir, loader.vocab)
+    savedir.checkpoint_manager(tf.train.Checkpoint(model=model), save_dir).save(0)
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "server.py"), "--save_dir", save_dir,
+                          "--clients", str(clients), "--seconds", str(seconds), "-n", "200"],
+                         capture_output=True, text=True, check=True)
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    return {f"server_{key}": served[key] for key in ("requests_per_s", "p50_ms", "p99_ms")} | {
+        "server_clients": clients}
+
+
 def peer_speed(args):
     out = subprocess.run([args.peer_python, args.peer_script, "--data", args.data, "--mode", "speed",
                           "--steps", str(args.steps), "--sample_n", str(args.sample_n)],
@@ -141,6 +166,8 @@ def main(argv=None):
             result["train_tokens_per_s"][cell] = round(tokens_per_s, 1)
             if cell == "lstm":
                 result.update(sample_speed(model, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
+                if args.server_clients:
+                    result.update(server_speed(model, data_dir, work, args.server_clients, args.server_seconds))
         if args.preprocess_mb:
             result.update(preprocess_speed(args.data, args.preprocess_mb, work))
         if args.peer_python and args.peer_script:

@@ -41,9 +41,7 @@ def main(argv=None):
     from sampler import Sampler
 
     def sample():
-        sampler = Sampler.load(args.save_dir)
-        if args.word_level and not sampler.word_level:
-            print("warning: --word_level ignored: this model was trained at character level", file=sys.stderr)
+        sampler = Sampler.load(args.save_dir, args.word_level)
         text = sampler.sample(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k)
         sys.stdout.write(text + "\n")
 

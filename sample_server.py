@@ -226,11 +226,9 @@ class ModelPlugin(SimplePlugin):
         from sampler import Sampler
         self.bus.log(f"Loading the model in {self.save_dir}")
         try:
-            sampler = Sampler.load(self.save_dir)
+            sampler = Sampler.load(self.save_dir, self.word_level)
         except (ValueError, OSError) as error:
             raise StartupFailed(error)
-        if self.word_level and not sampler.word_level:
-            print("warning: --word_level ignored: this model was trained at character level", file=sys.stderr)
         # The first call traces and compiles the generator; do it now rather than in the first request.
         sampler.sample("", 1, temperature=1.0, seed=0)
         config = sampler.config

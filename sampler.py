@@ -33,9 +33,15 @@ class Sampler:
         self.start_id = self.index.get(EMPTY_PRIME_START, 0)
 
     @classmethod
-    def load(cls, save_dir):
-        """Restore save_dir (see savedir.load) and build its sampler."""
-        return cls(savedir.load(save_dir))
+    def load(cls, save_dir, word_level_flag=False):
+        """Restore save_dir (see savedir.load) and build its sampler.
+
+        word_level_flag is the old --word_level flag: the level comes from the saved config, the flag only warns.
+        """
+        sampler = cls(savedir.load(save_dir))
+        if word_level_flag and not sampler.word_level:
+            savedir.warn("--word_level ignored: this model was trained at character level")
+        return sampler
 
     def encode(self, prime):
         """Prime text -> token ids; unknown tokens map to the unknown-word token, or are refused by name."""

@@ -91,10 +91,15 @@ def keep_top_k(logits, top_k):
 def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id):
     """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
     scaled = keep_top_k(logits / temperature, top_k)
-    # Gumbel-max: argmax(logits + Gumbel noise) is an exact draw from softmax(logits), never out of range,
-    # and compiles with XLA on every device (stateless_categorical has no XLA kernel on the CPU).
-    uniform = tf.random.stateless_uniform(tf.shape(scaled), seed=step_seed, minval=1e-20, maxval=1.0)
-    sampled = tf.argmax(scaled - tf.math.log(-tf.math.log(uniform)), output_type=tf.int32)
+    # Inverse CDF: one uniform draw u in [0, total) and the first token whose cumulative weight exceeds it; a
+    # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
+    # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the
+    # total: never one past the vocabulary, as the original's weighted_pick could be.
+    weights = tf.exp(scaled - tf.reduce_max(scaled))
+    cumulative = tf.cumsum(weights)
+    u = tf.random.stateless_uniform([], seed=step_seed) * cumulative[-1]
+    last_possible = tf.reduce_max(tf.where(weights > 0, tf.range(tf.shape(weights)[0]), 0))
+    sampled = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= u, tf.int32)), last_possible)
     greedy = tf.argmax(logits, output_type=tf.int32)
     sample_here = tf.logical_or(tf.equal(mode, MODE_SAMPLE),
                                 tf.logical_and(tf.equal(mode, MODE_SAMPLE_ON_SPACES), tf.equal(previous, space_id)))

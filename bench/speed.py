@@ -145,9 +145,10 @@ def server_speed(model, data_dir, work, clients, seconds):
         "server_clients": clients}
 
 
-def peer_speed(args):
+def peer_speed(args, cell):
+    """The PyTorch peer's speed mode for one cell type: its JSON line as a dict."""
     out = subprocess.run([args.peer_python, args.peer_script, "--data", args.data, "--mode", "speed",
-                          "--steps", str(args.steps), "--sample_n", str(args.sample_n)],
+                          "--model", cell, "--steps", str(args.steps), "--sample_n", str(args.sample_n)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -171,10 +172,14 @@ def main(argv=None):
         if args.preprocess_mb:
             result.update(preprocess_speed(args.data, args.preprocess_mb, work))
         if args.peer_python and args.peer_script:
-            peer = peer_speed(args)
-            result["peer"] = peer
-            result["ratio_train_lstm"] = round(result["train_tokens_per_s"]["lstm"] / peer["train_tokens_per_s"], 2)
-            result["ratio_sample"] = round(result["sample_chars_per_s"] / peer["sample_chars_per_s"], 2)
+            peers = {cell: peer_speed(args, cell) for cell in result["train_tokens_per_s"]}
+            result["peer_train_tokens_per_s"] = {cell: peer["train_tokens_per_s"] for cell, peer in peers.items()}
+            result["ratio_train"] = {cell: round(ours / result["peer_train_tokens_per_s"][cell], 2)
+                                     for cell, ours in result["train_tokens_per_s"].items()}
+            if "lstm" in peers and "sample_chars_per_s" in result:
+                result["peer_sample_chars_per_s"] = peers["lstm"]["sample_chars_per_s"]
+                result["ratio_sample"] = round(result["sample_chars_per_s"] / result["peer_sample_chars_per_s"], 2)
+            result["peer_torch"] = peers[next(iter(peers))]["torch"]
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

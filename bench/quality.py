@@ -29,6 +29,7 @@ def main(argv=None):
     parser.add_argument("--work_dir", default=None, help="where to train (default: a temporary directory)")
     args, train_flags = parser.parse_known_args(argv)
     cli.quiet_tensorflow()
+    import evaluate
     import savedir
     import train
     from trainer import full_pass_loss
@@ -45,9 +46,8 @@ def main(argv=None):
         return code
     train_seconds = time.perf_counter() - started
     loaded = savedir.load(save_dir)
-    from utils import TextLoader
-    loader = TextLoader(data_dir, loaded.config["batch_size"], loaded.config["seq_length"], args.val_frac)
-    val_loss, count = full_pass_loss(loaded.model, loader.val_ids, num_streams=1)
+    val_ids, _ = evaluate.split_ids(loaded.config, loaded.vocab, "val")  # the run's own tokenization settings
+    val_loss, count = full_pass_loss(loaded.model, val_ids, num_streams=1)
     result = {"project": "char-rnn-tensorflow", "mode": "quality", "model": loaded.config["model"],
               "rnn_size": loaded.config["rnn_size"], "num_layers": loaded.config["num_layers"],
               "batch_size": loaded.config["batch_size"], "seq_length": loaded.config["seq_length"],

@@ -30,6 +30,14 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
+def add_model_flags(parser):
+    """--save_dir and the old --word_level flag, for the scripts that load a trained model."""
+    parser.add_argument("--save_dir", default="save",
+                        help="save dir written by train.py (SAVE_DIR/best for the best model)")
+    parser.add_argument("--word_level", action="store_true",
+                        help="accepted for compatibility: word or character level comes from the saved model")
+
+
 def quiet_tensorflow():
     """Import TensorFlow without its start-up chatter on stderr (oneDNN and CUDA notices).
 

@@ -15,8 +15,7 @@ def build_parser():
     """The original's flags and defaults, plus --seed and --top_k."""
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--save_dir", default="save",
-                        help="save dir written by train.py (SAVE_DIR/best for the best model)")
+    cli.add_model_flags(parser)
     parser.add_argument("-n", type=cli.non_negative_int, default=500,
                         help="number of tokens (characters, or words at word level) to sample")
     parser.add_argument("--prime", default="The",
@@ -30,8 +29,6 @@ def build_parser():
                         help="sample only among the k likeliest tokens (0: all)")
     parser.add_argument("--seed", type=cli.non_negative_int, default=None,
                         help="random seed, for repeatable output (default: a random one)")
-    parser.add_argument("--word_level", action="store_true",
-                        help="accepted for compatibility: word or character level comes from the saved model")
     return parser
 
 

@@ -58,10 +58,7 @@ def build_parser():
                         help="address to listen on (0.0.0.0: every interface, reachable from other machines)")
     parser.add_argument("--production", action="store_true",
                         help="use CherryPy's production environment (no engine or request log on screen)")
-    parser.add_argument("--save_dir", default="save",
-                        help="save dir written by train.py (SAVE_DIR/best for the best model)")
-    parser.add_argument("--word_level", action="store_true",
-                        help="accepted for compatibility: word or character level comes from the saved model")
+    cli.add_model_flags(parser)
     # Sampling
     parser.add_argument("--temperature", type=cli.positive_float, default=0.8,
                         help="temperature of requests that give none (the original server's fixed value)")

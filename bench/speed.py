@@ -45,7 +45,6 @@ def build_parser():
 
 def train_speed(data_dir, cell, steps):
     """Training tokens/s at the default sizes for one cell type."""
-    import tensorflow as tf
     from tensorflow import keras
     from model import CharRNN
     from trainer import Progress, make_train_step

@@ -1,5 +1,4 @@
 """sample.py and the generator: output, repeatability, the sampling distribution, no retracing, errors."""
-import math
 import os
 
 import numpy as np

@@ -73,7 +73,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(one_thread_per_op=True)
     import trainer  # after the flags: --help and flag errors stay fast
 
     config = trainer.TrainConfig(**vars(args))

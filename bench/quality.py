@@ -28,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--val_frac", type=cli.fraction, default=0.1)
     parser.add_argument("--work_dir", default=None, help="where to train (default: a temporary directory)")
     args, train_flags = parser.parse_known_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(one_thread_per_op=True)
     import evaluate
     import savedir
     import train

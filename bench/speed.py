@@ -154,7 +154,7 @@ def peer_speed(args, cell):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(one_thread_per_op=True)
     work = tempfile.mkdtemp(prefix="char-rnn-speed-")
     try:
         data_dir = os.path.join(work, "data")

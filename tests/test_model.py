@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import model
 from model import CharRNN
 
 
@@ -21,3 +22,49 @@ def test_dropout_drops_in_training_only():
 def test_unknown_cell_type_is_refused_by_name():
     with pytest.raises(ValueError, match="'transformer'"):
         CharRNN(10, 8, 1, "transformer")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("vocab_size", [20, 40])  # fewer tokens than the batch's 21 (gathered projections), more
+def test_unrolled_training_graph_computes_what_the_layers_compute(cell, vocab_size, monkeypatch):
+    net = CharRNN(vocab_size, 16, 2, cell)
+    net.build_weights()
+    ids = tf.constant(np.random.default_rng(0).integers(0, vocab_size, size=(3, 8)), tf.int32)
+    states = tuple(tf.random.stateless_normal([3, 16], seed=[i, 0]) for i in range(net.num_states))
+
+    def forward_and_gradients():
+        @tf.function
+        def run(ids, states):
+            with tf.GradientTape() as tape:
+                logits, new_states = net(ids[:, :-1], states, training=True)
+                loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(ids[:, 1:], logits,
+                                                                                      from_logits=True))
+            return logits, new_states, tape.gradient(loss, net.trainable_variables)
+        logits, new_states, grads = run(ids, states)
+        return [logits, *new_states, *map(tf.convert_to_tensor, grads)]
+
+    unrolled = forward_and_gradients()
+    monkeypatch.setattr(model, "UNROLL_MAX_STEPS", 0)  # every sequence through the Keras layers
+    layers = forward_and_gradients()
+    assert len(unrolled) == len(layers) == 1 + net.num_states + len(net.trainable_variables)
+    for ours, theirs in zip(unrolled, layers):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("vocab_size", [10, model.GENERATE_BLOCK + 1])  # row lookups in the first layer, products
+def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
+    tf.keras.utils.set_random_seed(1)
+    net = CharRNN(vocab_size, 16, 2, cell)
+    net.build_weights()
+    for weight in net.trainable_variables:  # larger weights than the initializers', so that argmax varies
+        weight.assign(weight * 3.0)
+    prime = [1, 2, 3]
+    generator = model.Generator(net)
+    generated = generator.generate(tf.constant(prime), 12, 1.0, model.MODE_ARGMAX, 0, 0).numpy()
+    ids = list(prime)
+    for _ in range(12):
+        logits, _ = net(tf.constant([ids]), net.zero_state(1))
+        ids.append(int(tf.argmax(logits[0, -1])))
+    assert generated.tolist() == ids[len(prime):]
+    assert len(set(ids)) > 2  # not a constant sequence that any network would give

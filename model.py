@@ -87,7 +87,8 @@ class CharRNN(keras.Model):
             # A token's input projection in the first layer is its embedding row times the kernel: with fewer
             # tokens in the vocabulary than in the batch, project the whole table once and gather rows. This
             # drops a sixth of the matrix products of a training step (3 x 128 LSTM), forward and backward.
-            sequence = tf.unstack(tf.gather(self.input_projection_table(), inputs), axis=1)
+            table = self.input_projection_table()  # one gather per step: no strided [batch, time] slicing
+            sequence = [tf.gather(table, ids) for ids in tf.unstack(inputs, axis=1)]
             first_step = functools.partial(FROM_PROJECTION[self.cell_type], first_cell)
         else:
             sequence = tf.unstack(self.embedding(inputs), axis=1)

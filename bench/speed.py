@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,7 @@ def train_speed(data_dir, cell, steps):
 
 
 def sample_speed(model, n, flat_ns):
-    """Sampling chars/s at n, and seconds per token for each of flat_ns."""
+    """Sampling chars/s at n (the median of three runs), and seconds per token for each of flat_ns."""
     import tensorflow as tf
     from model import Generator
 
@@ -81,7 +82,7 @@ def sample_speed(model, n, flat_ns):
         return time.perf_counter() - start
 
     timed(10)  # warm-up
-    result = {"sample_chars_per_s": round(n / timed(n), 1)}
+    result = {"sample_chars_per_s": round(n / statistics.median(timed(n) for _ in range(3)), 1)}
     for count in flat_ns:
         result[f"sample_s_per_token_n{count}"] = timed(count) / count
     return result

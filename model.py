@@ -4,10 +4,12 @@ CharRNN: Embedding -> num_layers x (LSTM | GRU | SimpleRNN) -> Dense over the vo
 goes in and out explicitly as a flat tuple of [batch, rnn_size] tensors (h, c per LSTM layer; h per GRU or
 SimpleRNN layer), so the same weights serve a training batch and batch-1 sampling and no layer is stateful.
 
-On a CPU, a sequence of at most UNROLL_MAX_STEPS steps (a training batch) runs unrolled: every layer's cell is
-called once per time step in one graph, so layer i+1 can work on step t while layer i works on step t+1 and the two
-cores both have work. The Keras layers run each layer's whole sequence before the next layer starts. The math and
-the weights are the same either way; a GPU, or a longer or dynamic-length sequence, uses the layers (and cuDNN).
+On a CPU, a sequence of at most UNROLL_MAX_STEPS steps (a training batch) runs unrolled: every layer's cell
+arithmetic appears once per time step in one graph, so layer i+1 can work on step t while layer i works on step
+t+1 and the two cores both have work (the Keras layers run each layer's whole sequence before the next starts).
+A training step also takes the first layer's input products from a projected embedding table and computes the
+recurrent weights' gradients as one product each (DeferredGradients). The math and the weights are the same
+either way; a GPU, or a longer or dynamic-length sequence, uses the layers (and so cuDNN).
 
 Generator: the whole sampling loop (prime, then n tokens) as one compiled TensorFlow function over tensors.
 """
@@ -65,10 +67,14 @@ class CharRNN(keras.Model):
         k = self.states_per_layer
         return list(states[i * k:(i + 1) * k])
 
+    def unrolls(self, inputs):
+        """Whether a batch of this shape runs unrolled (see the module doc)."""
+        steps = inputs.shape[1]
+        return steps is not None and steps <= UNROLL_MAX_STEPS and not has_gpu()
+
     def call(self, inputs, states, training=False):
         """inputs [batch, time] int ids, states a flat tuple -> (logits [batch, time, vocab], new states)."""
-        steps = inputs.shape[1]
-        if steps is not None and steps <= UNROLL_MAX_STEPS and not has_gpu():
+        if self.unrolls(inputs):
             x, new_states = self._unrolled(inputs, states, training)
         else:
             x = self.embedding(inputs)
@@ -79,27 +85,50 @@ class CharRNN(keras.Model):
                 x = self.dropouts[i](x, training=training)
         return self.head(x), tuple(new_states)
 
-    def _unrolled(self, inputs, states, training):
-        """The layers over a static-length sequence, one cell call per layer and step (see the module doc)."""
+    def training_pass(self, inputs, states, tape):
+        """The forward pass of a training step, recorded on `tape`: (logits, new states, deferred).
+
+        `deferred` is a DeferredGradients when the batch runs unrolled (then ask it for the gradients), else None
+        (then ask the tape).
+        """
+        if not self.unrolls(inputs):
+            return (*self(inputs, states, training=True), None)
+        deferred = DeferredGradients(self, tape)
+        x, new_states = self._unrolled(inputs, states, True, deferred)
+        return self.head(x), tuple(new_states), deferred
+
+    def _unrolled(self, inputs, states, training, deferred=None):
+        """The layers over a static-length sequence, one cell step per layer and time step (see the module doc)."""
         batch, steps = inputs.shape
-        first_cell = self.rnn_layers[0].cell
-        if batch is not None and self.vocab_size < batch * steps and first_cell.built:
-            # A token's input projection in the first layer is its embedding row times the kernel: with fewer
-            # tokens in the vocabulary than in the batch, project the whole table once and gather rows. This
-            # drops a sixth of the matrix products of a training step (3 x 128 LSTM), forward and backward.
-            table = self.input_projection_table()  # one gather per step: no strided [batch, time] slicing
-            sequence = [tf.gather(table, ids) for ids in tf.unstack(inputs, axis=1)]
-            first_step = functools.partial(FROM_PROJECTION[self.cell_type], first_cell)
+        read = (lambda variable: tf.stop_gradient(variable.value)) if deferred else (lambda variable: variable.value)
+        # A token's input product in the first layer is its embedding row times the kernel: with fewer tokens in
+        # the vocabulary than in the batch, multiply the whole table once and gather rows. This drops a sixth of
+        # the matrix products of a training step (3 x 128 LSTM), forward and backward.
+        gathered = batch is not None and self.vocab_size < batch * steps
+        if gathered:
+            table = tf.matmul(read(self.embedding.embeddings), read(self.rnn_layers[0].cell.kernel))
+            step_ids = tf.unstack(inputs, axis=1)  # one gather per step: no strided [batch, time] slicing
+            sequence = [tf.gather(table, ids) for ids in step_ids]
+            if deferred:
+                deferred.step_ids = step_ids
         else:
             sequence = tf.unstack(self.embedding(inputs), axis=1)
-            first_step = first_cell
+        gates = GATES[self.cell_type]
         new_states = []
         for i, layer in enumerate(self.rnn_layers):
-            step = first_step if i == 0 else layer.cell
+            cell = layer.cell
+            kernel, recurrent_kernel = read(cell.kernel), read(cell.recurrent_kernel)
+            biases = split_bias(self.cell_type, read(cell.bias))
             layer_states = self._layer_states(states, i)
             outputs = []
-            for x_t in sequence:
-                h, layer_states = step(x_t, layer_states, training=training)
+            for x in sequence:
+                h_previous = layer_states[0]
+                x_bias, h_bias = deferred.record(i, x, h_previous, *biases) if deferred else biases
+                x_product = (x if i == 0 and gathered else tf.matmul(x, kernel)) + x_bias
+                h_product = tf.matmul(h_previous, recurrent_kernel)
+                if h_bias is not None:
+                    h_product += h_bias
+                h, layer_states = gates(cell, x_product, h_product, layer_states)
                 outputs.append(self.dropouts[i](h, training=training))
             sequence = outputs
             new_states.extend(layer_states)
@@ -108,19 +137,21 @@ class CharRNN(keras.Model):
     def step(self, token_ids, states, table=None):
         """One time step for inference: token_ids [batch] -> (logits [batch, vocab], new states).
 
-        Calls the cells directly, which skips the per-call sequence machinery of the layers. `table`, from
-        input_projection_table, replaces the first layer's input product by a row lookup.
+        Runs the cells' arithmetic directly, which skips the per-call sequence machinery of the layers.
+        `table`, from input_projection_table, replaces the first layer's input product by a row lookup.
         """
-        if table is None:
-            x, first_cell = self.embedding(token_ids), self.rnn_layers[0].cell
-        else:
-            x = tf.gather(table, token_ids)
-            first_cell = functools.partial(FROM_PROJECTION[self.cell_type], self.rnn_layers[0].cell)
+        x = self.embedding(token_ids) if table is None else tf.gather(table, token_ids)
+        gates = GATES[self.cell_type]
         new_states = []
         for i, layer in enumerate(self.rnn_layers):
-            cell = first_cell if i == 0 else layer.cell
-            x, layer_states = cell(x, self._layer_states(states, i), training=False)
-            new_states.extend(layer_states if isinstance(layer_states, (list, tuple)) else [layer_states])
+            cell = layer.cell
+            x_bias, h_bias = split_bias(self.cell_type, cell.bias.value)
+            x_product = (x if i == 0 and table is not None else tf.matmul(x, cell.kernel.value)) + x_bias
+            h_product = tf.matmul(states[i * self.states_per_layer], cell.recurrent_kernel.value)
+            if h_bias is not None:
+                h_product += h_bias
+            x, layer_states = gates(cell, x_product, h_product, self._layer_states(states, i))
+            new_states.extend(layer_states)
         return self.head(x), tuple(new_states)
 
     def input_projection_table(self):
@@ -136,36 +167,103 @@ class CharRNN(keras.Model):
         self(tf.zeros([1, 1], tf.int32), self.zero_state(1))
 
 
-# The Keras cells' own arithmetic (LSTMCell, GRUCell with reset_after, SimpleRNNCell; implementation 2), starting
-# from `projected` = inputs @ kernel, for the first layer of an unrolled sequence (CharRNN._unrolled).
-def lstm_from_projection(cell, projected, states, training=False):
-    h, c = states
-    z = projected + tf.matmul(h, cell.recurrent_kernel.value) + cell.bias.value
-    z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
-    c = cell.recurrent_activation(z_f) * c + cell.recurrent_activation(z_i) * cell.activation(z_c)
+# The Keras cells' arithmetic (LSTMCell, GRUCell with reset_after, SimpleRNNCell; implementation 2) from the two
+# matrix products of a step: x_product = inputs @ kernel + input bias, h_product = h @ recurrent_kernel (plus the
+# recurrent bias, GRU). The unrolled sequence and sampling call these instead of the cells.
+def lstm_gates(cell, x_product, h_product, states):
+    z_i, z_f, z_c, z_o = tf.split(x_product + h_product, 4, axis=-1)
+    c = cell.recurrent_activation(z_f) * states[1] + cell.recurrent_activation(z_i) * cell.activation(z_c)
     h = cell.recurrent_activation(z_o) * cell.activation(c)
     return h, [h, c]
 
 
-def gru_from_projection(cell, projected, states, training=False):
-    h_previous = states[0]
-    input_bias, recurrent_bias = cell.bias.value[0], cell.bias.value[1]
-    x_z, x_r, x_h = tf.split(projected + input_bias, 3, axis=-1)
-    inner = tf.matmul(h_previous, cell.recurrent_kernel.value) + recurrent_bias
-    recurrent_z, recurrent_r, recurrent_h = tf.split(inner, 3, axis=-1)
+def gru_gates(cell, x_product, h_product, states):
+    x_z, x_r, x_h = tf.split(x_product, 3, axis=-1)
+    recurrent_z, recurrent_r, recurrent_h = tf.split(h_product, 3, axis=-1)
     z = cell.recurrent_activation(x_z + recurrent_z)
     r = cell.recurrent_activation(x_r + recurrent_r)
     candidate = cell.activation(x_h + r * recurrent_h)
-    h = z * h_previous + (1 - z) * candidate
+    h = z * states[0] + (1 - z) * candidate
     return h, [h]
 
 
-def rnn_from_projection(cell, projected, states, training=False):
-    h = cell.activation(projected + cell.bias.value + tf.matmul(states[0], cell.recurrent_kernel.value))
+def rnn_gates(cell, x_product, h_product, states):
+    h = cell.activation(x_product + h_product)
     return h, [h]
 
 
-FROM_PROJECTION = {"lstm": lstm_from_projection, "gru": gru_from_projection, "rnn": rnn_from_projection}
+GATES = {"lstm": lstm_gates, "gru": gru_gates, "rnn": rnn_gates}
+
+
+def split_bias(cell_type, bias):
+    """(input bias, recurrent bias or None): a GRU keeps both in one [2, 3 x units] variable."""
+    return (bias[0], bias[1]) if cell_type == "gru" else (bias, None)
+
+
+class DeferredGradients:
+    """The recurrent weights' gradients of an unrolled training pass, each as one large product.
+
+    Autodiff of the unrolled pass would multiply every step's inputs by its output gradient: hundreds of small
+    products, summed at the end. The pass reads the weights with stop_gradient instead and adds a zero "probe" to
+    each step's products; the tape gives the gradient at each probe, which is the gradient of the product, and
+    gradients() multiplies the whole sequence's inputs by those at once. Same sums, a tenth more tokens/s.
+    """
+
+    def __init__(self, model, tape):
+        self.model, self.tape = model, tape
+        self.step_ids = None  # set when the first layer gathers its input products from the table
+        self.layers = [{"inputs": [], "previous": [], "x_probes": [], "h_probes": []} for _ in model.rnn_layers]
+
+    def record(self, i, x, h_previous, x_bias, h_bias):
+        """Keep step inputs of layer i; returns the biases with probes added."""
+        layer = self.layers[i]
+        layer["inputs"].append(x)
+        layer["previous"].append(h_previous)
+        width = self.model.rnn_layers[i].cell.recurrent_kernel.shape[1]
+        x_probe = tf.zeros([tf.shape(h_previous)[0], width])
+        self.tape.watch(x_probe)
+        layer["x_probes"].append(x_probe)
+        if h_bias is None:  # the products are summed straight away: one probe serves both
+            layer["h_probes"].append(x_probe)
+            return x_bias + x_probe, None
+        h_probe = tf.zeros_like(x_probe)
+        self.tape.watch(h_probe)
+        layer["h_probes"].append(h_probe)
+        return x_bias + x_probe, h_bias + h_probe
+
+    def gradients(self, loss):
+        """The gradients of `loss` for model.trainable_variables, in that order."""
+        model = self.model
+        deferred = [v for layer in model.rnn_layers for v in (layer.cell.kernel, layer.cell.recurrent_kernel,
+                                                               layer.cell.bias)]
+        if self.step_ids is not None:
+            deferred.append(model.embedding.embeddings)
+        deferred_ids = {id(v) for v in deferred}
+        others = [v for v in model.trainable_variables if id(v) not in deferred_ids]
+        probes = {}
+        for layer in self.layers:
+            for probe in layer["x_probes"] + layer["h_probes"]:
+                probes.setdefault(id(probe), probe)
+        grads = self.tape.gradient(loss, others + list(probes.values()))
+        by_variable = {id(v): g for v, g in zip(others, grads)}
+        probe_grads = dict(zip(probes, grads[len(others):]))
+        for i, (rnn_layer, layer) in enumerate(zip(model.rnn_layers, self.layers)):
+            cell = rnn_layer.cell
+            d_x = tf.concat([probe_grads[id(p)] for p in layer["x_probes"]], 0)  # [time x batch, width]
+            shared = layer["h_probes"][0] is layer["x_probes"][0]
+            d_h = d_x if shared else tf.concat([probe_grads[id(p)] for p in layer["h_probes"]], 0)
+            previous = tf.concat(layer["previous"], 0)
+            by_variable[id(cell.recurrent_kernel)] = tf.matmul(previous, d_h, transpose_a=True)
+            d_bias = tf.reduce_sum(d_x, 0)
+            by_variable[id(cell.bias)] = d_bias if shared else tf.stack([d_bias, tf.reduce_sum(d_h, 0)])
+            if i == 0 and self.step_ids is not None:
+                d_table = tf.math.unsorted_segment_sum(d_x, tf.concat(self.step_ids, 0), model.vocab_size)
+                embeddings, kernel = model.embedding.embeddings.value, cell.kernel.value
+                by_variable[id(cell.kernel)] = tf.matmul(embeddings, d_table, transpose_a=True)
+                by_variable[id(model.embedding.embeddings)] = tf.matmul(d_table, kernel, transpose_b=True)
+            else:
+                by_variable[id(cell.kernel)] = tf.matmul(tf.concat(layer["inputs"], 0), d_x, transpose_a=True)
+        return [by_variable[id(v)] for v in model.trainable_variables]
 
 
 def keep_top_k(logits, top_k):

@@ -89,9 +89,9 @@ def make_train_step(model, optimizer, progress, grad_clip):
         state = tf.ensure_shape(progress.state.value(), [model.num_states, None, model.rnn_size])
         states = tuple(tf.unstack(state, num=model.num_states))
         with tf.GradientTape() as tape:
-            logits, new_states = model(inputs, states, training=True)
+            logits, new_states, deferred = model.training_pass(inputs, states, tape)
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
-        grads = tape.gradient(loss, model.trainable_variables)
+        grads = deferred.gradients(loss) if deferred else tape.gradient(loss, model.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, grad_clip)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         progress.state.assign(tf.stack(new_states))

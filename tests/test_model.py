@@ -25,30 +25,40 @@ def test_unknown_cell_type_is_refused_by_name():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("vocab_size", [20, 40])  # fewer tokens than the batch's 21 (gathered projections), more
-def test_unrolled_training_graph_computes_what_the_layers_compute(cell, vocab_size, monkeypatch):
+@pytest.mark.parametrize("vocab_size", [20, 40])  # fewer tokens than the batch's 21 (gathered products), more
+def test_unrolled_training_pass_computes_what_the_layers_compute(cell, vocab_size, monkeypatch):
     net = CharRNN(vocab_size, 16, 2, cell)
     net.build_weights()
     ids = tf.constant(np.random.default_rng(0).integers(0, vocab_size, size=(3, 8)), tf.int32)
     states = tuple(tf.random.stateless_normal([3, 16], seed=[i, 0]) for i in range(net.num_states))
 
-    def forward_and_gradients():
-        @tf.function
-        def run(ids, states):
-            with tf.GradientTape() as tape:
-                logits, new_states = net(ids[:, :-1], states, training=True)
-                loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(ids[:, 1:], logits,
-                                                                                      from_logits=True))
-            return logits, new_states, tape.gradient(loss, net.trainable_variables)
-        logits, new_states, grads = run(ids, states)
-        return [logits, *new_states, *map(tf.convert_to_tensor, grads)]
+    def loss_of(logits):
+        return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(ids[:, 1:], logits, from_logits=True))
 
-    unrolled = forward_and_gradients()
+    @tf.function
+    def unrolled_call():  # inference: the unrolled pass with autodiff through the weights
+        with tf.GradientTape() as tape:
+            logits, new_states = net(ids[:, :-1], states, training=True)
+            loss = loss_of(logits)
+        return logits, new_states, tape.gradient(loss, net.trainable_variables)
+
+    @tf.function
+    def training_pass():  # a training step: recurrent weights' gradients deferred
+        with tf.GradientTape() as tape:
+            logits, new_states, deferred = net.training_pass(ids[:, :-1], states, tape)
+            loss = loss_of(logits)
+        assert deferred is not None
+        return logits, new_states, deferred.gradients(loss)
+
+    results = {"unrolled call": unrolled_call(), "training pass": training_pass()}
     monkeypatch.setattr(model, "UNROLL_MAX_STEPS", 0)  # every sequence through the Keras layers
-    layers = forward_and_gradients()
-    assert len(unrolled) == len(layers) == 1 + net.num_states + len(net.trainable_variables)
-    for ours, theirs in zip(unrolled, layers):
-        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+    layers = unrolled_call.python_function()
+    flat = lambda result: [result[0], *result[1], *map(tf.convert_to_tensor, result[2])]
+    expected = flat(layers)
+    assert len(expected) == 1 + net.num_states + len(net.trainable_variables)
+    for name, result in results.items():
+        for ours, theirs in zip(flat(result), expected, strict=True):
+            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

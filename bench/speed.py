@@ -8,8 +8,9 @@ timed after a warm-up, for each of --models. Server: requests/s and latency at n
 Sampling: chars/s of the compiled generator at n = --sample_n, and
 seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows). Preprocessing: a
 synthetic corpus of --preprocess_mb MB (the text repeated) tokenized in a child process, with its MB/s and peak
-resident memory per input byte. With --peer_*, the PyTorch peer's speed mode runs in the same invocation, right
-after ours, and the ratios are printed too.
+resident memory per input byte. With --peer_*, the PyTorch peer's speed mode runs in the same invocation: for
+each of --rounds rounds and each cell type, ours is timed, then the peer; the medians, their ratios and each
+round's ratio are printed (a shared machine's speed drifts, and this compares like with like).
 """
 import argparse
 import json
@@ -32,6 +33,8 @@ def build_parser():
     parser.add_argument("--data", required=True, help="path to a UTF-8 text (tinyshakespeare's input.txt)")
     parser.add_argument("--models", default="lstm,gru,rnn", help="comma-separated cell types to time")
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="timed training steps per model")
+    parser.add_argument("--rounds", type=cli.positive_int, default=3,
+                        help="rounds of (ours, then the peer) per cell type; medians and per-round ratios reported")
     parser.add_argument("--sample_n", type=cli.positive_int, default=2000, help="tokens per timed sample")
     parser.add_argument("--flat_n", default="1000,100000", help="n values for the time-per-token check")
     parser.add_argument("--preprocess_mb", type=cli.non_negative_int, default=100,
@@ -44,8 +47,8 @@ def build_parser():
     return parser
 
 
-def train_speed(data_dir, cell, steps):
-    """Training tokens/s at the default sizes for one cell type."""
+def train_speed(data_dir, cell):
+    """A timer of training tokens/s at the default sizes for one cell type: (timer(steps), model)."""
     from tensorflow import keras
     from model import CharRNN
     from trainer import Progress, make_train_step
@@ -60,12 +63,14 @@ def train_speed(data_dir, cell, steps):
     step = make_train_step(model, optimizer, progress, 5.0)
     for i in range(5):  # warm-up: tracing and the first allocations
         step(*loader.batch(i))
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(*loader.batch((5 + i) % loader.num_batches))
-    float(loss)
-    seconds = time.perf_counter() - start
-    return steps * 50 * 50 / seconds, model
+
+    def timer(steps):
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = step(*loader.batch((5 + i) % loader.num_batches))
+        float(loss)
+        return steps * 50 * 50 / (time.perf_counter() - start)
+    return timer, model
 
 
 def sample_speed(model, n, flat_ns):
@@ -161,25 +166,46 @@ def main(argv=None):
         data_dir = os.path.join(work, "data")
         os.makedirs(data_dir)
         shutil.copyfile(args.data, os.path.join(data_dir, "input.txt"))
-        result = {"project": "char-rnn-tensorflow", "train_tokens_per_s": {}}
-        for cell in args.models.split(","):
-            tokens_per_s, model = train_speed(data_dir, cell, args.steps)
-            result["train_tokens_per_s"][cell] = round(tokens_per_s, 1)
+        cells = args.models.split(",")
+        timers = {}
+        for cell in cells:
+            timers[cell], model = train_speed(data_dir, cell)
             if cell == "lstm":
-                result.update(sample_speed(model, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
-                if args.server_clients:
-                    result.update(server_speed(model, data_dir, work, args.server_clients, args.server_seconds))
+                lstm = model
+        peer = args.peer_python and args.peer_script
+        ours, theirs, sampling = {cell: [] for cell in cells}, {cell: [] for cell in cells}, []
+        for _ in range(args.rounds):  # ours, then the peer, cell by cell: both see the same machine state
+            for cell in cells:
+                ours[cell].append(timers[cell](args.steps))
+                if peer:
+                    theirs[cell].append(peer_speed(args, cell))
+                if cell == "lstm":
+                    sampling.append(sample_speed(lstm, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
+        median = statistics.median
+        result = {"project": "char-rnn-tensorflow", "rounds": args.rounds,
+                  "train_tokens_per_s": {cell: round(median(ours[cell]), 1) for cell in cells}}
+        if sampling:
+            for key in sampling[0]:
+                result[key] = median(run[key] for run in sampling)
+        if "lstm" in cells and args.server_clients:
+            result.update(server_speed(lstm, data_dir, work, args.server_clients, args.server_seconds))
         if args.preprocess_mb:
             result.update(preprocess_speed(args.data, args.preprocess_mb, work))
-        if args.peer_python and args.peer_script:
-            peers = {cell: peer_speed(args, cell) for cell in result["train_tokens_per_s"]}
-            result["peer_train_tokens_per_s"] = {cell: peer["train_tokens_per_s"] for cell, peer in peers.items()}
-            result["ratio_train"] = {cell: round(ours / result["peer_train_tokens_per_s"][cell], 2)
-                                     for cell, ours in result["train_tokens_per_s"].items()}
-            if "lstm" in peers and "sample_chars_per_s" in result:
-                result["peer_sample_chars_per_s"] = peers["lstm"]["sample_chars_per_s"]
+        if peer:
+            result["peer_train_tokens_per_s"] = {
+                cell: round(median(run["train_tokens_per_s"] for run in theirs[cell]), 1) for cell in cells}
+            result["ratio_train"] = {cell: round(result["train_tokens_per_s"][cell]
+                                                 / result["peer_train_tokens_per_s"][cell], 2) for cell in cells}
+            result["ratio_train_per_round"] = {
+                cell: [round(a / b["train_tokens_per_s"], 2) for a, b in zip(ours[cell], theirs[cell])]
+                for cell in cells}
+            if sampling:
+                peer_sampling = [run["sample_chars_per_s"] for run in theirs["lstm"]]
+                result["peer_sample_chars_per_s"] = median(peer_sampling)
                 result["ratio_sample"] = round(result["sample_chars_per_s"] / result["peer_sample_chars_per_s"], 2)
-            result["peer_torch"] = peers[next(iter(peers))]["torch"]
+                result["ratio_sample_per_round"] = [round(a["sample_chars_per_s"] / b, 2)
+                                                    for a, b in zip(sampling, peer_sampling)]
+            result["peer_torch"] = theirs[cells[0]][0]["torch"]
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -118,14 +118,16 @@ class CharRNN(keras.Model):
         for i, layer in enumerate(self.rnn_layers):
             cell = layer.cell
             kernel, recurrent_kernel = read(cell.kernel), read(cell.recurrent_kernel)
+            by = by_constant_weight if deferred else by_weight
+            multiply_kernel, multiply_recurrent = by(kernel), by(recurrent_kernel)
             biases = split_bias(self.cell_type, read(cell.bias))
             layer_states = self._layer_states(states, i)
             outputs = []
             for x in sequence:
                 h_previous = layer_states[0]
                 x_bias, h_bias = deferred.record(i, x, h_previous, *biases) if deferred else biases
-                x_product = (x if i == 0 and gathered else tf.matmul(x, kernel)) + x_bias
-                h_product = tf.matmul(h_previous, recurrent_kernel)
+                x_product = (x if i == 0 and gathered else multiply_kernel(x)) + x_bias
+                h_product = multiply_recurrent(h_previous)
                 if h_bias is not None:
                     h_product += h_bias
                 h, layer_states = gates(cell, x_product, h_product, layer_states)
@@ -193,6 +195,24 @@ def rnn_gates(cell, x_product, h_product, states):
 
 
 GATES = {"lstm": lstm_gates, "gru": gru_gates, "rnn": rnn_gates}
+
+
+def by_weight(weight):
+    """x -> x @ weight."""
+    return lambda x: tf.matmul(x, weight)
+
+
+def by_constant_weight(weight):
+    """x -> x @ weight for a weight with no gradient of its own, whose backward product for x uses a transposed
+    copy made once: oneDNN multiplies [batch, 4 x units] by a transposed [units, 4 x units] operand 1.4x slower."""
+    # Two halves transposed and joined: Grappler would fold a plain transpose back into the product's flag.
+    half = weight.shape[0] // 2
+    transposed = tf.concat([tf.transpose(weight[:half]), tf.transpose(weight[half:])], 1)
+
+    @tf.custom_gradient
+    def product(x):
+        return tf.matmul(x, weight), lambda upstream: tf.matmul(upstream, transposed)
+    return product
 
 
 def split_bias(cell_type, bias):

@@ -113,7 +113,6 @@ class CharRNN(keras.Model):
                 deferred.step_ids = step_ids
         else:
             sequence = tf.unstack(self.embedding(inputs), axis=1)
-        gates = GATES[self.cell_type]
         new_states = []
         for i, layer in enumerate(self.rnn_layers):
             cell = layer.cell
@@ -127,10 +126,7 @@ class CharRNN(keras.Model):
                 h_previous = layer_states[0]
                 x_bias, h_bias = deferred.record(i, x, h_previous, *biases) if deferred else biases
                 x_product = (x if i == 0 and gathered else multiply_kernel(x)) + x_bias
-                h_product = multiply_recurrent(h_previous)
-                if h_bias is not None:
-                    h_product += h_bias
-                h, layer_states = gates(cell, x_product, h_product, layer_states)
+                h, layer_states = self._cell_step(cell, x_product, layer_states, multiply_recurrent, h_bias)
                 outputs.append(self.dropouts[i](h, training=training))
             sequence = outputs
             new_states.extend(layer_states)
@@ -143,18 +139,22 @@ class CharRNN(keras.Model):
         `table`, from input_projection_table, replaces the first layer's input product by a row lookup.
         """
         x = self.embedding(token_ids) if table is None else tf.gather(table, token_ids)
-        gates = GATES[self.cell_type]
         new_states = []
         for i, layer in enumerate(self.rnn_layers):
             cell = layer.cell
             x_bias, h_bias = split_bias(self.cell_type, cell.bias.value)
             x_product = (x if i == 0 and table is not None else tf.matmul(x, cell.kernel.value)) + x_bias
-            h_product = tf.matmul(states[i * self.states_per_layer], cell.recurrent_kernel.value)
-            if h_bias is not None:
-                h_product += h_bias
-            x, layer_states = gates(cell, x_product, h_product, self._layer_states(states, i))
+            x, layer_states = self._cell_step(cell, x_product, self._layer_states(states, i),
+                                              by_weight(cell.recurrent_kernel.value), h_bias)
             new_states.extend(layer_states)
         return self.head(x), tuple(new_states)
+
+    def _cell_step(self, cell, x_product, layer_states, multiply_recurrent, h_bias):
+        """One step of one layer from its input product (input bias included): (output, new layer states)."""
+        h_product = multiply_recurrent(layer_states[0])
+        if h_bias is not None:
+            h_product += h_bias
+        return GATES[self.cell_type](cell, x_product, h_product, layer_states)
 
     def input_projection_table(self):
         """[vocab, gates]: every token's input product in the first layer (embedding row @ first kernel)."""

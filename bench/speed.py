@@ -154,7 +154,10 @@ def peer_speed(args, cell):
     """The PyTorch peer's speed mode for one cell type: its JSON line as a dict."""
     out = subprocess.run([args.peer_python, args.peer_script, "--data", args.data, "--mode", "speed",
                           "--model", cell, "--steps", str(args.steps), "--sample_n", str(args.sample_n)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ValueError(f"the peer ({args.peer_python} {args.peer_script}) failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -213,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

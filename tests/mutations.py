@@ -1,0 +1,121 @@
+"""Single-line breaks the test suite must catch: each is applied to a copy of the repository and the tests that
+guard that promise are run there; a break that passes them is reported as survived.
+
+usage: python tests/mutations.py                 # every break (a few minutes per break on 2 cores)
+       python tests/mutations.py --only top_k     # the breaks whose name contains "top_k"
+       python tests/mutations.py --list
+
+Each break names the file, the exact text it replaces (found exactly once), the replacement, and the tests to
+run (pytest arguments relative to the repository). Not collected by pytest: CI runs the tests themselves.
+"""
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple
+
+
+MUTATIONS = [
+    # The ten breaks of the tests issue.
+    Mutation("state_not_carried", "trainer.py", "progress.state.assign(tf.stack(new_states))",
+             "progress.state.assign(state)", ("tests/test_train.py",)),
+    Mutation("no_lr_decay", "trainer.py",
+             "return self.config.learning_rate * self.config.decay_rate ** int(self.progress.epoch)",
+             "return self.config.learning_rate", ("tests/test_train.py",)),
+    Mutation("dropout_off_in_model", "model.py", "outputs.append(self.dropouts[i](h, training=training))",
+             "outputs.append(self.dropouts[i](h, training=False))", ("tests/test_model.py",)),
+    Mutation("top_k_is_one", "model.py", "k = tf.minimum(top_k, tf.shape(logits)[0])", "k = 1",
+             ("tests/test_sample.py",)),
+    Mutation("seed_without_block_position", "model.py", "step_seed = tf.stack([seed, tf.cast(position + i, tf.int64)])",
+             "step_seed = tf.stack([seed, tf.cast(i, tf.int64)])", ("tests/test_sample.py",)),
+    Mutation("top_k_unbounded", "sampler.py", "if not 0 <= top_k <= MAX_N:", "if not 0 <= top_k:",
+             ("tests/test_sample.py", "tests/test_server.py")),
+    Mutation("prime_limit_off_by_one", "sample_server.py", "if len(prime) > limits.max_prime:",
+             "if len(prime) > limits.max_prime + 1:", ("tests/test_server.py",)),
+    Mutation("padding_in_eval_loss", "trainer.py", "* tf.cast(weights, tf.float64)), new_states",
+             "), new_states", ("tests/test_evaluate.py",)),
+    Mutation("best_delete_then_rename", "savedir.py", "        os.rename(best, old)\n",
+             "        shutil.rmtree(best)\n", ("tests/test_savedir.py",)),
+    Mutation("empty_prime_from_space", "sampler.py", "EMPTY_PRIME_START = NEWLINE", 'EMPTY_PRIME_START = " "',
+             ("tests/test_sample.py",)),
+]
+
+
+def copy_repo(destination):
+    """Copy the files git knows (tracked, and new ones not ignored) into `destination`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for relative in filter(None, listed):
+        source = os.path.join(REPO, relative)
+        if os.path.isfile(source):
+            target = os.path.join(destination, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def apply(mutation, root):
+    """Replace the mutation's text in its file under `root`; the text must occur exactly once."""
+    path = os.path.join(root, mutation.file)
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    found = source.count(mutation.old)
+    if found != 1:
+        raise ValueError(f"{mutation.name}: the text to replace occurs {found} times in {mutation.file}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(source.replace(mutation.old, mutation.new))
+
+
+def run(mutation):
+    """Apply one break to a fresh copy and run its tests; returns (caught, seconds, last line of pytest)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{mutation.name}-") as root:
+        copy_repo(root)
+        apply(mutation, root)
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 *mutation.tests], cwd=root, capture_output=True, text=True)
+        lines = (result.stdout.strip().splitlines() or ["(no output)"])
+        return result.returncode != 0, time.monotonic() - started, lines[-1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Apply single-line breaks to copies of the repository and check "
+                                                 "that the tests catch each.")
+    parser.add_argument("--only", default="", help="run only the breaks whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the breaks and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only in m.name]
+    if not chosen:
+        print(f"error: no break named like {args.only!r}; see --list", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.file}: {m.old.strip()!r} -> {m.new.strip()!r}; tests {' '.join(m.tests)}")
+        return 0
+    survived = []
+    for number, mutation in enumerate(chosen, 1):
+        caught, seconds, summary = run(mutation)
+        print(f"[{number}/{len(chosen)}] {mutation.name}: {'caught' if caught else 'SURVIVED'} "
+              f"({seconds:.0f} s; {summary})", flush=True)
+        if not caught:
+            survived.append(mutation.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} breaks caught"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,17 @@
-"""evaluate.py and repeatable runs: the loss train.py prints is the loss evaluate.py measures; a seed repeats."""
+"""evaluate.py and repeatable runs: the loss train.py prints is the loss evaluate.py measures, and both are the
+mean of every next token's loss computed one token at a time; a seed repeats."""
 import json
+import math
 import re
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import TINY_MODEL, run_script
+import evaluate
+import savedir
+import trainer
+from conftest import TINY_MODEL, TINY_TEXT, run_script
 
 LOSS = re.compile(r"train_loss = ([0-9.]+)")
 
@@ -15,6 +22,7 @@ def train_cli(data_dir, save_dir, *args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_matches_the_validation_loss_train_printed(data_dir, tmp_path):
     save = str(tmp_path / "save")
     out = train_cli(data_dir, save, "--num_epochs", "2", "--print_every", "1000", "--seed", "3")
@@ -27,6 +35,7 @@ def test_evaluate_matches_the_validation_loss_train_printed(data_dir, tmp_path):
     assert measured["tokens"] > 100
 
 
+@pytest.mark.slow
 def test_same_seed_same_first_20_losses_other_seed_differs(data_dir, tmp_path):
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -38,6 +47,7 @@ def test_same_seed_same_first_20_losses_other_seed_differs(data_dir, tmp_path):
     assert runs["a"] != runs["c"]
 
 
+@pytest.mark.slow
 def test_evaluate_text_refuses_unknown_characters_by_name(trained_save_dir, tmp_path):
     text = tmp_path / "other.txt"
     text.write_text("the cat sat on the zebra\n", encoding="utf-8")
@@ -47,3 +57,150 @@ def test_evaluate_text_refuses_unknown_characters_by_name(trained_save_dir, tmp_
     text.write_text("the cat sat on the mat\n", encoding="utf-8")
     result = run_script("evaluate.py", "--save_dir", trained_save_dir, "--text", text)
     assert result.returncode == 0 and "nats/token" in result.stdout and "perplexity" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss measured independently: one token at a time through model.step, each stream from a zero state
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def reference_loss(model, ids, num_streams):
+    """(mean next-token loss in nats, predicted token count) computed token by token with model.step.
+
+    As the README describes the full pass: the len(ids) - 1 predictions are cut into `num_streams` contiguous
+    streams of ceil(count / streams) predictions (the last one shorter), each read from a zero state.
+    """
+    ids = [int(i) for i in ids]
+    count = len(ids) - 1
+    length = -(-count // max(1, min(num_streams, count)))
+    starts = list(range(0, count, length))
+    states = model.zero_state(len(starts))
+    total = 0.0
+    for t in range(length):
+        # Every stream steps at once (rows are independent); a finished stream's row is never counted.
+        inputs = [ids[min(start + t, count - 1)] for start in starts]
+        logits, states = model.step(tf.constant(inputs, tf.int32), states)
+        log_probs = log_softmax(logits.numpy())
+        for row, start in enumerate(starts):
+            position = start + t
+            if position < min(start + length, count):
+                total -= log_probs[row, ids[position + 1]]
+    return total / count, count
+
+
+def evaluate_json(capsys, *args):
+    """Run evaluate.py's main in this process with --json; returns its result."""
+    capsys.readouterr()
+    assert evaluate.main([*map(str, args), "--json"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    return json.loads(out)
+
+
+def char_ids(vocab, text):
+    return [vocab.index(c) for c in text]
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_save_dir):
+    return savedir.load(trained_save_dir)
+
+
+# 101 characters (100 predictions): 32 streams of 4 leave 7 empty streams of padding; 1 stream has none.
+OTHER_TEXT = ("the dog sat on the mat.\nthe cat sat on the log.\n" * 3)[:101]
+
+
+@pytest.mark.parametrize("num_streams, chunk", [(32, trainer.EVAL_CHUNK), (1, trainer.EVAL_CHUNK), (32, 3),
+                                                (1, 7), (200, trainer.EVAL_CHUNK)])
+def test_full_pass_loss_is_the_mean_token_loss_padding_not_counted(loaded, monkeypatch, num_streams, chunk):
+    # chunk < the stream length: the state must be carried from one compiled chunk to the next.
+    monkeypatch.setattr(trainer, "EVAL_CHUNK", chunk)
+    ids = char_ids(loaded.vocab, OTHER_TEXT)
+    expected, count = reference_loss(loaded.model, ids, num_streams)
+    loss, measured_count = trainer.full_pass_loss(loaded.model, ids, num_streams=num_streams)
+    assert measured_count == count == 100
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_one_stream_is_the_text_read_as_one_sequence(loaded):
+    # The same 100 predictions, read by 1 and by 32 streams: only the streams' zero starts differ.
+    ids = char_ids(loaded.vocab, OTHER_TEXT)
+    one, _ = trainer.full_pass_loss(loaded.model, ids, num_streams=1)
+    many, _ = trainer.full_pass_loss(loaded.model, ids, num_streams=32)
+    assert one != pytest.approx(many, rel=1e-4)
+    assert one < many  # a model that learnt the text predicts better with its context carried
+
+
+def test_evaluate_text_is_the_mean_token_loss(loaded, trained_save_dir, tmp_path, capsys):
+    path = tmp_path / "other.txt"
+    path.write_text(OTHER_TEXT, encoding="utf-8")
+    measured = evaluate_json(capsys, "--save_dir", trained_save_dir, "--text", path)
+    expected, count = reference_loss(loaded.model, char_ids(loaded.vocab, OTHER_TEXT), trainer.EVAL_STREAMS)
+    assert measured["tokens"] == count == 100
+    assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
+    assert measured["bits_per_token"] == pytest.approx(expected / math.log(2), rel=1e-4)
+    assert measured["perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
+    assert measured["source"] == str(path)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_evaluate_split_measures_that_part_of_the_training_text(loaded, trained_save_dir, capsys, split):
+    # The tiny model was trained on TINY_TEXT with the default --val_frac 0.05: the tail of int(5%) characters
+    # is the validation split, the rest the training split.
+    num_val = int(len(TINY_TEXT) * 0.05)
+    part = TINY_TEXT[:-num_val] if split == "train" else TINY_TEXT[-num_val:]
+    args = ["--split", split] if split == "train" else []
+    measured = evaluate_json(capsys, "--save_dir", trained_save_dir, *args)
+    expected, count = reference_loss(loaded.model, char_ids(loaded.vocab, part), trainer.EVAL_STREAMS)
+    assert measured["tokens"] == count == len(part) - 1
+    assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
+    assert measured["source"].startswith(f"{split} split of ")
+
+
+def test_evaluate_text_in_another_encoding(trained_save_dir, tmp_path, capsys):
+    utf8, utf16 = tmp_path / "utf8.txt", tmp_path / "utf16.txt"
+    utf8.write_text(OTHER_TEXT, encoding="utf-8")
+    utf16.write_bytes(OTHER_TEXT.encode("utf-16"))  # with its byte-order mark, which is not a token
+    expected = evaluate_json(capsys, "--save_dir", trained_save_dir, "--text", utf8)
+    measured = evaluate_json(capsys, "--save_dir", trained_save_dir, "--text", utf16, "--encoding", "utf-16")
+    assert measured["tokens"] == expected["tokens"] == 100
+    assert measured["loss_nats"] == pytest.approx(expected["loss_nats"], rel=1e-6)
+    assert evaluate.main(["--save_dir", trained_save_dir, "--text", str(utf16)]) == 2  # not UTF-8
+    assert "not valid utf-8" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def utf16_model(tmp_path_factory):
+    """A tiny character model trained on a UTF-16 input.txt with --encoding utf-16 (one step)."""
+    import train
+    root = tmp_path_factory.mktemp("utf16")
+    data = root / "data"
+    data.mkdir()
+    text = TINY_TEXT.replace("cat", "caté")
+    (data / "input.txt").write_bytes(text.encode("utf-16"))
+    save = str(root / "save")
+    assert train.main(["--data_dir", str(data), "--save_dir", save, *TINY_MODEL, "--max_steps", "1",
+                       "--encoding", "utf-16", "--print_every", "1000", "--seed", "1"]) == 0
+    return save, text
+
+
+def test_evaluate_reads_data_and_text_in_the_models_encoding(utf16_model, tmp_path, capsys):
+    save, text = utf16_model
+    model = savedir.load(save)
+    num_val = int(len(text) * 0.05)
+    measured = evaluate_json(capsys, "--save_dir", save)
+    expected, count = reference_loss(model.model, char_ids(model.vocab, text[-num_val:]), trainer.EVAL_STREAMS)
+    assert measured["tokens"] == count
+    assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
+    # A --text without --encoding is read in the model's encoding.
+    path = tmp_path / "other.txt"
+    path.write_bytes(text[:300].encode("utf-16"))
+    measured = evaluate_json(capsys, "--save_dir", save, "--text", path)
+    expected, count = reference_loss(model.model, char_ids(model.vocab, text[:300]), trainer.EVAL_STREAMS)
+    assert measured["tokens"] == count == 299
+    assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)

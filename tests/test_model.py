@@ -78,3 +78,39 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
         ids.append(int(tf.argmax(logits[0, -1])))
     assert generated.tolist() == ids[len(prime):]
     assert len(set(ids)) > 2  # not a constant sequence that any network would give
+
+
+@pytest.mark.parametrize("steps", [8, model.UNROLL_MAX_STEPS + 1])  # unrolled cell steps (CPU); the Keras layers
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, steps):
+    net = CharRNN(24, 24, 1, cell, dropout=0.5)
+    net.build_weights()
+    net.head.kernel.assign(tf.eye(24))  # logits = the layer's output after dropout
+    net.head.bias.assign(tf.zeros([24]))
+    ids = tf.constant(np.random.default_rng(0).integers(0, 24, size=(3, steps)), tf.int32)
+    assert net.unrolls(ids) == (steps <= model.UNROLL_MAX_STEPS and not model.has_gpu())  # both paths
+    states = tuple(tf.random.stateless_normal([3, 24], seed=[i, 1]) for i in range(net.num_states))
+    inference, inference_states = net(ids, states, training=False)
+    inference = inference.numpy()
+    again, _ = net(ids, states, training=False)
+    np.testing.assert_array_equal(again.numpy(), inference)  # inference is deterministic, dropout or not
+    assert (inference != 0).all()
+
+    def assert_dropped(logits, new_states, what):
+        """About half the units zero, the others scaled by 1 / (1 - 0.5); the carried state untouched."""
+        logits = np.asarray(logits)
+        dropped = logits == 0
+        assert 0.4 < dropped.mean() < 0.6, (what, dropped.mean())
+        np.testing.assert_allclose(logits[~dropped], inference[~dropped] * 2, rtol=1e-5, atol=1e-6, err_msg=what)
+        for ours, theirs in zip(new_states, inference_states, strict=True):
+            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=what)
+        return dropped
+
+    masks = []
+    for call in range(2):
+        logits, new_states = net(ids, states, training=True)
+        masks.append(assert_dropped(logits, new_states, f"call {call} with training=True"))
+        with tf.GradientTape() as tape:  # what a training step runs
+            logits, new_states, _ = net.training_pass(ids, states, tape)
+        masks.append(assert_dropped(logits, new_states, f"training pass {call}"))
+    assert all((mask != masks[0]).any() for mask in masks[1:])  # a fresh mask every pass

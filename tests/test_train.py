@@ -1,6 +1,8 @@
 """train.py and the training loop: the loss falls, resume continues the same run, saves survive kills, best/ is
 the best model, and user mistakes end in one line on stderr without touching what the user had."""
 import csv
+import dataclasses
+import glob
 import hashlib
 import os
 import random
@@ -70,6 +72,7 @@ def newest_step(save_dir):
 # Learning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", ["0", "0.3"])
 @pytest.mark.parametrize("num_layers", ["1", "3"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -96,6 +99,7 @@ def checkpoint_values(save_dir):
             if not key.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("total, split, dropout", [
     (100, 50, "0"),  # the second half crosses the end of epoch 0 (68 batches)
     (136, 68, "0"),  # the first half stops exactly at the end of an epoch
@@ -146,9 +150,25 @@ def wait_for(condition, process, what):
         time.sleep(0.05)
 
 
+KILL_SEED_ENV = "CHAR_RNN_KILL_SEED"  # replays the kill moments of a failed run of the SIGKILL test
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_resumable_save_dir(tmp_path, data_dir, capsys):
-    seed = random.randrange(2 ** 32)
+    seed = int(os.environ.get(KILL_SEED_ENV) or random.randrange(2 ** 32))
+    replay = f"random seed {seed}: replay with {KILL_SEED_ENV}={seed}"
+    print(replay)
     rng = random.Random(seed)
+    delays = []  # the kill moments so far, in the failure message
+    try:
+        sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays)
+    except (Exception, pytest.fail.Exception) as e:
+        raise AssertionError(f"{replay}; kills after {', '.join(f'{d:.3f}s' for d in delays)}: "
+                             f"{e.__class__.__name__}: {e}") from e
+
+
+def sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays):
+    """Start train.py, SIGKILL it after a delay drawn from rng, check the save dir and resume, four times."""
     save = str(tmp_path / "save")
     # A checkpoint (and often a new best/) every other step, so that kills land in the middle of saves.
     flags = train_flags(data_dir, save, "--save_every", 2, "--print_every", 1, "--num_epochs", 1000)
@@ -166,6 +186,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_save_dir(tmp_path, data_di
             else:
                 wait_for(lambda: savedir.has_checkpoint(save), process, "first checkpoint")
             delay = rng.uniform(0.0, 1.0)
+            delays.append(delay)
             time.sleep(delay)
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -173,7 +194,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_save_dir(tmp_path, data_di
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        context = f"kill {kill} after {delay:.2f}s (random seed {seed}); log:\n{log_path.read_text()[-2000:]}"
+        context = f"kill {kill} after {delay:.3f}s; log:\n{log_path.read_text()[-2000:]}"
         try:
             assert_best_describes_its_weights(save, data_dir)
             # Continue in this process: it must resume and end cleanly when given more steps.
@@ -206,6 +227,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, 
     assert newest_step(save) == target
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
     save = str(tmp_path / "save")
     log_path = tmp_path / "run.log"
@@ -345,6 +367,7 @@ def test_odd_code_points_reach_the_saved_vocabulary(tmp_path):
     assert savedir.read_config(save)["vocab_size"] == len(tokens)
 
 
+@pytest.mark.slow
 def test_invalid_utf8_is_one_line_from_train_py_and_latin1_reads_it(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -395,3 +418,129 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, da
     assert "nan" in line and "last good checkpoint" in line
     assert newest_step(save) == 20
     assert savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))["step"] == 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the README documents: defaults, files, columns, logs, seed
+
+# README's table of train.py flags, as values.
+README_DEFAULTS = {
+    "data_dir": os.path.join("data", "tinyshakespeare"), "save_dir": "save", "rnn_size": 128, "num_layers": 3,
+    "model": "lstm", "batch_size": 50, "seq_length": 50, "num_epochs": 50, "save_every": 1000, "grad_clip": 5.0,
+    "learning_rate": 0.002, "decay_rate": 0.97, "init_from": None, "word2vec_embedding": None, "dropout": 0.0,
+    "print_every": 10, "word_level": False, "val_frac": 0.05, "seed": None, "log_dir": None, "encoding": "utf-8",
+    "max_vocab": 0, "min_count": 1, "max_steps": 0, "data_url": None,
+}
+
+
+def readme_flag_table():
+    """{flag name: default cell} of README's train.py flag table."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Training: `train.py`")[1].split("\n## ")[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            flags = [flag.strip(" `-") for flag in cells[0].split(",")]
+            defaults = [value.strip(" `") for value in cells[1].split(",")]
+            if len(defaults) != len(flags):
+                defaults = [cells[1].strip(" `")]
+            table.update(zip(flags, defaults))
+    return table
+
+
+def test_training_defaults_are_the_documented_ones():
+    parsed = vars(train.build_parser().parse_args([]))
+    assert parsed == README_DEFAULTS
+    assert dataclasses.asdict(trainer.TrainConfig()) == README_DEFAULTS  # the library agrees with the command
+    documented = readme_flag_table()
+    assert sorted(documented) == sorted(README_DEFAULTS)  # every flag in the table, and no other
+    words = {"none": None, "random": None, "off": False, "SAVE_DIR/logs": None}
+    for flag, cell in documented.items():
+        value = words[cell] if cell in words else type(README_DEFAULTS[flag])(cell)
+        assert value == README_DEFAULTS[flag], (flag, cell)
+
+
+def test_metrics_csv_has_the_documented_columns_and_each_epochs_decayed_learning_rate(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--num_epochs", 3, "--learning_rate", 0.01, "--decay_rate", 0.5,
+                                  "--print_every", 1, "--save_every", 100)) == 0
+    with open(os.path.join(save, savedir.METRICS_FILE), newline="") as f:
+        assert f.readline().strip() == "step,epoch,train_loss,val_loss,learning_rate,tokens_per_s,elapsed_s"
+    num_batches = utils.TextLoader(data_dir, 4, 10).num_batches
+    with open(os.path.join(save, savedir.METRICS_FILE), newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["train_loss"]]
+    assert [int(row["step"]) for row in rows] == list(range(1, 3 * num_batches + 1))
+    for row in rows:
+        epoch = (int(row["step"]) - 1) // num_batches
+        assert int(row["epoch"]) == epoch, row
+        assert float(row["learning_rate"]) == pytest.approx(0.01 * 0.5 ** epoch, rel=1e-5), row
+        assert float(row["tokens_per_s"]) > 0 and float(row["elapsed_s"]) >= 0, row
+    assert [step for step, _ in metrics(save, "val_loss")] == [100, 200, 3 * num_batches]
+    # The optimizer the checkpoint holds is at the last epoch's rate.
+    assert checkpoint_values(save)["optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE"] == pytest.approx(0.0025)
+
+
+def event_scalars(log_dir):
+    """{tag: {step: value}} of the TensorBoard scalars written under log_dir."""
+    scalars = {}
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    return scalars
+
+
+@pytest.mark.parametrize("log_dir", [None, "tensorboard"])
+def test_tensorboard_logs_go_to_log_dir_default_save_dir_logs(tmp_path, data_dir, log_dir):
+    save = str(tmp_path / "save")
+    flags = ["--print_every", 1, "--save_every", 3, "--max_steps", 6]
+    if log_dir:
+        log_dir = str(tmp_path / log_dir)
+        flags += ["--log_dir", log_dir]
+    assert train.main(train_flags(data_dir, save, *flags)) == 0
+    expected_dir = log_dir or os.path.join(save, "logs")
+    if log_dir:
+        assert not os.path.exists(os.path.join(save, "logs"))
+    scalars = event_scalars(expected_dir)
+    assert {"train_loss", "val_loss", "learning_rate", "tokens_per_s"} <= set(scalars), sorted(scalars)
+    # The same curves as metrics.csv (which rounds to 6 digits).
+    for column in ("train_loss", "val_loss", "learning_rate"):
+        logged = scalars[column]
+        assert sorted(logged) == [step for step, _ in metrics(save, column)]
+        for step, value in metrics(save, column):
+            assert logged[step] == pytest.approx(value, rel=1e-5), (column, step)
+
+
+def test_save_dir_keeps_the_last_5_checkpoints(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--save_every", 1, "--max_steps", 12, "--val_frac", 0)) == 0
+    indexes = sorted(os.path.basename(p) for p in glob.glob(os.path.join(save, "model.ckpt-*.index")))
+    assert indexes == sorted(f"model.ckpt-{step}.index" for step in range(8, 13))
+    assert [savedir.checkpoint_step(p) for p in tf.train.get_checkpoint_state(save).all_model_checkpoint_paths] \
+        == list(range(8, 13))
+    assert newest_step(save) == 12
+
+
+@pytest.mark.slow
+def test_seed_is_saved_in_config_and_the_same_seed_repeats_the_run(tmp_path, data_dir, capsys):
+    def run(name, *seed_flags):
+        save = str(tmp_path / name)
+        flags = ["--data_dir", data_dir, "--save_dir", save, *TINY_MODEL, "--max_steps", "5", "--dropout", "0.3",
+                 *seed_flags]
+        assert train.main(flags) == 0
+        return savedir.read_config(save)["seed"], checkpoint_values(save)
+
+    given_seed, given = run("given", "--seed", "7")
+    assert given_seed == 7
+    random_seed, first = run("random")
+    assert isinstance(random_seed, int) and 0 <= random_seed < 2 ** 31
+    replayed_seed, replayed = run("replayed", "--seed", str(random_seed))
+    assert replayed_seed == random_seed
+    assert sorted(replayed) == sorted(first)
+    for key, value in first.items():  # weights, optimizer, state: the same run
+        np.testing.assert_allclose(replayed[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+    if random_seed != 7:  # another seed, another run
+        weights = [key for key in first if key.startswith("model/") and "head" in key]
+        assert weights and any(not np.allclose(first[key], given[key]) for key in weights)

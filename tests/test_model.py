@@ -83,7 +83,7 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
 @pytest.mark.parametrize("steps", [8, model.UNROLL_MAX_STEPS + 1])  # unrolled cell steps (CPU); the Keras layers
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, steps):
-    net = CharRNN(24, 24, 1, cell, dropout=0.5)
+    net = CharRNN(24, 24, 1, cell, dropout=0.25)
     net.build_weights()
     net.head.kernel.assign(tf.eye(24))  # logits = the layer's output after dropout
     net.head.bias.assign(tf.zeros([24]))
@@ -97,11 +97,12 @@ def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, ste
     assert (inference != 0).all()
 
     def assert_dropped(logits, new_states, what):
-        """About half the units zero, the others scaled by 1 / (1 - 0.5); the carried state untouched."""
+        """A quarter of the units zero (0.25 is the probability of dropping), the others scaled by 1 / (1 - 0.25);
+        the carried state untouched."""
         logits = np.asarray(logits)
         dropped = logits == 0
-        assert 0.4 < dropped.mean() < 0.6, (what, dropped.mean())
-        np.testing.assert_allclose(logits[~dropped], inference[~dropped] * 2, rtol=1e-5, atol=1e-6, err_msg=what)
+        assert 0.15 < dropped.mean() < 0.35, (what, dropped.mean())
+        np.testing.assert_allclose(logits[~dropped], inference[~dropped] / 0.75, rtol=1e-5, atol=1e-6, err_msg=what)
         for ours, theirs in zip(new_states, inference_states, strict=True):
             np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=what)
         return dropped

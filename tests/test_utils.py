@@ -90,6 +90,86 @@ def test_word_level_keeps_line_breaks_and_caps_the_vocabulary(tmp_path):
     assert text == "the <unk> sat\nthe <unk> sat\n\nthe"
 
 
+def cache_files(data_dir, suffix=".ids.npy"):
+    return sorted(name for name in os.listdir(data_dir) if name.startswith(utils.CACHE_PREFIX) and name.endswith(suffix))
+
+
+def test_encoding_max_vocab_and_min_count_each_get_their_own_cache(tmp_path):
+    text = "caf\u00e9 au lait, caf\u00e9 cr\u00e8me\n" * 10
+    data = write_bytes(tmp_path / "data", text.encode("utf-8"))
+    plain = load(data)
+    assert decode(plain, plain.ids) == text and plain.unk_token is None
+    # The same bytes read as latin-1: each two-byte character is two characters.
+    latin = load(data, encoding="latin-1")
+    assert decode(latin, latin.ids) == text.encode("utf-8").decode("latin-1")
+    capped = load(data, max_vocab=3)
+    assert len(capped.vocab) == 4 and capped.unk_token == utils.UNK_TOKEN
+    counted = load(data, min_count=20)  # the characters seen fewer than 20 times become <unk>
+    frequent = sorted((c for c in set(text) if text.count(c) >= 20), key=lambda c: (-text.count(c), c))
+    assert counted.vocab == frequent + [utils.UNK_TOKEN]
+    assert len(cache_files(data)) == len(cache_files(data, ".vocab.json")) == 4
+    # Each setting reads its own cache back, whatever ran in between.
+    for loader, kwargs in ((plain, {}), (latin, {"encoding": "latin-1"}), (capped, {"max_vocab": 3}),
+                           (counted, {"min_count": 20})):
+        again = load(data, **kwargs)
+        assert again.vocab == loader.vocab and np.array_equal(again.ids, loader.ids)
+    assert len(cache_files(data)) == 4
+
+
+@pytest.mark.parametrize("word_level", [False, True])
+def test_min_count_makes_exactly_the_rarer_tokens_unk(tmp_path, word_level):
+    # Counts: the (a) 4 times, cat (b and the space) 3 times, dog (c) 2 times, bird (d) and the line break once.
+    text = "the cat the dog the cat the cat dog bird\n" if word_level else "aaaa bbb cc d\n"
+    tokens = utils.tokenize(text, word_level)
+    counts = {token: tokens.count(token) for token in tokens}
+    assert {2, 3} <= set(counts.values())  # tokens seen exactly min_count times and one time fewer
+    for min_count in (2, 3):
+        loader = load(make_data_dir(tmp_path / f"data{min_count}", text), word_level=word_level, val_frac=0,
+                      batch_size=1, min_count=min_count)
+        kept = sorted((token for token in counts if counts[token] >= min_count), key=lambda t: (-counts[t], t))
+        assert loader.vocab == kept + [utils.UNK_TOKEN] and loader.unk_token == utils.UNK_TOKEN
+        assert [loader.vocab[i] for i in loader.ids] == [t if counts[t] >= min_count else utils.UNK_TOKEN
+                                                         for t in tokens]
+    # min_count 1 (the default) keeps every token: no <unk>.
+    loader = load(make_data_dir(tmp_path / "data1", text), word_level=word_level, val_frac=0, batch_size=1)
+    assert sorted(loader.vocab) == sorted(counts) and loader.unk_token is None
+
+
+@pytest.mark.parametrize("word_level", [False, True])
+def test_max_vocab_keeps_exactly_that_many_of_the_most_frequent_tokens(tmp_path, word_level):
+    text = "the cat the dog the cat the cat dog bird\n" if word_level else "aaaa bbb cc d\n"
+    tokens = utils.tokenize(text, word_level)
+    by_count = sorted(set(tokens), key=lambda t: (-tokens.count(t), t))
+    data = make_data_dir(tmp_path / "data", text)
+    for cap in (len(by_count) + 1, len(by_count)):  # a cap that drops nothing adds no <unk>
+        loader = load(data, word_level=word_level, val_frac=0, batch_size=1, max_vocab=cap)
+        assert loader.vocab == by_count and loader.unk_token is None
+    for cap in (1, 2, len(by_count) - 1):
+        loader = load(data, word_level=word_level, val_frac=0, batch_size=1, max_vocab=cap)
+        assert loader.vocab == by_count[:cap] + [utils.UNK_TOKEN]
+        assert [loader.vocab[i] for i in loader.ids] == [t if t in by_count[:cap] else utils.UNK_TOKEN
+                                                         for t in tokens]
+
+
+def test_ids_are_16_bit_up_to_65536_tokens_and_32_bit_above():
+    assert utils.id_dtype(1) == utils.id_dtype(65_536) == np.uint16
+    assert utils.id_dtype(65_537) == utils.id_dtype(2 ** 20) == np.uint32
+
+
+@pytest.mark.parametrize("num_words, dtype", [(65_536, np.uint16), (65_537, np.uint32)])
+def test_the_cache_stores_ids_in_the_smallest_type_that_holds_them(tmp_path, num_words, dtype):
+    words = [f"w{i}" for i in range(num_words)]
+    data = make_data_dir(tmp_path / "data", " ".join(words))
+    loader = load(data, word_level=True, val_frac=0)
+    assert loader.vocab_size == num_words
+    (ids_file,) = cache_files(data)
+    stored = np.load(os.path.join(data, ids_file))
+    assert stored.dtype == dtype and loader.ids.dtype == dtype
+    assert len(stored) == num_words and stored.max() == num_words - 1
+    assert [loader.vocab[i] for i in loader.ids] == words  # the highest ids round-trip
+    assert os.path.getsize(os.path.join(data, ids_file)) < num_words * np.dtype(dtype).itemsize + 200
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Code points and encodings
 
@@ -187,6 +267,59 @@ def test_too_small_validation_split_is_refused(tmp_path):
     directory = make_data_dir(tmp_path / "data", "a short text of forty characters, or so\n")
     with pytest.raises(ValueError, match="raise --val_frac"):
         load(directory, val_frac=0.01)
+
+
+@pytest.mark.parametrize("num_train", [40, 41, 42, 59, 60, 61])
+def test_the_number_of_batches_leaves_one_token_for_the_last_target(tmp_path, num_train):
+    # 4 streams x 5 steps = 20 tokens a batch, and every input needs the next token as its target.
+    text = "".join(chr(ord("a") + i % 26) for i in range(num_train))
+    loader = load(make_data_dir(tmp_path / "data", text), batch_size=4, seq_length=5, val_frac=0)
+    assert loader.num_batches == (num_train - 1) // 20
+    usable = loader.num_batches * 20
+    inputs = np.concatenate([loader.batch(i)[0] for i in range(loader.num_batches)], axis=1)
+    targets = np.concatenate([loader.batch(i)[1] for i in range(loader.num_batches)], axis=1)
+    assert decode(loader, inputs.ravel()) == text[:usable]
+    assert decode(loader, targets.ravel()) == text[1:usable + 1]  # shifted by one, no wrap-around
+
+
+def test_targets_never_reach_into_the_validation_tail(tmp_path):
+    # 41 training tokens (2 batches of 4 x 5 and the last target) then 20 validation tokens of other characters
+    # (enough for a third batch, were they counted).
+    train_text = "".join(chr(ord("a") + i % 26) for i in range(41))
+    text = train_text + "XYZ" * 6 + "XY"
+    loader = load(make_data_dir(tmp_path / "data", text), batch_size=4, seq_length=5, val_frac=0.33)
+    assert decode(loader, loader.train_ids) == train_text and decode(loader, loader.val_ids) == text[41:]
+    assert loader.num_batches == 2
+    last_targets = decode(loader, loader.batch(1)[1][-1])
+    assert last_targets == train_text[-5:]
+
+
+@pytest.mark.parametrize("length, val_frac, num_val", [(199, 0.05, 9), (200, 0.05, 10), (201, 0.05, 10),
+                                                       (239, 0.05, 11), (100, 0.1, 10), (139, 0.1, 13)])
+def test_validation_is_exactly_the_int_val_frac_tail(tmp_path, length, val_frac, num_val):
+    text = "".join(chr(ord("a") + i % 26) for i in range(length))
+    loader = load(make_data_dir(tmp_path / "data", text), val_frac=val_frac)
+    assert int(length * val_frac) == num_val
+    assert decode(loader, loader.val_ids) == text[length - num_val:]
+    assert decode(loader, loader.train_ids) == text[:length - num_val]
+
+
+def test_val_frac_zero_trains_on_every_token(tmp_path):
+    text = "".join(chr(ord("a") + i % 26) for i in range(41))
+    loader = load(make_data_dir(tmp_path / "data", text), batch_size=4, seq_length=5, val_frac=0)
+    assert len(loader.val_ids) == 0 and decode(loader, loader.train_ids) == text
+    assert loader.num_batches == 2
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 5, utils.READ_CHUNK_BYTES])
+def test_words_survive_any_chunking_and_the_last_word_needs_no_line_break(tmp_path, monkeypatch, chunk_bytes):
+    # Tabs, runs of spaces, carriage returns and other Unicode spaces only separate; the text ends mid-word.
+    text = "one\ttwo  three\r\nfour\u00a0five\u3000six\n\nseven\x0beight  ninety-nine"
+    monkeypatch.setattr(utils, "READ_CHUNK_BYTES", chunk_bytes)
+    loader = load(make_data_dir(tmp_path / "data", text), word_level=True, val_frac=0, batch_size=1)
+    words = [loader.vocab[i] for i in loader.ids]
+    assert words == ["one", "two", "three", "\n", "four", "five", "six", "\n", "\n", "seven", "eight",
+                     "ninety-nine"]
 
 
 # ----------------------------------------------------------------------------------------------------------

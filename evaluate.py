@@ -28,12 +28,14 @@ def build_parser():
 
 def split_ids(config, vocab, split):
     """The token ids of the training run's validation or training split, checked against the model's vocab."""
+    import savedir
     from utils import TextLoader
     if "data_dir" not in config:
         raise ValueError("this save dir's config.yaml does not say which data it was trained on; use --text")
     loader = TextLoader(config["data_dir"], config.get("batch_size", 1), config.get("seq_length", 1),
                         config.get("val_frac", 0.05), config.get("encoding", "utf-8"), config["word_level"],
-                        config.get("max_vocab", 0), config.get("min_count", 1))
+                        config.get("max_vocab", 0), config.get("min_count", 1),
+                        keep_crlf=savedir.keeps_crlf(config, vocab), cache_dir=config.get("cache_dir"))
     if loader.vocab != vocab:
         raise ValueError(f"{config['data_dir']} no longer holds the text this model was trained on "
                          f"(its vocabulary differs); evaluate with --text instead")
@@ -45,8 +47,10 @@ def split_ids(config, vocab, split):
 
 def text_ids(path, config, vocab, unk_token, encoding):
     """The token ids of a text file, refusing tokens the model does not know (unless it has an unk token)."""
+    import savedir
     from utils import encode_tokens, read_text_chunks, tokenize
-    text = "".join(read_text_chunks(path, encoding or config.get("encoding", "utf-8")))
+    text = "".join(read_text_chunks(path, encoding or config.get("encoding", "utf-8"),
+                                    savedir.keeps_crlf(config, vocab)))
     index = {token: i for i, token in enumerate(vocab)}
     word_level = config["word_level"]
     return encode_tokens(tokenize(text, word_level), index, unk_token, word_level, what=path), path

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import savedir
 from model import MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, Generator
-from utils import NEWLINE, encode_tokens, join_tokens, tokenize
+from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
 SAMPLE_MODES = (MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES)
 MAX_SEED = 2 ** 63 - 1
@@ -31,6 +31,7 @@ class Sampler:
         self.index = {token: i for i, token in enumerate(self.vocab)}
         self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1))
         self.start_id = self.index.get(EMPTY_PRIME_START, 0)
+        self.keep_crlf = savedir.keeps_crlf(self.config, self.vocab)
 
     @classmethod
     def load(cls, save_dir, word_level_flag=False):
@@ -45,12 +46,14 @@ class Sampler:
 
     def encode(self, prime):
         """Prime text -> token ids; unknown tokens map to the unknown-word token, or are refused by name."""
+        prime = normalize_newlines(prime, self.keep_crlf)
         return encode_tokens(tokenize(prime, self.word_level), self.index, self.unk_token, self.word_level,
                              what="the prime")
 
     def sample(self, prime="", n=500, mode=MODE_SAMPLE, temperature=1.0, seed=None, top_k=0):
         """Return the prime followed by n generated tokens as text. Bad arguments raise ValueError."""
         check_arguments(n, mode, temperature, seed, top_k)
+        prime = normalize_newlines(prime, self.keep_crlf)
         ids = self.encode(prime) or [self.start_id]
         if self.word_level and mode == MODE_SAMPLE_ON_SPACES:
             mode = MODE_SAMPLE  # every word follows a space, so "sample on spaces" samples at every step

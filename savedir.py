@@ -100,6 +100,12 @@ def read_vocab(save_dir):
         raise ValueError(f"{path} is not a vocabulary written by train.py; the save dir is damaged")
 
 
+def keeps_crlf(config, vocab):
+    """Whether a model reads CRLF as two characters: its --keep_crlf, or for a model trained before that flag
+    existed (when CRLF was always kept), whether its vocabulary has a carriage return."""
+    return bool(config.get("keep_crlf", "\r" in vocab))
+
+
 def check_compatible(saved_config, saved_vocab, config, vocab):
     """Raise ValueError naming the first setting in which a resumed run differs from its checkpoint."""
     for field in WEIGHT_FIELDS:

@@ -30,6 +30,12 @@ def build_parser():
                       help="tokens seen fewer times become <unk>")
     data.add_argument("--data_url", default=None,
                       help="mirror (URL or file path) of the default corpus; also $CHAR_RNN_DATA_URL")
+    data.add_argument("--keep_crlf", action="store_true",
+                      help="keep CRLF line endings as two characters (by default they become LF, in training "
+                           "and in the primes and texts given to the model later)")
+    data.add_argument("--cache_dir", default=None,
+                      help="where to keep the preprocessing cache (default: beside input.txt, or "
+                           "$XDG_CACHE_HOME/char-rnn when the data dir cannot be written)")
 
     io = parser.add_argument_group("saving and resuming")
     io.add_argument("--save_dir", default="save", help="directory for checkpoints; the best model goes to "

@@ -54,6 +54,8 @@ class TrainConfig:
     min_count: int = 1
     max_steps: int = 0
     data_url: str | None = None
+    keep_crlf: bool = False
+    cache_dir: str | None = None
 
 
 class Progress(tf.Module):
@@ -337,7 +339,8 @@ def train(config):
     config = dataclasses.replace(config, seed=seed)
     keras.utils.set_random_seed(seed)
     loader = TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac, config.encoding,
-                        config.word_level, config.max_vocab, config.min_count, config.data_url)
+                        config.word_level, config.max_vocab, config.min_count, config.data_url, config.keep_crlf,
+                        config.cache_dir)
     print(f"{len(loader.ids):,} tokens, vocabulary of {loader.vocab_size}: {len(loader.train_ids):,} for training "
           f"({loader.num_batches} batches of {config.batch_size}x{config.seq_length}), "
           f"{len(loader.val_ids):,} for validation")

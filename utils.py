@@ -10,7 +10,10 @@ The text is read in chunks and never held whole in memory: a 1 GB corpus needs a
 """
 import codecs
 import collections
+import dataclasses
+import errno
 import hashlib
+import heapq
 import http.client
 import json
 import os
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -28,6 +32,7 @@ TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/maste
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATA_URL_ENV = "CHAR_RNN_DATA_URL"  # mirror of the default corpus (URL or local path), for air-gapped machines
 DOWNLOAD_TIMEOUT_S = 30
+NEW_FILE_MODE = 0o666  # before the umask, as open() creates files
 
 CACHE_PREFIX = "cache-"
 CACHE_VERSION = 1  # bump when the cache layout or tokenization changes
@@ -35,7 +40,10 @@ READ_CHUNK_BYTES = 2 << 20  # text is decoded and tokenized this many bytes at a
 NUM_CODE_POINTS = 0x110000
 BOM = "\ufeff"
 NEWLINE = "\n"
+CR, CRLF = "\r", "\r\n"
 UNK_TOKEN = "<unk>"
+WORD_PARTITIONS = 16  # a capped word vocabulary is counted one sixteenth of the distinct words at a time
+USER_CACHE_NAME = "char-rnn"
 _WORDS_AND_NEWLINES = re.compile(r"\n|[^\s]+")
 
 
@@ -81,10 +89,14 @@ def download(source, path, sha256):
 
 
 def atomic_write_bytes(path, data):
-    """Write `data` to `path` so that a crash leaves either the old file or the whole new one."""
+    """Write `data` to `path` so that a crash leaves either the old file or the whole new one.
+
+    The file gets the permissions an ordinary new file gets (0666 less the umask), as TensorFlow's checkpoints do,
+    so that a server running as another user can read a save dir.
+    """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    fd, tmp = _new_temp_file(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -95,6 +107,20 @@ def atomic_write_bytes(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _new_temp_file(directory, suffix=""):
+    """(fd, path) of a new hidden temporary file in `directory`, with an ordinary new file's permissions."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    os.fchmod(fd, NEW_FILE_MODE & ~current_umask())
+    return fd, path
+
+
+def current_umask():
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,11 +149,17 @@ def tokenize(text, word_level):
     return split_words(text) if word_level else list(text)
 
 
-def read_text_chunks(path, encoding="utf-8"):
-    """Yield the decoded text of `path` in chunks; drop a leading byte-order mark.
+def read_text_chunks(path, encoding="utf-8", keep_crlf=False):
+    """Yield the decoded text of `path` in chunks; drop a leading byte-order mark and, unless `keep_crlf`, turn
+    every CRLF line ending into LF.
 
     Invalid input raises ValueError naming the byte offset of the first bad byte.
     """
+    chunks = _decoded_chunks(path, encoding)
+    return chunks if keep_crlf else _crlf_to_lf(chunks)
+
+
+def _decoded_chunks(path, encoding):
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
@@ -154,6 +186,24 @@ def read_text_chunks(path, encoding="utf-8"):
                 return
 
 
+def _crlf_to_lf(chunks):
+    """Re-cut text chunks with CRLF turned into LF; a CR that ends a chunk waits for the next one's first character."""
+    carry = ""
+    for chunk in chunks:
+        chunk = carry + chunk
+        carry = CR if chunk.endswith(CR) else ""
+        chunk = chunk[:len(chunk) - len(carry)].replace(CRLF, NEWLINE)
+        if chunk:
+            yield chunk
+    if carry:
+        yield carry
+
+
+def normalize_newlines(text, keep_crlf=False):
+    """A prime or a short text as training saw its input: CRLF as LF unless `keep_crlf`."""
+    return text if keep_crlf else text.replace(CRLF, NEWLINE)
+
+
 def _word_chunks(chunks):
     """Re-cut text chunks so that no word is split across two of them."""
     carry = ""
@@ -167,10 +217,20 @@ def _word_chunks(chunks):
         yield carry
 
 
-def _chunk_tokens(path, encoding, word_level):
+@dataclasses.dataclass(frozen=True)
+class Tokenization:
+    """How a text becomes tokens and a vocabulary; every field is part of the cache's key."""
+    encoding: str = "utf-8"
+    word_level: bool = False
+    max_vocab: int = 0
+    min_count: int = 1
+    keep_crlf: bool = False
+
+
+def _chunk_tokens(path, tokenization):
     """Yield the tokens of the file one chunk at a time: a numpy code-point array, or a list of words."""
-    chunks = read_text_chunks(path, encoding)
-    if word_level:
+    chunks = read_text_chunks(path, tokenization.encoding, tokenization.keep_crlf)
+    if tokenization.word_level:
         for chunk in _word_chunks(chunks):
             yield split_words(chunk)
     else:
@@ -178,37 +238,88 @@ def _chunk_tokens(path, encoding, word_level):
             yield np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
-def build_vocab(counts, max_vocab=0, min_count=1):
+def build_vocab(counts, max_vocab=0, min_count=1, dropped=False):
     """Order tokens by falling count (ties by token) and apply the cap; returns (tokens, unk_token or None).
 
-    With a cap (`max_vocab` > 0 or `min_count` > 1) that drops any token, UNK_TOKEN is added as the last id.
+    With a cap (`max_vocab` > 0 or `min_count` > 1) that drops any token (or `dropped`: tokens were dropped before
+    `counts` was made), UNK_TOKEN is added as the last id.
     """
-    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    ordered = sorted(counts.items(), key=_frequency_order)
     kept = [token for token, count in ordered if count >= min_count]
     if max_vocab and len(kept) > max_vocab:
         kept = kept[:max_vocab]
-    if len(kept) == len(ordered):
+    if len(kept) == len(ordered) and not dropped:
         return kept, None
     if UNK_TOKEN in kept:
         kept.remove(UNK_TOKEN)
     return kept + [UNK_TOKEN], UNK_TOKEN
 
 
-def _count_tokens(path, encoding, word_level):
-    """Count every token of the file: a Counter of token -> count."""
-    if word_level:
+def _frequency_order(item):
+    token, count = item
+    return -count, token
+
+
+def _count_tokens(path, tokenization, work_dir):
+    """Count the tokens of the file: (Counter of token -> count, total tokens, whether tokens were left out).
+
+    A capped word vocabulary is counted in bounded memory (see _count_capped_words); otherwise every token is
+    counted, since every one is in the vocabulary.
+    """
+    if tokenization.word_level and (tokenization.max_vocab or tokenization.min_count > 1):
+        return _count_capped_words(path, tokenization, work_dir)
+    if tokenization.word_level:
         counts = collections.Counter()
-        for tokens in _chunk_tokens(path, encoding, word_level):
+        for tokens in _chunk_tokens(path, tokenization):
             counts.update(tokens)
-        return counts
+        return counts, sum(counts.values()), False
     point_counts = np.zeros(NUM_CODE_POINTS, dtype=np.int64)  # one counter per code point: 9 MB, O(n) counting
-    for points in _chunk_tokens(path, encoding, word_level):
+    for points in _chunk_tokens(path, tokenization):
         point_counts += np.bincount(points, minlength=NUM_CODE_POINTS)
     seen = np.flatnonzero(point_counts)
-    return collections.Counter({chr(p): int(point_counts[p]) for p in seen})
+    counts = collections.Counter({chr(p): int(point_counts[p]) for p in seen})
+    return counts, sum(counts.values()), False
 
 
-def _encode_file(path, encoding, word_level, vocab, unk_token, out):
+def _count_capped_words(path, tokenization, work_dir):
+    """Count words for a capped vocabulary without holding every distinct word at once.
+
+    The words are spread over WORD_PARTITIONS files by hash, so each distinct word lands in one partition; each
+    partition is counted alone and only the candidates for the vocabulary (at least min_count, at most
+    max_vocab of the likeliest) are kept. Same vocabulary as counting everything; memory is about one partition.
+    """
+    total, newlines = 0, 0
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".tmp-words-") as parts:
+        files = [open(os.path.join(parts, str(i)), "w", encoding="utf-8", errors="surrogatepass", newline=NEWLINE)
+                 for i in range(WORD_PARTITIONS)]
+        try:
+            for tokens in _chunk_tokens(path, tokenization):
+                total += len(tokens)
+                for token in tokens:
+                    if token == NEWLINE:
+                        newlines += 1
+                    else:  # words hold no whitespace: one per line
+                        partition = zlib.crc32(token.encode("utf-8", "surrogatepass")) % WORD_PARTITIONS
+                        files[partition].write(token + NEWLINE)
+        finally:
+            for f in files:
+                f.close()
+        kept, distinct = [(NEWLINE, newlines)] if newlines else [], 1 if newlines else 0
+        for i in range(WORD_PARTITIONS):
+            with open(os.path.join(parts, str(i)), encoding="utf-8", errors="surrogatepass", newline=NEWLINE) as f:
+                counts = collections.Counter(line[:-1] for line in f)
+            distinct += len(counts)
+            candidates = [item for item in counts.items() if item[1] >= tokenization.min_count]
+            kept = _likeliest(kept + candidates, tokenization.max_vocab)
+    return collections.Counter(dict(kept)), total, len(kept) < distinct
+
+
+def _likeliest(items, limit):
+    """The `limit` likeliest (token, count) items in vocabulary order (all of them when limit is 0)."""
+    return heapq.nsmallest(limit, items, key=_frequency_order) if limit else items
+
+
+def _encode_file(path, tokenization, vocab, unk_token, out):
     """Append the ids of every token of the file to the open binary file `out`, one chunk at a time.
 
     Chunks are written straight to the file (not through a memory map) so that the written ids never
@@ -217,14 +328,14 @@ def _encode_file(path, encoding, word_level, vocab, unk_token, out):
     index = {token: i for i, token in enumerate(vocab)}
     unk_id = index.get(unk_token, -1)
     dtype = id_dtype(len(vocab))
-    if not word_level:
+    if not tokenization.word_level:
         # A table from code point to id (unknown code points to the unknown token): one lookup per chunk.
         table = np.full(NUM_CODE_POINTS, max(unk_id, 0), dtype=dtype)
         for token, i in index.items():
             if token != unk_token:
                 table[ord(token)] = i
-    for tokens in _chunk_tokens(path, encoding, word_level):
-        if word_level:
+    for tokens in _chunk_tokens(path, tokenization):
+        if tokenization.word_level:
             ids = np.fromiter((index.get(t, unk_id) for t in tokens), dtype=dtype, count=len(tokens))
         else:
             ids = table[tokens]
@@ -249,16 +360,53 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def preprocess(input_path, cache_dir, encoding="utf-8", word_level=False, max_vocab=0, min_count=1):
+def user_cache_dir():
+    """Where caches go when the data dir cannot be written: $XDG_CACHE_HOME/char-rnn, or ~/.cache/char-rnn."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, USER_CACHE_NAME)
+
+
+def _writable(directory):
+    """True when files can be created in `directory` (made if missing)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
+def preprocess(input_path, cache_dir, encoding="utf-8", word_level=False, max_vocab=0, min_count=1,
+               keep_crlf=False, fallback_dirs=()):
     """Tokenize `input_path` once and cache it; return (ids memmap, vocab list, unk_token or None).
 
     The cache name is the hash of the text and of every tokenization setting, so an edited input or other
-    settings never reuse a stale cache.
+    settings never reuse a stale cache. It is looked for in `cache_dir`, then in `fallback_dirs`, and written to
+    the first of them that can be written.
     """
-    settings = {"version": CACHE_VERSION, "encoding": encoding, "word_level": word_level,
-                "max_vocab": max_vocab, "min_count": min_count}
+    tokenization = Tokenization(encoding, word_level, max_vocab, min_count, keep_crlf)
+    settings = {"version": CACHE_VERSION, **dataclasses.asdict(tokenization)}
     key = hashlib.sha256((file_sha256(input_path) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    stem = os.path.join(cache_dir, CACHE_PREFIX + key[:24])
+    name = CACHE_PREFIX + key[:24]
+    directories = [cache_dir, *fallback_dirs]
+    for directory in directories:
+        cached = _read_cache(os.path.join(directory, name))
+        if cached:
+            return cached
+    writable = next((d for d in directories if _writable(d)), None)
+    if writable is None:
+        raise OSError(errno.EACCES, "cannot write the preprocessing cache in any of "
+                      f"{', '.join(directories)}; give a writable --cache_dir", os.path.join(cache_dir, name))
+    stem = os.path.join(writable, name)
+    try:
+        _write_cache(input_path, tokenization, stem, settings)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the preprocessing cache ({e.strerror}); free some space or give "
+                      f"another --cache_dir", stem + ".ids.npy") from None
+    return _read_cache(stem)
+
+
+def _read_cache(stem):
+    """(ids memmap, vocab, unk_token) from the cache files at `stem`, or None when missing or damaged."""
     ids_path, vocab_path = stem + ".ids.npy", stem + ".vocab.json"
     if os.path.isfile(ids_path) and os.path.isfile(vocab_path):
         try:
@@ -266,24 +414,28 @@ def preprocess(input_path, cache_dir, encoding="utf-8", word_level=False, max_vo
                 meta = json.load(f)
             return np.load(ids_path, mmap_mode="r"), meta["vocab"], meta["unk_token"]
         except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
-    counts = _count_tokens(input_path, encoding, word_level)
-    vocab, unk_token = build_vocab(counts, max_vocab, min_count)
-    total = sum(counts.values())
-    fd, tmp_ids = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npy")
+            pass  # a damaged cache is rebuilt
+    return None
+
+
+def _write_cache(input_path, tokenization, stem, settings):
+    """Count, build the vocabulary and write the ids (.ids.npy) and vocabulary (.vocab.json) at `stem`."""
+    directory = os.path.dirname(stem)
+    counts, total, dropped = _count_tokens(input_path, tokenization, directory)
+    vocab, unk_token = build_vocab(counts, tokenization.max_vocab, tokenization.min_count, dropped)
+    fd, tmp_ids = _new_temp_file(directory, ".npy")
     try:
         with os.fdopen(fd, "wb") as out:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(id_dtype(len(vocab)))),
                       "fortran_order": False, "shape": (total,)}
             np.lib.format.write_array_header_1_0(out, header)
-            _encode_file(input_path, encoding, word_level, vocab, unk_token, out)
-        os.replace(tmp_ids, ids_path)
+            _encode_file(input_path, tokenization, vocab, unk_token, out)
+        os.replace(tmp_ids, stem + ".ids.npy")
     finally:
         if os.path.exists(tmp_ids):
             os.remove(tmp_ids)
     meta = {"vocab": vocab, "unk_token": unk_token, "settings": settings}
-    atomic_write_bytes(vocab_path, json.dumps(meta, ensure_ascii=True).encode("ascii"))
-    return np.load(ids_path, mmap_mode="r"), vocab, unk_token
+    atomic_write_bytes(stem + ".vocab.json", json.dumps(meta, ensure_ascii=True).encode("ascii"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,12 +449,17 @@ class TextLoader:
     """
 
     def __init__(self, data_dir, batch_size, seq_length, val_frac=0.05, encoding="utf-8", word_level=False,
-                 max_vocab=0, min_count=1, data_url=None):
+                 max_vocab=0, min_count=1, data_url=None, keep_crlf=False, cache_dir=None):
         input_path = ensure_input(data_dir, data_url)
         self.batch_size, self.seq_length, self.word_level = batch_size, seq_length, word_level
-        self.ids, self.vocab, self.unk_token = preprocess(input_path, data_dir, encoding, word_level,
-                                                          max_vocab, min_count)
+        if os.path.getsize(input_path) == 0:
+            raise ValueError(f"{input_path} is empty: put the text to train on in it")
+        # The cache goes next to input.txt; a read-only data dir (a shared corpus) uses the user's cache dir.
+        places = (cache_dir,) if cache_dir else (data_dir, user_cache_dir())
+        self.ids, self.vocab, self.unk_token = preprocess(input_path, places[0], encoding, word_level, max_vocab,
+                                                          min_count, keep_crlf, places[1:])
         self.vocab_size = len(self.vocab)
+        check_trainable(input_path, self.vocab, word_level)
         num_val = int(len(self.ids) * val_frac)
         if val_frac > 0 and num_val < 2:
             raise ValueError(f"the validation split of {len(self.ids)} tokens at --val_frac {val_frac} "
@@ -323,6 +480,16 @@ class TextLoader:
         """Return batch `index` of the epoch as two int32 arrays (inputs, targets) of [batch, seq_length]."""
         columns = slice(index * self.seq_length, (index + 1) * self.seq_length)
         return self._x[:, columns].astype(np.int32), self._y[:, columns].astype(np.int32)
+
+
+def check_trainable(input_path, vocab, word_level):
+    """Refuse a text with nothing to learn: only whitespace, or a single distinct token."""
+    if all(token.isspace() for token in vocab):
+        raise ValueError(f"{input_path} holds only whitespace: put the text to train on in it")
+    if len(vocab) < 2:
+        kind = "word" if word_level else "character"
+        raise ValueError(f"{input_path} has a single distinct {kind} ({vocab[0]!r}): there is nothing to predict; "
+                         f"give a longer text")
 
 
 def stream_layout(ids, num_streams):

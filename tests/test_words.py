@@ -1,6 +1,9 @@
-"""Word level end to end (line breaks, the vocabulary cap, unknown prime words), the caches of one data dir, and
-word2vec embeddings (rows set by word, every file format, a vector size other than rnn_size, clear errors)."""
+"""Word level end to end (line breaks, the vocabulary cap, unknown prime words, sample mode 2, evaluation with
+<unk>), the caches of one data dir, and word2vec embeddings (rows set by word, every file format compressed or not
+and without a header line, a vector size other than rnn_size, clear errors)."""
 import glob
+import gzip
+import json
 import os
 import pickle
 
@@ -8,12 +11,15 @@ import numpy as np
 import pytest
 
 import embeddings
+import evaluate
 import sample
 import savedir
 import train
+import trainer
 import utils
 from conftest import REAL_CORPUS, TINY_MODEL, make_data_dir, run_script
 from sampler import Sampler
+from test_evaluate import reference_loss
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
 # Its words by falling count: "the" 240, "\n" "on" "sat" 120 each, then "cat" "dog" "log." "mat." 60 each.
@@ -25,7 +31,8 @@ VECTOR_SIZE = RNN_SIZE // 2  # deliberately not rnn_size
 VECTOR_SENTENCES = [["the", "cat", "sat", "on", "the", "mat."]] * 20
 WITHOUT_VECTOR = ["dog", "log.", "\n"]
 MISSING_MESSAGE = f"{len(WITHOUT_VECTOR)} of {len(WORDS)} tokens have no vector; they start random"
-FORMATS = ["word2vec.txt", "word2vec.bin", "keyedvectors.kv", "word2vec.model"]
+FORMATS = ["word2vec.txt", "word2vec.bin", "keyedvectors.kv", "word2vec.model",
+           "word2vec.txt.gz", "word2vec.bin.gz", "glove.txt", "glove.txt.gz"]  # glove: no "COUNT SIZE" line
 TINY_LEARNING_RATE = "1e-9"  # one Adam step then moves each weight by at most about this much
 ONE_EPOCH = ["--num_epochs", "1", "--print_every", "1000", "--seed", "1"]
 
@@ -47,6 +54,15 @@ def word_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def min_count_model(word_models, tmp_path_factory):
+    """A word-level model trained (one step) with --min_count 61: the words seen 60 times become <unk>."""
+    save = str(tmp_path_factory.mktemp("min_count") / "save")
+    assert train_words(word_models["data"], save, "--min_count", "61", "--max_steps", "1") == 0
+    assert savedir.read_vocab(save) == (WORDS[:4] + [utils.UNK_TOKEN], utils.UNK_TOKEN)
+    return save
+
+
+@pytest.fixture(scope="module")
 def vector_files(tmp_path_factory):
     """A small gensim Word2Vec saved in every supported format; returns (vectors by word, {format: path})."""
     from gensim.models import Word2Vec
@@ -57,6 +73,14 @@ def vector_files(tmp_path_factory):
     model.wv.save_word2vec_format(paths["word2vec.bin"], binary=True)
     model.wv.save(paths["keyedvectors.kv"])
     model.save(paths["word2vec.model"])
+    with open(paths["word2vec.txt"], "rb") as f:
+        header, _, body = f.read().partition(b"\n")
+    assert header == f"{len(model.wv)} {VECTOR_SIZE}".encode()
+    with open(paths["glove.txt"], "wb") as f:
+        f.write(body)
+    for name in ("word2vec.txt", "word2vec.bin", "glove.txt"):
+        with open(paths[name], "rb") as f, gzip.open(paths[name + ".gz"], "wb") as out:
+            out.write(f.read())
     return {word: model.wv[word].copy() for word in model.wv.index_to_key}, paths
 
 
@@ -79,12 +103,14 @@ def test_unknown_prime_word_maps_to_unk_with_a_cap(word_models):
     assert [sampler.vocab[i] for i in ids] == ["the", utils.UNK_TOKEN, utils.UNK_TOKEN]
 
 
+@pytest.mark.slow
 def test_unknown_prime_word_is_refused_by_name_without_a_cap(word_models):
     result = run_script("sample.py", "--save_dir", word_models["uncapped"], "-n", "5", "--prime", "the zebra cat")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "'zebra'" in result.stderr and "'cat'" not in result.stderr
 
 
+@pytest.mark.slow
 def test_one_epoch_on_tinyshakespeare_at_word_level(tmp_path, capsys):
     data = tmp_path / "data"
     utils.download(REAL_CORPUS, str(data / utils.INPUT_FILE), utils.TINYSHAKESPEARE_SHA256)
@@ -213,9 +239,64 @@ def test_unusable_vector_file_is_one_line_error_and_writes_nothing(word_models, 
     assert not os.path.exists(save)
 
 
+@pytest.mark.slow
 def test_gensim3_save_error_from_the_command_line(word_models, tmp_path):
     path = bad_vector_file(tmp_path, "gensim3.model")
     result = run_script("train.py", "--data_dir", word_models["data"], "--save_dir", tmp_path / "save",
                         "--word_level", *TINY_MODEL, "--word2vec_embedding", path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "older gensim" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Word level: sampling mode 2 and evaluation with <unk>
+
+
+def test_word_level_sample_mode_2_is_mode_1(word_models):
+    sampler = Sampler.load(word_models["uncapped"])
+    differs_from_argmax = False
+    for seed in (1, 2, 3):
+        sampled = sampler.sample("the", 60, mode=1, seed=seed)
+        assert sampler.sample("the", 60, mode=2, seed=seed) == sampled
+        differs_from_argmax |= sampled != sampler.sample("the", 60, mode=0, seed=seed)
+    assert differs_from_argmax  # mode 2 samples: it is not argmax at every word
+
+
+def words_json(capsys, *args):
+    capsys.readouterr()
+    assert evaluate.main([*map(str, args), "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+UNSEEN_TEXT = "the zebra sat on the dog.\nthe cat sat on a mat\n\nthe end"
+
+
+@pytest.mark.parametrize("model_name", ["capped", "min_count"])
+def test_evaluate_counts_unknown_words_as_unk(word_models, min_count_model, tmp_path, capsys, model_name):
+    save = word_models["capped"] if model_name == "capped" else min_count_model
+    loaded = savedir.load(save)
+    assert loaded.unk_token == utils.UNK_TOKEN
+    words = utils.split_words(UNSEEN_TEXT)
+    ids = [loaded.vocab.index(w) if w in loaded.vocab else loaded.vocab.index(utils.UNK_TOKEN) for w in words]
+    assert sum(loaded.vocab[i] == utils.UNK_TOKEN for i in ids) >= 5  # zebra, dog., a, mat, end
+    path = tmp_path / "unseen.txt"
+    path.write_text(UNSEEN_TEXT, encoding="utf-8")
+    measured = words_json(capsys, "--save_dir", save, "--text", path)
+    expected, count = reference_loss(loaded.model, ids, trainer.EVAL_STREAMS)
+    assert measured["tokens"] == count == len(words) - 1
+    assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["capped", "min_count", "uncapped"])
+def test_evaluate_validation_split_of_a_word_model(word_models, min_count_model, capsys, model_name):
+    # The split is rebuilt with the model's own --max_vocab and --min_count: the same vocabulary, the same tail.
+    save = min_count_model if model_name == "min_count" else word_models[model_name]
+    loaded = savedir.load(save)
+    words = utils.split_words(WORD_TEXT)
+    tail = words[len(words) - int(len(words) * 0.05):]
+    unk = loaded.vocab.index(loaded.unk_token) if loaded.unk_token else None
+    ids = [loaded.vocab.index(w) if w in loaded.vocab else unk for w in tail]
+    measured = words_json(capsys, "--save_dir", save)
+    expected, count = reference_loss(loaded.model, ids, trainer.EVAL_STREAMS)
+    assert measured["tokens"] == count == len(tail) - 1
+    assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)

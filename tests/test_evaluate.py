@@ -3,6 +3,7 @@ mean of every next token's loss computed one token at a time; a seed repeats."""
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import tensorflow as tf
 import evaluate
 import savedir
 import trainer
-from conftest import TINY_MODEL, TINY_TEXT, run_script
+from conftest import TINY_MODEL, TINY_TEXT, make_data_dir, run_script
 
 LOSS = re.compile(r"train_loss = ([0-9.]+)")
 
@@ -204,3 +205,20 @@ def test_evaluate_reads_data_and_text_in_the_models_encoding(utf16_model, tmp_pa
     expected, count = reference_loss(model.model, char_ids(model.vocab, text[:300]), trainer.EVAL_STREAMS)
     assert measured["tokens"] == count == 299
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_evaluate_split_refuses_a_data_dir_whose_text_changed(trained_save_dir, tmp_path, capsys):
+    # A copy of the tiny model whose data dir now holds another text: its split would be measured with the wrong
+    # ids, so evaluate.py refuses it and points at --text.
+    save = tmp_path / "save"
+    shutil.copytree(trained_save_dir, save)
+    config = savedir.read_config(str(save))
+    config["data_dir"] = make_data_dir(tmp_path / "data", TINY_TEXT.replace("dog", "fox"))
+    savedir.write_config(str(save), config)
+    capsys.readouterr()
+    assert evaluate.main(["--save_dir", str(save), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer holds the text" in err and "--text" in err
+    # The same text back: evaluated again.
+    make_data_dir(tmp_path / "data", TINY_TEXT)
+    assert evaluate_json(capsys, "--save_dir", save)["tokens"] == int(len(TINY_TEXT) * 0.05) - 1

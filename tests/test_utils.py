@@ -151,6 +151,18 @@ def test_max_vocab_keeps_exactly_that_many_of_the_most_frequent_tokens(tmp_path,
                                                          for t in tokens]
 
 
+@pytest.mark.parametrize("max_vocab, vocab", [
+    (0, ["apple", "mango", "zebra", "\n", "kiwi"]),
+    (4, ["apple", "mango", "zebra", "\n", utils.UNK_TOKEN]),
+    (2, ["apple", "mango", utils.UNK_TOKEN]),  # the cap falls among three words seen twice: ties go by the word
+])
+def test_tokens_seen_as_often_are_ordered_by_token_not_by_first_appearance(tmp_path, max_vocab, vocab):
+    text = "zebra mango apple zebra mango apple kiwi\n"
+    loader = load(make_data_dir(tmp_path / "data", text), word_level=True, val_frac=0, batch_size=1,
+                  max_vocab=max_vocab)
+    assert loader.vocab == vocab
+
+
 def test_ids_are_16_bit_up_to_65536_tokens_and_32_bit_above():
     assert utils.id_dtype(1) == utils.id_dtype(65_536) == np.uint16
     assert utils.id_dtype(65_537) == utils.id_dtype(2 ** 20) == np.uint32

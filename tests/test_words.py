@@ -300,3 +300,12 @@ def test_evaluate_validation_split_of_a_word_model(word_models, min_count_model,
     expected, count = reference_loss(loaded.model, ids, trainer.EVAL_STREAMS)
     assert measured["tokens"] == count == len(tail) - 1
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_vectors_sharing_no_token_with_the_vocabulary_are_refused(vector_files):
+    _, paths = vector_files
+    with pytest.raises(ValueError, match=r"none of the 3 tokens of this text has a vector in .*word2vec\.txt"):
+        embeddings.embedding_matrix(paths["word2vec.txt"], ["zebra", "lion", utils.UNK_TOKEN], seed=1)
+    # One shared word is enough.
+    matrix = embeddings.embedding_matrix(paths["word2vec.txt"], ["zebra", "cat"], seed=1)
+    np.testing.assert_array_equal(matrix[1], vector_files[0]["cat"])

@@ -23,9 +23,18 @@ def _number(kind, check, description):
     return parse
 
 
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+# TensorFlow computes in float32: a value outside its normal range would become 0 or infinity there.
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def in_float32_range(value):
+    """True for a number > 0 that float32 holds as a normal number (not rounded to 0, not overflowing)."""
+    return math.isfinite(value) and FLOAT32_TINY <= value <= FLOAT32_MAX
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+positive_float = _number(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 

@@ -77,8 +77,11 @@ def evaluate(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cli.quiet_tensorflow()
-    return cli.run(lambda: evaluate(args))
+
+    def start():
+        cli.quiet_tensorflow()
+        evaluate(args)
+    return cli.run(start)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,8 @@ def keep_top_k(logits, top_k):
 
 def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id):
     """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
-    scaled = keep_top_k(logits / temperature, top_k)
+    # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN.
+    scaled = keep_top_k((logits - tf.reduce_max(logits)) / temperature, top_k)
     # Inverse CDF: one uniform draw u in [0, total) and the first token whose cumulative weight exceeds it; a
     # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
     # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the

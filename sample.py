@@ -34,10 +34,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cli.quiet_tensorflow()
-    from sampler import Sampler
 
     def sample():
+        cli.quiet_tensorflow()
+        from sampler import Sampler
         sampler = Sampler.load(args.save_dir, args.word_level)
         text = sampler.sample(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k)
         sys.stdout.write(text + "\n")

@@ -155,7 +155,7 @@ def positive_number(params, name, default):
     try:
         return cli.positive_float(text)
     except argparse.ArgumentTypeError:
-        raise ValueError(f"{name} must be a finite number > 0, got {shown(text)}") from None
+        raise ValueError(f"{name} must be a finite number > 0 (1.2e-38 to 3.4e+38), got {shown(text)}") from None
 
 
 def shown(value):

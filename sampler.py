@@ -4,13 +4,13 @@ Sampler.load(save_dir) restores a save dir; sampler.sample(prime, n, mode, tempe
 every argument, turns the prime into ids (refusing unknown tokens by name), runs the generator and returns the
 prime followed by the generated text.
 """
-import math
 import secrets
 
 import numpy as np
 import tensorflow as tf
 
 import savedir
+from cli import FLOAT32_MAX, FLOAT32_TINY, in_float32_range
 from model import MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, Generator
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
@@ -77,8 +77,9 @@ def check_arguments(n, mode, temperature, seed, top_k):
         raise ValueError(f"n must be an integer from 0 to {MAX_N}, got {n!r}")
     if mode not in SAMPLE_MODES:
         raise ValueError(f"sample mode must be 0 (argmax), 1 (sample) or 2 (sample on spaces), got {mode!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and in_float32_range(temperature)):
+        raise ValueError(f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, "
+                         f"got {temperature!r}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if not 0 <= top_k <= MAX_N:  # top_k goes to the generator as int32, which would wrap larger values

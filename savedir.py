@@ -139,6 +139,18 @@ def checkpoint_paths(directory):
     return sorted(paths, key=checkpoint_step, reverse=True)
 
 
+def _listed_but_missing(directory, paths):
+    """Checkpoints the `checkpoint` index names, newer than the newest usable one, whose .index file is gone."""
+    state = None
+    with contextlib.suppress(tf.errors.OpError, ValueError):
+        state = tf.train.get_checkpoint_state(directory)
+    if state is None:
+        return []
+    newest = checkpoint_step(paths[0]) if paths else -1
+    listed = [os.path.join(directory, os.path.basename(p)) for p in state.all_model_checkpoint_paths]
+    return [p for p in listed if checkpoint_step(p) > newest and not os.path.exists(p + ".index")]
+
+
 def checkpoint_step(path):
     """The step number in a checkpoint prefix such as save/model.ckpt-1000."""
     match = _STEP_FROM_PATH.search(path)
@@ -151,6 +163,9 @@ def restore_newest(checkpoint, directory):
     A damaged newest checkpoint is skipped with a warning. Raises FileNotFoundError when none is usable.
     """
     paths = checkpoint_paths(directory)
+    for missing in _listed_but_missing(directory, paths):
+        warn(f"checkpoint {missing} is listed in {directory}/checkpoint but its .index file is missing; "
+             f"using the newest one left")
     if not paths:
         raise FileNotFoundError(f"no checkpoint in {directory}: train a model there first with "
                                 f"`python train.py --save_dir {directory}`")
@@ -163,6 +178,33 @@ def restore_newest(checkpoint, directory):
         except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:  # IndexError: a truncated file
             warn(f"checkpoint {path} is damaged ({e.__class__.__name__}); trying the one before it")
     raise FileNotFoundError(f"every checkpoint in {directory} is damaged; retrain, or resume from a copy")
+
+
+def weights_finite(model):
+    """True when every weight of the model is a finite number."""
+    return all(bool(tf.reduce_all(tf.math.is_finite(weight))) for weight in model.weights)
+
+
+def check_finite(model, path):
+    """Raise ValueError when the weights restored from checkpoint `path` hold NaN or infinity."""
+    if not weights_finite(model):
+        raise ValueError(f"checkpoint {path} holds NaN or infinite weights (the training diverged): "
+                         f"use an earlier checkpoint or retrain with a lower --learning_rate")
+
+
+@contextlib.contextmanager
+def writing(save_dir, what):
+    """Turn a failed write of `what` into save_dir (full disk, read-only, TensorFlow's own errors) into one OSError
+    naming the save dir, after removing the half-written temporary folders; earlier checkpoints stay intact."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as error:
+        for temporary in glob.glob(os.path.join(glob.escape(save_dir), "*_temp")) + [
+                os.path.join(save_dir, BEST_DIR + ".new")]:
+            shutil.rmtree(temporary, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
+        raise OSError(getattr(error, "errno", None), f"cannot write {what} ({reason.splitlines()[0]}); earlier "
+                      f"checkpoints are intact; free some space and resume with --init_from", save_dir) from None
 
 
 def checkpoint_manager(checkpoint, directory):
@@ -259,4 +301,5 @@ def load(save_dir):
                          f"{config['vocab_size']}; the save dir is damaged")
     model = build_model(config)
     path = restore_newest(tf.train.Checkpoint(model=model), save_dir)
+    check_finite(model, path)
     return Loaded(config, vocab, unk_token, model, path)

@@ -77,13 +77,25 @@ def build_parser():
     return parser
 
 
+def given_flags(argv):
+    """The destinations of the flags present in argv (abbreviations included), as argparse reads them."""
+    parser, absent = build_parser(), object()  # not a string: argparse converts string defaults with their type
+    parser.set_defaults(**{action.dest: absent for action in parser._actions})
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not absent}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cli.quiet_tensorflow(one_thread_per_op=True)
-    import trainer  # after the flags: --help and flag errors stay fast
+    given = given_flags(argv)
 
-    config = trainer.TrainConfig(**vars(args))
-    return cli.run(lambda: trainer.train(config))
+    def start():
+        cli.quiet_tensorflow(one_thread_per_op=True)
+        import trainer  # after the flags: --help and flag errors stay fast
+        settings = vars(args)
+        if args.init_from:  # None: take it from the checkpoint
+            settings.update({name: None for name in trainer.RESUMED_SETTINGS if name not in given})
+        return trainer.train(trainer.TrainConfig(**settings))
+    return cli.run(start)  # Ctrl-C from here on, TensorFlow's import included, is one line and exit 130
 
 
 if __name__ == "__main__":

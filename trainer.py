@@ -8,6 +8,7 @@ TensorFlow variables inside one tf.train.Checkpoint, so a resume continues exact
 import contextlib
 import csv
 import dataclasses
+import io
 import math
 import os
 import secrets
@@ -19,10 +20,15 @@ from tensorflow import keras
 
 import savedir
 from cli import EXIT_INTERRUPTED
-from utils import TextLoader, stream_layout
+from utils import TextLoader, atomic_write_bytes, stream_layout
 
 EVAL_STREAMS = 32  # parallel streams of a full-pass evaluation (each starts from a zero state)
 EVAL_CHUNK = 256  # time steps per compiled evaluation call
+# Settings that a resume takes from the checkpoint when they are not given (None); they shape the weights or
+# the vocabulary.
+RESUMED_SETTINGS = ("model", "rnn_size", "num_layers", "dropout", "word_level", "encoding", "max_vocab",
+                    "min_count", "keep_crlf")
+LOG_DIR = "logs"  # TensorBoard's logs, inside the save dir unless --log_dir says otherwise
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
 
 
@@ -153,6 +159,20 @@ class MetricsLog:
             import tensorboard  # noqa: F401  (tf.summary writes nothing useful without it)
             self.writer = tf.summary.create_file_writer(log_dir)
 
+    def keep_until(self, step):
+        """Drop the rows after `step` (steps a resume replays); returns the last kept row's elapsed_s (or 0)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [row for row in rows if int(row["step"]) <= step]
+        if len(kept) < len(rows):
+            text = io.StringIO()
+            writer = csv.DictWriter(text, METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_bytes(self.path, text.getvalue().encode("utf-8"))
+        elapsed = [float(row["elapsed_s"]) for row in kept if row["elapsed_s"]]
+        return elapsed[-1] if elapsed else 0.0
+
     def write(self, step, **values):
         """Append one row (missing columns stay empty) and the same scalars to TensorBoard."""
         row = {"step": step, **values}
@@ -190,16 +210,22 @@ class Trainer:
         self.manager = savedir.checkpoint_manager(self.checkpoint, config.save_dir)
         self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip)
         self.eval_chunk = make_eval_chunk(self.model)
-        self.metrics = MetricsLog(config.save_dir, config.log_dir or os.path.join(config.save_dir, "logs"))
+        self.metrics = MetricsLog(config.save_dir, log_dir(config))
         self.started = time.time()
+        self.saved_step = 0  # the step of this save dir's newest checkpoint (0: none yet)
 
     def resume(self, directory):
         """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch."""
         weights = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
         path = savedir.restore_newest(weights, directory)
+        savedir.check_finite(self.model, path)
         # Apart, and only where saved: a run that had no dropout saved no dropout state.
         tf.train.Checkpoint(dropout_rng=self.dropout_rng).read(path).expect_partial()
         progress, config = self.progress, self.config
+        if os.path.abspath(directory) == os.path.abspath(config.save_dir):
+            self.saved_step = int(progress.step)
+        # Steps after this checkpoint (replayed now) lose their rows; the clock goes on from the checkpoint's time.
+        self.started -= self.metrics.keep_until(int(progress.step))
         if (int(progress.batch_size), int(progress.seq_length)) != (config.batch_size, config.seq_length):
             print(f"batch_size/seq_length changed: epoch {int(progress.epoch)} restarts from its first batch",
                   file=sys.stderr)
@@ -233,13 +259,19 @@ class Trainer:
             while int(self.progress.step) < total:
                 self.run_epoch(total)
         except KeyboardInterrupt:
-            path = self.save(validate=False)
-            print(f"\ninterrupted: checkpoint written to {path}; resume with --init_from {self.config.save_dir}",
-                  file=sys.stderr)
+            print(f"\ninterrupted: {self.save_on_interrupt()}", file=sys.stderr)
             return EXIT_INTERRUPTED
         if int(self.progress.loss_count) or not self.manager.latest_checkpoint:
             self.save()
         return 0
+
+    def save_on_interrupt(self):
+        """Write a checkpoint if a step was made since the last one; returns what happened, for one line."""
+        if int(self.progress.step) == self.saved_step:
+            return "nothing new to save" + (f"; resume with --init_from {self.config.save_dir}"
+                                           if self.saved_step else " (no step was made)")
+        path = self.save(validate=False)
+        return f"checkpoint written to {path}; resume with --init_from {self.config.save_dir}"
 
     def run_epoch(self, total):
         """Run the rest of the current epoch (or up to `total` steps), printing, validating and saving."""
@@ -266,8 +298,7 @@ class Trainer:
     def report(self, step, total, epoch, loss, seconds):
         """Print the original's progress line plus an ETA, and log the training loss."""
         if not math.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss} at step {step}; training stopped, the "
-                                     f"last good checkpoint is kept; try a lower --learning_rate")
+            self.diverged(f"the training loss became {loss} at step {step}")
         tokens_per_s = self.config.batch_size * self.config.seq_length / seconds
         print(f"{step}/{total} (epoch {epoch}), train_loss = {loss:.4f}, time/batch = {seconds:.3f}, "
               f"ETA {format_duration((total - step) * seconds)}", flush=True)
@@ -280,26 +311,39 @@ class Trainer:
         count = int(progress.loss_count)
         train_loss = float(progress.loss_sum) / count if count else math.nan
         if count and not math.isfinite(train_loss):
-            raise FloatingPointError(f"the training loss became {train_loss} before step {int(progress.step)}; "
-                                     f"training stopped, the last good checkpoint is kept; try a lower --learning_rate")
+            self.diverged(f"the training loss became {train_loss} before step {int(progress.step)}")
+        if not savedir.weights_finite(self.model):
+            self.diverged(f"the weights became NaN or infinite before step {int(progress.step)}")
         step = int(progress.step)
         val_loss = None
         if validate and config.val_frac > 0:
             val_loss, _ = full_pass_loss(self.model, self.loader.val_ids, self.eval_chunk)
+            if not math.isfinite(val_loss):
+                self.diverged(f"the validation loss became {val_loss} at step {step}")
             print(f"{step}/{self.total_steps()} (epoch {int(progress.epoch)}), val_loss = {val_loss:.4f}",
                   flush=True)
             self.metrics.write(step, epoch=int(progress.epoch), val_loss=val_loss)
         # Best: lowest validation loss; without a validation split, lowest mean training loss since last save.
-        score = val_loss if val_loss is not None else train_loss
-        improved = validate and count > 0 and math.isfinite(score) and score < float(progress.best_loss)
+        score = val_loss if val_loss is not None else (train_loss if count else None)
+        improved = validate and score is not None and score < float(progress.best_loss)
         if improved:
             progress.best_loss.assign(score)
         progress.loss_sum.assign(0.0)
         progress.loss_count.assign(0)
-        if improved:
-            savedir.save_best(config.save_dir, self.checkpoint, step, self.saved_config, self.loader.vocab,
-                              self.loader.unk_token, self.model_info(step, score, val_loss, train_loss))
-        return self.manager.save(checkpoint_number=step)
+        with savedir.writing(config.save_dir, f"the checkpoint of step {step}"):
+            if improved:
+                savedir.save_best(config.save_dir, self.checkpoint, step, self.saved_config, self.loader.vocab,
+                                  self.loader.unk_token, self.model_info(step, score, val_loss, train_loss))
+            path = self.manager.save(checkpoint_number=step)
+        self.saved_step = step
+        return path
+
+    def diverged(self, what):
+        """Stop training: raise FloatingPointError saying what diverged and what is left to resume from."""
+        kept = self.manager.latest_checkpoint
+        left = (f"the last good checkpoint, {kept}, is kept" if kept else
+                "no checkpoint was written")
+        raise FloatingPointError(f"{what}; training stopped and {left}; try a lower --learning_rate")
 
     def model_info(self, step, score, val_loss, train_loss):
         return {"score": float(score), "score_is": "val_loss" if val_loss is not None else "mean train_loss",
@@ -307,6 +351,11 @@ class Trainer:
                 "train_loss": float(train_loss), "step": step, "total_steps": self.total_steps(),
                 "epoch": int(self.progress.epoch), "time_s": round(time.time() - self.started, 1),
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def log_dir(config):
+    """Where TensorBoard's logs go: --log_dir, or SAVE_DIR/logs."""
+    return config.log_dir or os.path.join(config.save_dir, LOG_DIR)
 
 
 def check_resume(config, loader, saved_config):
@@ -328,13 +377,32 @@ def prepare_save_dir(config, loader, saved_config):
         raise ValueError(f"{config.save_dir} already holds a trained model; resume it with --init_from "
                          f"{config.save_dir}, or give another --save_dir")
     os.makedirs(config.save_dir, exist_ok=True)
+    os.makedirs(log_dir(config), exist_ok=True)  # an unusable --log_dir fails now, not at the first step
     savedir.recover_best(config.save_dir)
     savedir.write_config(config.save_dir, saved_config)
     savedir.write_vocab(config.save_dir, loader.vocab, loader.unk_token)
 
 
+def with_checkpoint_settings(config):
+    """`config` with the settings left None (not given with --init_from) taken from the checkpoint's config."""
+    missing = {field.name for field in dataclasses.fields(config) if getattr(config, field.name) is None}
+    if not config.init_from or not missing & set(RESUMED_SETTINGS):
+        return config
+    old_config = savedir.read_config(config.init_from)
+    old_vocab, _ = savedir.read_vocab(config.init_from)
+    old_config.setdefault("keep_crlf", savedir.keeps_crlf(old_config, old_vocab))
+    defaults = TrainConfig()
+    taken = {name: old_config.get(name, getattr(defaults, name)) for name in RESUMED_SETTINGS if name in missing}
+    print("from the checkpoint: " + ", ".join(f"{name} {value}" for name, value in taken.items()))
+    return dataclasses.replace(config, **taken)
+
+
 def train(config):
-    """Train as `config` says; returns the exit code. Raises ValueError/FileNotFoundError on user errors."""
+    """Train as `config` says; returns the exit code. Raises ValueError/FileNotFoundError on user errors.
+
+    With init_from, settings of RESUMED_SETTINGS that are None come from the checkpoint.
+    """
+    config = with_checkpoint_settings(config)
     seed = config.seed if config.seed is not None else secrets.randbelow(2 ** 31)
     config = dataclasses.replace(config, seed=seed)
     keras.utils.set_random_seed(seed)

@@ -95,17 +95,22 @@ def atomic_write_bytes(path, data):
     so that a server running as another user can read a save dir.
     """
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = _new_temp_file(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = _new_temp_file(directory)
+    except OSError as error:  # name the file the user knows, not a temporary one
+        raise OSError(error.errno, error.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, path) from None
         raise
 
 

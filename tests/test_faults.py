@@ -2,21 +2,38 @@
 permissions, line endings, NaN, interrupts. In every case the message is one line, nothing the user had is lost,
 and nothing random or half-written is left behind to be sampled later."""
 import contextlib
+import csv
+import glob
+import hashlib
 import json
 import os
 import random
+import shutil
+import socket
 import stat
+import signal
 import subprocess
+import sys
+import time
 import tracemalloc
 
 import numpy as np
 import pytest
+import tensorflow as tf
+from tensorflow import keras
 
+import evaluate
+import sample
 import savedir
 import train
+import trainer
 import utils
-from conftest import TINY_MODEL, TINY_TEXT, make_data_dir, run_script
+from conftest import REPO, TINY_MODEL, TINY_TEXT, make_data_dir, run_script
 from sampler import Sampler
+from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
+
+
+SPAWN_TIMEOUT_S = 120  # a process must reach the awaited point within this (TensorFlow loads slowly)
 
 
 def train_flags(data_dir, save_dir, *extra):
@@ -30,6 +47,29 @@ def error_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
+
+def snapshot(directory):
+    """{relative path: SHA-256} of every file under a directory."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def models(files):
+    """The part of a snapshot that holds models: checkpoints, their index, and best/."""
+    return {name: digest for name, digest in files.items()
+            if name.startswith((savedir.CHECKPOINT_NAME, savedir.BEST_DIR + os.sep)) or name == "checkpoint"}
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -203,3 +243,270 @@ def test_a_capped_word_vocabulary_is_the_exact_one_counted_in_bounded_memory(tmp
     assert utils.build_vocab(capped_counts, 50, 1, dropped) == utils.build_vocab(counts, 50)
     assert bounded < unbounded / 3, (bounded, unbounded)
     assert os.listdir(tmp_path) == ["input.txt"]  # the partition files are gone
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NaN: never saved, never loaded
+
+
+@pytest.fixture
+def trained_copy(trained_save_dir, tmp_path):
+    """A private copy of the session's trained save dir; returns (save_dir, data_dir)."""
+    save = str(tmp_path / "save")
+    shutil.copytree(trained_save_dir, save)
+    return save, savedir.read_config(save)["data_dir"]
+
+
+def test_a_diverging_resume_never_saves_nan_and_keeps_the_last_good_checkpoint(trained_copy, capsys):
+    save, data = trained_copy
+    before = models(snapshot(save))
+    newest = savedir.checkpoint_paths(save)[0]
+    code = train.main(train_flags(data, save, "--init_from", save, "--learning_rate", "1e30", "--save_every", 1))
+    assert code == 1
+    line = error_line(capsys)
+    assert "training stopped" in line and f"the last good checkpoint, {newest}, is kept" in line
+    assert models(snapshot(save)) == before  # no new checkpoint, best/ untouched
+    assert savedir.weights_finite(savedir.load(save).model)
+
+
+def test_diverging_from_scratch_says_no_checkpoint_was_written(tmp_path, data_dir, capsys):
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--learning_rate", "1e30", "--save_every", 1)) == 1
+    assert "no checkpoint was written" in error_line(capsys)
+    assert not savedir.has_checkpoint(save)
+
+
+@pytest.mark.parametrize("value", ["1e39", "1e-46", "inf"])
+def test_a_learning_rate_float32_cannot_hold_is_refused(tmp_path, data_dir, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_flags(data_dir, str(tmp_path / "save"), "--learning_rate", value))
+    assert exit_info.value.code == 2
+    assert f"argument --learning_rate: {value!r} is not a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "save").exists()
+
+
+def poison_newest_checkpoint(save):
+    """Write a newer checkpoint (weights, optimizer, counters: all a resume reads) whose weights hold a NaN, as a
+    diverged run of an older version could."""
+    config = savedir.read_config(save)
+    model = savedir.build_model(config)
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    progress = trainer.Progress(model.num_states, config["batch_size"], config["rnn_size"], config["seq_length"])
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, progress=progress)
+    newest = savedir.checkpoint_paths(save)[0]
+    checkpoint.read(newest).assert_existing_objects_matched()
+    model.head.kernel.assign(model.head.kernel * np.nan)
+    progress.step.assign_add(1)
+    return savedir.checkpoint_manager(checkpoint, save).save(checkpoint_number=int(progress.step))
+
+
+def test_sample_evaluate_and_resume_refuse_nan_weights_in_one_line(trained_copy, capsys):
+    save, data = trained_copy
+    poisoned = poison_newest_checkpoint(save)
+    for main in (sample.main, evaluate.main):
+        assert main(["--save_dir", save]) == 2
+        line = error_line(capsys)
+        assert f"checkpoint {poisoned} holds NaN or infinite weights" in line
+    assert train.main(train_flags(data, save, "--init_from", save)) == 2
+    assert "holds NaN or infinite weights" in error_line(capsys)
+
+
+@pytest.mark.slow
+def test_the_server_refuses_nan_weights_at_start_in_one_line(trained_copy):
+    save, _ = trained_copy
+    poison_newest_checkpoint(save)
+    result = run_script("sample_server.py", "--save_dir", save, "--port", free_port(), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_temperature_float32_rounds_to_zero_is_refused_and_a_tiny_one_is_argmax(trained_save_dir):
+    sampler = Sampler.load(trained_save_dir)
+    with pytest.raises(ValueError, match="temperature must be a number from"):
+        sampler.sample("the ", 20, temperature=1e-45)
+    assert sampler.sample("the ", 100, mode=1, temperature=1e-30, seed=4) == sampler.sample("the ", 100, mode=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Missing and damaged checkpoints
+
+
+def test_a_deleted_newest_index_falls_back_with_a_warning(trained_copy, capsys):
+    save, _ = trained_copy
+    newest, before = savedir.checkpoint_paths(save)[:2]
+    os.remove(newest + ".index")
+    assert savedir.load(save).path == before
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {newest} is listed" in err and ".index file is missing" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Disks that cannot be written
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size="2m"):
+    """A tmpfs of `size` mounted at `path` (root only); yields True, or False where it cannot be mounted."""
+    os.makedirs(path)
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory, leave=0):
+    """Fill the file system of `directory` but `leave` bytes; returns the filler file's path."""
+    filler = os.path.join(directory, "filler")
+    with open(filler, "wb", buffering=0) as f:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
+        f.truncate(max(f.tell() - leave, 0))
+    return filler
+
+
+@pytest.mark.parametrize("room", [0, 16 << 10])  # nothing left; room for config.yaml but not a checkpoint
+def test_a_full_disk_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, data_dir, capsys, room):
+    with small_filesystem(tmp_path / "disk") as mounted:
+        if not mounted:  # not root: the injected out-of-space error below covers the checkpoint path
+            return
+        save = str(tmp_path / "disk" / "save")
+        assert train.main(train_flags(data_dir, save, "--max_steps", 4, "--save_every", 2)) == 0
+        before = models(snapshot(save))
+        filler = fill(str(tmp_path / "disk"), room)
+        capsys.readouterr()
+        assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8, "--save_every", 2)) == 1
+        line = error_line(capsys)
+        assert "No space left on device" in line and save in line
+        assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
+        assert models(snapshot(save)) == before
+        assert savedir.checkpoint_step(savedir.load(save).path) == 4
+        os.remove(filler)
+        assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8)) == 0
+
+
+def test_an_out_of_space_checkpoint_write_is_one_line_and_removes_its_temporary_folder(tmp_path, data_dir, capsys,
+                                                                                       monkeypatch):
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--max_steps", 4, "--save_every", 2)) == 0
+    before = models(snapshot(save))
+
+    def full(manager, checkpoint_number):
+        os.makedirs(os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{checkpoint_number}_temp"))  # as TensorFlow does
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device\nmore detail")
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
+    assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8, "--save_every", 2)) == 1
+    line = error_line(capsys)
+    assert "cannot write the checkpoint of step 6 (No space left on device)" in line and save in line
+    assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
+    assert models(snapshot(save)) == before
+
+
+def test_a_read_only_save_dir_is_one_line_and_unchanged(trained_copy, capsys):
+    save, data = trained_copy
+    before = snapshot(save)
+    with read_only(save):
+        assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", 500)) == 1
+    line = error_line(capsys)
+    assert save in line
+    assert snapshot(save) == before
+
+
+def test_a_log_dir_that_cannot_be_made_is_one_line_before_training(tmp_path, data_dir, capsys):
+    (tmp_path / "a-file").write_text("")
+    save = tmp_path / "save"
+    assert train.main(train_flags(data_dir, str(save), "--log_dir", tmp_path / "a-file" / "logs")) == 1
+    assert str(tmp_path / "a-file") in error_line(capsys)
+    assert not savedir.has_checkpoint(str(save))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def test_init_from_takes_the_model_settings_from_the_checkpoint(tmp_path, capsys):
+    old = shutil.copytree(OLD_SAVE_DIR, tmp_path / "old")
+    data = make_data_dir(tmp_path / "data", OLD_EXPECTED["train_text"])
+    assert train.main(["--data_dir", data, "--save_dir", str(old), "--init_from", str(old), "--max_steps", "274"]) == 0
+    out = capsys.readouterr().out
+    assert "from the checkpoint: model lstm, rnn_size 8, num_layers 2" in out
+    assert savedir.checkpoint_step(savedir.checkpoint_paths(str(old))[0]) == 274
+    # A setting given that differs is still refused, naming it.
+    assert train.main(["--data_dir", data, "--save_dir", str(old), "--init_from", str(old), "--rnn_size", "16"]) == 2
+    assert "rnn_size is 16 here but 8" in error_line(capsys)
+
+
+def test_resuming_into_another_save_dir_with_no_step_left_writes_best_there(trained_copy, tmp_path):
+    save, data = trained_copy
+    other = str(tmp_path / "other")
+    done = savedir.checkpoint_step(savedir.checkpoint_paths(save)[0])
+    assert train.main(train_flags(data, other, "--init_from", save, "--max_steps", done)) == 0
+    info = savedir.read_yaml(os.path.join(other, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
+    assert info["step"] == done and info["score_is"] == "val_loss"
+    assert savedir.checkpoint_step(savedir.load(os.path.join(other, savedir.BEST_DIR)).path) == done
+
+
+def test_metrics_keep_one_row_per_step_and_the_clock_goes_on_after_a_crash(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--max_steps", 10, "--save_every", 5, "--print_every", 1)) == 0
+    newest = savedir.checkpoint_paths(save)[0]
+    for path in glob.glob(newest + ".*"):  # as if killed after step 10's row but before its checkpoint
+        os.remove(path)
+    assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 10, "--save_every", 5,
+                                  "--print_every", 1)) == 0
+    with open(os.path.join(save, savedir.METRICS_FILE), newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["train_loss"]]
+    assert [int(row["step"]) for row in rows] == list(range(1, 11))
+    elapsed = [float(row["elapsed_s"]) for row in rows]
+    assert elapsed == sorted(elapsed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def interrupt_train(tmp_path, data_dir, when):
+    """Start train.py, send SIGINT once `when(log text)` holds; returns (exit code, stderr lines, save dir)."""
+    save = str(tmp_path / "save")
+    log_path = tmp_path / "out.log"
+    with open(log_path, "w") as out, open(tmp_path / "err.log", "w") as err:
+        process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"),
+                                    *train_flags(data_dir, save, "--print_every", 1)],
+                                   stdout=out, stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not when(log_path.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=SPAWN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return code, (tmp_path / "err.log").read_text().strip().splitlines(), save
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_tensorflow_loads_is_one_line_and_exit_130(tmp_path, data_dir):
+    started = time.monotonic()
+    code, err, save = interrupt_train(tmp_path, data_dir, lambda out: time.monotonic() - started > 0.5)
+    assert code == 130 and err == ["interrupted"], err
+    assert not savedir.has_checkpoint(save)
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_step_writes_no_checkpoint(tmp_path, data_dir):
+    code, err, save = interrupt_train(tmp_path, data_dir, lambda out: "tokens, vocabulary of" in out)
+    assert code == 130
+    assert err[-1] == "interrupted: nothing new to save (no step was made)" or err == ["interrupted"], err
+    assert not any("Traceback" in line for line in err)
+    assert not savedir.has_checkpoint(save)
+    # The save dir is free for a fresh run, and sample.py says there is no model instead of sampling noise.
+    assert train.main(train_flags(data_dir, save, "--max_steps", 2)) == 0

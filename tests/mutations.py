@@ -52,6 +52,42 @@ MUTATIONS = [
              "        shutil.rmtree(best)\n", ("tests/test_savedir.py",)),
     Mutation("empty_prime_from_space", "sampler.py", "EMPTY_PRIME_START = NEWLINE", 'EMPTY_PRIME_START = " "',
              ("tests/test_sample.py",)),
+    # Data, evaluation and word level.
+    Mutation("min_count_strict", "utils.py", "if count >= min_count]", "if count > min_count]",
+             ("tests/test_utils.py",)),
+    Mutation("max_vocab_one_short", "utils.py", "kept = kept[:max_vocab]", "kept = kept[:max_vocab - 1]",
+             ("tests/test_utils.py",)),
+    Mutation("uint16_boundary", "utils.py", "vocab_size <= np.iinfo(np.uint16).max + 1",
+             "vocab_size <= np.iinfo(np.uint16).max", ("tests/test_utils.py",)),
+    Mutation("cache_key_without_settings", "utils.py",
+             'settings = {"version": CACHE_VERSION, **dataclasses.asdict(tokenization)}',
+             'settings = {"version": CACHE_VERSION, **dataclasses.asdict(tokenization), "min_count": 1}',
+             ("tests/test_utils.py",)),
+    Mutation("validation_tail_rounded", "utils.py", "num_val = int(len(self.ids) * val_frac)",
+             "num_val = round(len(self.ids) * val_frac)", ("tests/test_utils.py",)),
+    Mutation("batches_reach_past_targets", "utils.py",
+             "self.num_batches = (len(self.train_ids) - 1) // (batch_size * seq_length)",
+             "self.num_batches = len(self.train_ids) // (batch_size * seq_length)", ("tests/test_utils.py",)),
+    Mutation("capped_words_by_largest", "utils.py", "heapq.nsmallest(limit, items", "heapq.nlargest(limit, items",
+             ("tests/test_utils.py",)),
+    Mutation("ties_by_appearance", "utils.py", "return -count, token", "return -count, 0", ("tests/test_utils.py",)),
+    Mutation("evaluate_split_train_ignored", "evaluate.py",
+             'ids = loader.val_ids if split == "val" else loader.train_ids', "ids = loader.val_ids",
+             ("tests/test_evaluate.py",)),
+    Mutation("glove_header_expected", "embeddings.py", '"no_header": True}', "}", ("tests/test_words.py",)),
+    # Faults.
+    Mutation("nan_checkpoint_saved", "trainer.py", "        if not savedir.weights_finite(self.model):\n",
+             "        if False:\n", ("tests/test_faults.py",)),
+    Mutation("nan_weights_loaded", "savedir.py", "    check_finite(model, path)\n    return Loaded", "    return Loaded",
+             ("tests/test_faults.py",)),
+    Mutation("ctrl_c_saves_random_weights", "trainer.py", "if int(self.progress.step) == self.saved_step:",
+             "if False:", ("tests/test_faults.py",)),
+    Mutation("crlf_kept", "utils.py", "return chunks if keep_crlf else _crlf_to_lf(chunks)", "return chunks",
+             ("tests/test_faults.py",)),
+    Mutation("temp_files_private", "utils.py", "    os.fchmod(fd, NEW_FILE_MODE & ~current_umask())\n", "",
+             ("tests/test_faults.py",)),
+    Mutation("metrics_rows_replayed", "trainer.py", "kept = [row for row in rows if int(row[\"step\"]) <= step]",
+             "kept = rows", ("tests/test_faults.py",)),
 ]
 
 
@@ -103,7 +139,10 @@ def main(argv=None):
         return 2
     if args.list:
         for m in chosen:
-            print(f"{m.name}: {m.file}: {m.old.strip()!r} -> {m.new.strip()!r}; tests {' '.join(m.tests)}")
+            with open(os.path.join(REPO, m.file), encoding="utf-8") as f:
+                found = f.read().count(m.old)
+            print(f"{m.name}: {m.file}: {m.old.strip()!r} -> {m.new.strip()!r}; tests {' '.join(m.tests)}"
+                  + ("" if found == 1 else f"  [the text occurs {found} times: fix this break]"))
         return 0
     survived = []
     for number, mutation in enumerate(chosen, 1):

@@ -6,9 +6,11 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
+import sample
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
-from sampler import Sampler
+from model import GENERATE_BLOCK
+from sampler import MAX_N, MAX_SEED, Sampler, check_arguments
 
 WORD_TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 40
 
@@ -35,12 +37,14 @@ def sample_cli(save_dir, *args):
     return result.stdout[:-1]
 
 
+@pytest.mark.slow
 def test_prints_prime_then_n_characters_from_latest_and_best(trained_save_dir):
     for save_dir in (trained_save_dir, os.path.join(trained_save_dir, "best")):
         text = sample_cli(save_dir, "-n", 40, "--prime", "the ", "--seed", 5)
         assert text.startswith("the ") and len(text) == 4 + 40
 
 
+@pytest.mark.slow
 def test_word_model_prints_prime_then_n_words_with_line_breaks(word_save_dir):
     for save_dir in (word_save_dir, os.path.join(word_save_dir, "best")):
         text = sample_cli(save_dir, "-n", 60, "--prime", "the cat", "--seed", 3)
@@ -58,9 +62,33 @@ def test_same_seed_same_text_other_seed_differs_argmax_ignores_seed(sampler):
     assert len(greedy) == 1
 
 
+@pytest.mark.slow
 def test_cli_output_is_repeatable_with_a_seed(trained_save_dir):
     args = ("-n", 30, "--prime", "the", "--sample", 2, "--seed", 4, "--temperature", "1.5")
     assert sample_cli(trained_save_dir, *args) == sample_cli(trained_save_dir, *args)
+
+
+@pytest.mark.slow
+def test_cli_passes_every_flag_to_the_sampler(sampler, trained_save_dir):
+    settings = dict(prime="the d", n=150, mode=2, temperature=1.7, seed=21, top_k=3)
+    expected = sampler.sample(**settings)
+    text = sample_cli(trained_save_dir, "--prime", "the d", "-n", 150, "--sample", 2, "--temperature", 1.7,
+                      "--top_k", 3, "--seed", 21)
+    assert text == expected
+    # Each flag matters here: a flag left at its default would print something else.
+    for change in [dict(mode=1), dict(temperature=1.0), dict(top_k=0), dict(seed=22), dict(n=149)]:
+        assert sampler.sample(**{**settings, **change}) != expected, change
+
+
+def test_cli_defaults_are_the_readmes():
+    args = sample.build_parser().parse_args([])
+    assert (args.save_dir, args.n, args.prime, args.sample, args.temperature, args.top_k, args.seed) == \
+        ("save", 500, "The", 1, 1.0, 0, None)
+
+
+def test_without_a_seed_every_sample_differs(sampler):
+    texts = {sampler.sample("the ", 100, mode=1, temperature=1.5) for _ in range(3)}
+    assert len(texts) == 3
 
 
 def next_token_probabilities(sampler, prime_ids, temperature):
@@ -122,6 +150,27 @@ def test_sample_on_spaces_only_departs_from_argmax_after_a_space(sampler):
     assert all(text[i] == " " for i in departures)
 
 
+def test_sample_on_spaces_samples_right_after_a_prime_that_ends_in_a_space(sampler):
+    after_space = {sampler.sample("the ", 1, mode=2, temperature=3.0, seed=seed) for seed in range(20)}
+    assert len(after_space) > 1
+    after_letter = {sampler.sample("the", 1, mode=2, temperature=3.0, seed=seed) for seed in range(20)}
+    assert after_letter == {sampler.sample("the", 1, mode=0)}
+
+
+def test_word_level_sample_on_spaces_samples_every_word(word_save_dir):
+    words = Sampler.load(word_save_dir)
+    on_spaces = words.sample("the cat", 80, mode=2, temperature=1.5, seed=6)
+    assert on_spaces == words.sample("the cat", 80, mode=1, temperature=1.5, seed=6)
+    assert on_spaces != words.sample("the cat", 80, mode=0)
+
+
+def test_argmax_follows_the_model_across_blocks(sampler, following_logits):
+    text = sampler.sample("the d", 3 * GENERATE_BLOCK + 20, mode=0)
+    logits, drawn = generated_positions(sampler, following_logits, "the d", text)
+    assert len(drawn) == 3 * GENERATE_BLOCK + 20
+    assert (drawn == logits.argmax(axis=1)).all()
+
+
 def test_new_temperatures_lengths_and_seeds_trace_the_graph_once(trained_save_dir):
     sampler = Sampler.load(trained_save_dir)
     for temperature, n, seed, prime in [(0.5, 10, 1, "the"), (1.0, 25, 2, "a"), (1.7, 3, 3, "the cat"),
@@ -134,6 +183,97 @@ def test_top_k_one_is_argmax(sampler):
     assert sampler.sample("the ", 60, mode=1, temperature=2.0, seed=3, top_k=1) == sampler.sample("the ", 60, mode=0)
 
 
+# Logits of the generator (XLA) and of the whole-sequence pass differ by rounding: ranks allow for it.
+RANK_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def following_logits(sampler):
+    """ids -> [len(ids), vocab]: the model's logits after each token, the sequence in one compiled pass."""
+    model = sampler.generator.model
+    run = tf.function(lambda ids: model(ids[tf.newaxis], model.zero_state(1))[0][0],
+                      input_signature=[tf.TensorSpec([None], tf.int32)])
+    return lambda ids: run(tf.constant(ids, tf.int32)).numpy().astype(np.float64)
+
+
+def generated_positions(sampler, following_logits, prime, text):
+    """(logits [positions, vocab], drawn ids [positions]) at each generated token of `text` (after `prime`)."""
+    ids = sampler.encode(text)
+    start = len(sampler.encode(prime))
+    return following_logits(ids[:-1])[start - 1:], np.array(ids[start:])
+
+
+def rank_counts(logits, drawn):
+    """How often the token drawn was the likeliest, the second likeliest, ... at its position."""
+    drawn_logits = logits[np.arange(len(drawn)), drawn]
+    ranks = 1 + np.sum(logits > drawn_logits[:, np.newaxis] + RANK_TOLERANCE, axis=1)
+    return np.bincount(ranks - 1, minlength=logits.shape[1])
+
+
+def rank_probabilities(logits, temperature, top_k):
+    """The expected share of each rank: the softmax at `temperature` of the top_k likeliest tokens (all when 0),
+    renormalised, averaged over the positions."""
+    ordered = -np.sort(-logits, axis=1) / temperature
+    weights = np.exp(ordered - ordered[:, :1])
+    if top_k:
+        weights[:, top_k:] = 0
+    return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+
+
+@pytest.mark.parametrize("top_k", [2, 3, 5])
+def test_top_k_draws_exactly_the_k_likeliest_in_proportion(sampler, following_logits, top_k):
+    # Every position of a long sample, so that the check covers every block, not only the first token.
+    text = sampler.sample("the ", 3000, mode=1, temperature=2.0, seed=top_k, top_k=top_k)
+    logits, drawn = generated_positions(sampler, following_logits, "the ", text)
+    counts = rank_counts(logits, drawn)
+    assert counts[top_k:].sum() == 0, counts  # never a token outside the k likeliest
+    assert (counts[:top_k] > 0).all(), counts  # and each of the k likeliest is drawn
+    assert chi_square_p(counts[:top_k], rank_probabilities(logits, 2.0, top_k)[:top_k]) > 1e-4
+    # The test has power: the same draws are rejected against the proportions without top_k, or of top_k + 1.
+    assert chi_square_p(counts, rank_probabilities(logits, 2.0, 0)) < 1e-8
+    assert chi_square_p(counts[:top_k + 1], rank_probabilities(logits, 2.0, top_k + 1)[:top_k + 1]) < 1e-8
+
+
+def test_frequencies_over_every_position_match_the_softmax_at_each_temperature(sampler, following_logits):
+    for temperature in (0.6, 1.0, 1.8):
+        text = sampler.sample("the ", 3000, mode=1, temperature=temperature, seed=13)
+        logits, drawn = generated_positions(sampler, following_logits, "the ", text)
+        counts = rank_counts(logits, drawn)
+        assert chi_square_p(counts, rank_probabilities(logits, temperature, 0)) > 1e-4, temperature
+        # Power: the same draws are rejected against a temperature a quarter lower or higher.
+        for other in (temperature * 0.75, temperature * 1.25):
+            assert chi_square_p(counts, rank_probabilities(logits, other, 0)) < 1e-8, (temperature, other)
+
+
+def test_draws_do_not_repeat_from_block_to_block(sampler):
+    # At temperature 100 every token is a nearly uniform draw from the 15 characters: a stretch of 10 characters
+    # that comes back means draws that come back, as they would if a block of GENERATE_BLOCK tokens reused the
+    # random numbers of another.
+    text = sampler.sample("the ", 6 * GENERATE_BLOCK, mode=1, temperature=100.0, seed=8)[len("the "):]
+    assert text[GENERATE_BLOCK:2 * GENERATE_BLOCK] != text[:GENERATE_BLOCK]
+    stretches = [text[i:i + 10] for i in range(len(text) - 10 + 1)]
+    assert len(set(stretches)) == len(stretches)
+    assert set(text) == set(sampler.vocab)
+
+
+def test_limits_of_n_seed_and_top_k(sampler):
+    assert sampler.sample("the", 0, seed=1) == "the"
+    assert sampler.sample("the", 1, mode=0) == sampler.sample("the", 5, mode=0)[:4]
+    check_arguments(MAX_N, 1, 1.0, MAX_SEED, MAX_N)  # the largest values are accepted
+    # top_k of the vocabulary size or more keeps every token: the same text as top_k 0.
+    everything = sampler.sample("the ", 200, mode=1, temperature=1.5, seed=MAX_SEED)
+    for top_k in (len(sampler.vocab), MAX_N):
+        assert sampler.sample("the ", 200, mode=1, temperature=1.5, seed=MAX_SEED, top_k=top_k) == everything
+    assert sampler.sample("the ", 200, mode=1, temperature=1.5, seed=MAX_SEED, top_k=len(sampler.vocab) - 1) \
+        != everything
+    for arguments, reason in [(dict(n=MAX_N + 1), "n must be"), (dict(n=-1), "n must be"),
+                              (dict(seed=MAX_SEED + 1), "seed must be"), (dict(seed=-1), "seed must be"),
+                              (dict(top_k=MAX_N + 1), "top_k must be"), (dict(top_k=2 ** 32 + 5), "top_k must be"),
+                              (dict(top_k=-1), "top_k must be")]:
+        with pytest.raises(ValueError, match=reason):
+            sampler.sample("the", **{"n": 5, **arguments})
+
+
 def test_time_per_token_does_not_grow_with_n(sampler):
     sampler.sample("the", 10, seed=1)  # warm-up
     timings = {}
@@ -144,6 +284,7 @@ def test_time_per_token_does_not_grow_with_n(sampler):
     assert timings[5000] < 3 * timings[500]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--prime", "thé zq€"], "'é', 'z', 'q', '€'"),
     (["--temperature", "0"], "--temperature"),
@@ -151,27 +292,44 @@ def test_time_per_token_does_not_grow_with_n(sampler):
     (["--temperature", "nan"], "--temperature"),
     (["--temperature", "inf"], "--temperature"),
     (["-n", "-5"], "-n"),
+    (["-n", str(2 ** 30 + 1)], "n must be an integer from 0 to 1073741824"),
+    # Larger than int32: refused, never wrapped round (2**32 + 5 would sample with top_k 5).
+    (["--top_k", str(2 ** 32 + 5)], "top_k must be an integer from 0 to 1073741824"),
+    (["--top_k", "-1"], "--top_k"),
 ])
 def test_bad_arguments_exit_2_with_one_line(trained_save_dir, args, message):
     result = run_script("sample.py", "--save_dir", trained_save_dir, *args)
     assert result.returncode == 2
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_unknown_word_is_named(word_save_dir):
     result = run_script("sample.py", "--save_dir", word_save_dir, "--prime", "the zebra")
     assert result.returncode == 2
     assert "'zebra'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_empty_prime_starts_at_a_new_line(sampler, trained_save_dir):
     text = sample_cli(trained_save_dir, "--prime", "", "-n", 30, "--seed", 1)
     assert len(text) == 30
     assert sampler.sample("", 30, seed=1) == text
 
 
+def test_empty_prime_samples_what_follows_a_line_break(sampler, word_save_dir):
+    for mode, seed in [(0, None), (1, 1), (1, 2), (2, 3)]:
+        empty = sampler.sample("", 60, mode=mode, temperature=1.2, seed=seed)
+        assert empty == sampler.sample("\n", 60, mode=mode, temperature=1.2, seed=seed)[1:]
+    # Not what follows a space (the test can tell them apart).
+    assert sampler.sample("", 60, seed=1) != sampler.sample(" ", 60, seed=1)[1:]
+    words = Sampler.load(word_save_dir)
+    assert words.sample("", 40, seed=4) == words.sample("\n", 40, seed=4)[1:]
+
+
+@pytest.mark.slow
 def test_missing_save_dir_or_checkpoint_exits_1_never_random_weights(tmp_path, trained_save_dir):
     result = run_script("sample.py", "--save_dir", tmp_path / "nowhere")
     assert result.returncode == 1 and "does not exist" in result.stderr and result.stdout == ""
@@ -184,6 +342,7 @@ def test_missing_save_dir_or_checkpoint_exits_1_never_random_weights(tmp_path, t
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_word_level_flag_only_warns_on_a_character_model(trained_save_dir):
     result = run_script("sample.py", "--save_dir", trained_save_dir, "--word_level", "--prime", "the", "-n", 5)
     assert result.returncode == 0

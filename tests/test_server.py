@@ -11,18 +11,22 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 
 import train
 from conftest import REPO, TINY_MODEL, make_data_dir, run_script
+from sampler import MAX_N, MAX_SEED, Sampler
 
 # The README's URL asks for prime=The, so the served model must know a capital T (the shared tiny corpus has none).
 SERVED_TEXT = "The cat sat on the mat.\nThe dog sat on the log.\n" * 60
 README_QUERY = "prime=The&n=200&sample_mode=2"
 START_TIMEOUT_S = 120  # importing TensorFlow and loading the model, on a busy machine
 REQUEST_TIMEOUT_S = 60
+# Every test here starts a server or a script.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +40,78 @@ def save_dir(tmp_path_factory):
     return save
 
 
-def free_port():
-    """A port nobody listens on right now (CherryPy cannot report the port it got for port 0)."""
+def free_port(host="127.0.0.1"):
+    """A port nobody listens on right now (CherryPy cannot report the port it got for port 0); another process may
+    take it before the server binds it, so Server tries another one then."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
-class Server:
-    """A sample_server.py process: url, process, and its log (stdout and stderr) in a file."""
+def end_process(process):
+    """Terminate a child process, kill it if it lingers, and wait for it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
 
-    def __init__(self, save_dir, log_path, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "w") as log:
+
+@contextlib.contextmanager
+def ctrl_c_not_ignored():
+    """A child started in here handles Ctrl-C even when this process ignores SIGINT (a job started in the
+    background by a shell without job control): the child inherits an ignored signal, and Python keeps it ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
+
+
+# What the server says when it cannot have its port (its own check, or CherryPy's once the model is loaded).
+LOST_PORT_SIGNS = ("cannot listen on", "not free", "Address already in use")
+PORT_ATTEMPTS = 5
+
+
+class Server:
+    """A sample_server.py process: url, process, and its log (stdout and stderr) in a file.
+
+    When another process takes the port between free_port() and the server's bind, the server exits saying so and
+    wait_until_ready starts it again on another port.
+    """
+
+    def __init__(self, save_dir, log_path, *flags, host="127.0.0.1"):
+        self.save_dir, self.log_path, self.flags, self.host = save_dir, log_path, flags, host
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.port = free_port(self.host)
+        self.url = f"http://{self.host}:{self.port}"
+        with open(self.log_path, "w") as log, ctrl_c_not_ignored():
             self.process = subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir", save_dir,
-                 "--port", str(self.port), *map(str, flags)],
+                [sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir", self.save_dir,
+                 "--host", self.host, "--port", str(self.port), *map(str, self.flags)],
                 stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def wait_until_ready(self):
+        attempts = 1
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the server exited early:\n{self.log()}"
+            if self.process.poll() is not None:
+                log = self.log()
+                if attempts < PORT_ATTEMPTS and any(sign in log for sign in LOST_PORT_SIGNS):
+                    self.process.wait()
+                    attempts += 1
+                    self.start()
+                    deadline = time.monotonic() + START_TIMEOUT_S
+                    continue
+                raise AssertionError(f"the server exited early:\n{log}")
             with contextlib.suppress(OSError):
                 if get(self.url + "/health")[0] == 200:
                     return self
@@ -71,18 +123,12 @@ class Server:
             return f.read()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
 
 @contextlib.contextmanager
-def running_server(save_dir, log_path, *flags):
-    server = Server(save_dir, log_path, *flags)
+def running_server(save_dir, log_path, *flags, host="127.0.0.1"):
+    server = Server(save_dir, log_path, *flags, host=host)
     try:
         yield server.wait_until_ready()
     finally:
@@ -95,6 +141,28 @@ def server(save_dir, tmp_path_factory):
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
     with running_server(save_dir, log_path, "--threads", 4, "--queue", 64, "--max_n", 500) as running:
         yield running
+
+
+# A second server with every sampling flag away from its default, on another loopback address.
+FLAGGED_HOST = "127.0.0.2"
+FLAGGED_TEMPERATURE = 1.7
+FLAGGED_MAX_N = 50
+FLAGGED_MAX_PRIME = 20
+
+
+@pytest.fixture(scope="module")
+def flagged_server(save_dir, tmp_path_factory):
+    log_path = str(tmp_path_factory.mktemp("flagged") / "server.log")
+    flags = ["--production", "--temperature", FLAGGED_TEMPERATURE, "--max_n", FLAGGED_MAX_N,
+             "--max_prime", FLAGGED_MAX_PRIME]
+    with running_server(save_dir, log_path, *flags, host=FLAGGED_HOST) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def local_sampler(save_dir):
+    """The served model in this process, to say what the server should answer."""
+    return Sampler.load(save_dir)
 
 
 def get(url, timeout=REQUEST_TIMEOUT_S):
@@ -159,6 +227,53 @@ def test_without_a_seed_the_answer_names_the_seed_that_repeats_it(server):
     assert again[0] == 200 and again[2] == first["text"]
     status, headers, body = get(f"{server.url}/?prime=The&n=60")
     assert get(f"{server.url}/?prime=The&n=60&seed={headers['X-Seed']}")[2] == body
+    # The server picks a new seed for every request.
+    seeds = {get(f"{server.url}/?prime=The&n=5")[1]["X-Seed"] for _ in range(3)}
+    assert len(seeds) == 3
+
+
+def test_limits_are_inclusive(server, local_sampler):
+    # The longest prime (--max_prime, default 1000) and the largest n (--max_n 500 here) are served.
+    prime = ("The cat sat on the mat.\n" * 50)[:1000]
+    status, _, body = get(f"{server.url}/?prime={urllib.parse.quote(prime)}&n=5&seed=1")
+    assert status == 200 and body == local_sampler.sample(prime, 5, 2, 0.8, 1)
+    status, _, body = get(f"{server.url}/?prime={urllib.parse.quote(prime + 'T')}&n=5&seed=1")
+    assert status == 400 and "prime is 1001 characters long; the limit is 1000 (--max_prime)" in body
+    for n in (1, 500):
+        status, _, body = get(f"{server.url}/?prime=The&n={n}&seed=2")
+        assert status == 200 and len(body) == 3 + n
+    status, _, body = get(f"{server.url}/?prime=The&n=501&seed=2")
+    assert status == 400 and "n must be an integer from 1 to 500 (--max_n)" in body
+    # Seeds from 0 to the largest, and top_k from 0 to the largest (which keeps every token, as 0 does).
+    for seed in (0, MAX_SEED):
+        status, headers, body = get(f"{server.url}/?prime=The&n=40&sample_mode=1&seed={seed}")
+        assert status == 200 and headers["X-Seed"] == str(seed)
+        assert body == local_sampler.sample("The", 40, 1, 0.8, seed)
+        for top_k in (0, MAX_N):
+            assert get(f"{server.url}/?prime=The&n=40&sample_mode=1&seed={seed}&top_k={top_k}")[2] == body
+
+
+def test_empty_prime_answers_what_sample_py_prints(server, save_dir):
+    status, _, body = get(f"{server.url}/?prime=&n=40&sample_mode=1&seed=3")
+    assert status == 200
+    assert body == sample_cli(save_dir, "--prime", "", "-n", 40, "--sample", 1, "--temperature", 0.8, "--seed", 3)
+
+
+def test_flags_set_the_default_temperature_and_the_limits(flagged_server, local_sampler):
+    url = flagged_server.url
+    answer = json.loads(get(f"{url}/sample.json?n=30&sample_mode=1&seed=4")[2])
+    assert answer["temperature"] == FLAGGED_TEMPERATURE
+    assert answer["text"] == local_sampler.sample("The ", 30, 1, FLAGGED_TEMPERATURE, 4)
+    assert get(f"{url}/?n=30&sample_mode=1&seed=4&temperature=0.8")[2] != answer["text"]
+    status, _, body = get(f"{url}/?prime=The&n={FLAGGED_MAX_N}")
+    assert status == 200 and len(body) == 3 + FLAGGED_MAX_N
+    status, _, body = get(f"{url}/?prime=The&n={FLAGGED_MAX_N + 1}")
+    assert status == 400 and f"n must be an integer from 1 to {FLAGGED_MAX_N} (--max_n)" in body
+    prime = ("The cat sat on the mat." * 2)[:FLAGGED_MAX_PRIME]
+    status, _, body = get(f"{url}/?prime={urllib.parse.quote(prime)}&n=5")
+    assert status == 200 and body.startswith(prime)
+    status, _, body = get(f"{url}/?prime={urllib.parse.quote(prime + '.')}&n=5")
+    assert status == 400 and f"the limit is {FLAGGED_MAX_PRIME} (--max_prime)" in body
 
 
 def test_health_names_the_model(server, save_dir):
@@ -187,8 +302,14 @@ BAD_REQUESTS = [
     ("seed=-5", "seed must be"),
     ("seed=99999999999999999999", "seed must be"),
     ("top_k=-1", "top_k must be"),
+    # Larger than int32: refused, never wrapped round (2**32 + 5 would sample with top_k 5).
+    ("top_k=4294967301", "top_k must be an integer from 0 to 1073741824"),
+    ("top_k=1073741825", "top_k must be an integer from 0 to 1073741824"),
+    ("seed=9223372036854775808", "seed must be an integer in [0, 9223372036854775807]"),
+    ("n=501", "n must be an integer from 1 to 500 (--max_n)"),
     ("colour=red", "unknown parameter 'colour'"),
     ("prime=" + "a" * 10_000, "prime is 10000 characters long; the limit is 1000"),
+    ("prime=" + "a" * 1001, "prime is 1001 characters long; the limit is 1000"),
     ("prime=The%20Queen%21", "the model does not know: 'Q', 'u', '!'"),
     ("prime=%3Cb%3E%26", "the model does not know: '<', 'b', '>', '&'"),
     ("prime=%zz", "broken percent-escape"),
@@ -275,18 +396,47 @@ def test_missing_or_empty_save_dir_stops_the_server_with_one_line(tmp_path):
     # Both at once (each spends most of its time importing TensorFlow); one in the production environment, where
     # CherryPy logs nothing on screen, one in the development environment, where the engine's lines come first.
     cases = {missing: ["--production"], empty: []}
-    processes = {save: subprocess.Popen([sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir",
-                                         str(save), "--port", str(free_port()), *flags],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for save, flags in cases.items()}
-    for save, process in processes.items():
-        err = process.communicate(timeout=START_TIMEOUT_S)[1]
-        assert process.returncode == 1
-        assert "Traceback" not in err
-        lines = err.strip().splitlines()
-        assert lines[-1].startswith("error: ") and str(save) in lines[-1], err
-        if save == missing:
-            assert len(lines) == 1, err
+    processes = {}
+    try:
+        for save, flags in cases.items():
+            processes[save] = subprocess.Popen([sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir",
+                                                str(save), "--port", str(free_port()), *flags],
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for save, process in processes.items():
+            err = process.communicate(timeout=START_TIMEOUT_S)[1]
+            assert process.returncode == 1
+            assert "Traceback" not in err
+            lines = err.strip().splitlines()
+            assert lines[-1].startswith("error: ") and str(save) in lines[-1], err
+            if save == missing:
+                assert len(lines) == 1, err
+    finally:
+        for process in processes.values():
+            end_process(process)
+
+
+def test_busy_port_or_an_address_not_here_stops_the_server_with_one_line(save_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_script("sample_server.py", "--save_dir", save_dir, "--port", port, timeout=START_TIMEOUT_S)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host"]
+    # 192.0.2.1 is a documentation address (RFC 5737), never this machine's: binding it fails at once.
+    result = run_script("sample_server.py", "--save_dir", save_dir, "--host", "192.0.2.1", "--port", free_port(),
+                        timeout=START_TIMEOUT_S)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 192.0.2.1:"), result.stderr
+
+
+def test_listens_on_the_host_given_only(flagged_server):
+    assert get(flagged_server.url + "/health")[0] == 200
+    with pytest.raises(urllib.error.URLError) as refused:
+        get(f"http://127.0.0.1:{flagged_server.port}/health")
+    assert isinstance(refused.value.reason, ConnectionRefusedError)
 
 
 def test_sigterm_during_a_request_exits_0_within_seconds(save_dir, tmp_path):
@@ -319,3 +469,15 @@ def test_sigterm_during_a_request_exits_0_within_seconds(save_dir, tmp_path):
     assert answers["generating"][0] == 200 and answers["generating"][1] > signalled
     assert answers["waiting"][0] == 503
     assert "Traceback" not in server.log()
+
+
+def test_ctrl_c_exits_0_cleanly_within_seconds(save_dir, tmp_path):
+    with running_server(save_dir, str(tmp_path / "server.log"), "--production") as server:
+        assert get(f"{server.url}/?prime=The&n=5")[0] == 200
+        before = server.log()
+        server.process.send_signal(signal.SIGINT)
+        code = server.process.wait(timeout=30)
+    assert code == 0, server.log()
+    said = server.log()[len(before):]
+    assert "Traceback" not in said and "interrupted" not in said and "KeyboardInterrupt" not in said
+    assert len(said.strip().splitlines()) <= 1, said

@@ -9,6 +9,7 @@ import math
 import sys
 
 import cli
+from settings import TRAIN_DEFAULTS
 
 DESCRIPTION = "Evaluate a trained char-rnn model on its validation split or on any text."
 
@@ -21,28 +22,36 @@ def build_parser():
     source.add_argument("--text", default=None, help="evaluate on this text file instead of a split")
     source.add_argument("--split", default="val", choices=["val", "train"],
                         help="which part of the training data (data_dir and val_frac from config.yaml)")
+    parser.add_argument("--data_dir", default=None,
+                        help="data dir of the training text, for --split (default: the data_dir in config.yaml, "
+                             "which is relative to where train.py ran)")
     parser.add_argument("--encoding", default=None, help="encoding of --text (default: the model's)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return parser
 
 
-def split_ids(config, vocab, split):
-    """The token ids of the training run's validation or training split, checked against the model's vocab."""
+def split_ids(config, vocab, split, data_dir=None):
+    """The token ids of the training run's validation or training split (of `data_dir`, or the one config.yaml
+    names), checked against the model's vocab; returns (ids, a description of them)."""
     import savedir
     from utils import TextLoader
-    if "data_dir" not in config:
-        raise ValueError("this save dir's config.yaml does not say which data it was trained on; use --text")
-    loader = TextLoader(config["data_dir"], config.get("batch_size", 1), config.get("seq_length", 1),
-                        config.get("val_frac", 0.05), config.get("encoding", "utf-8"), config["word_level"],
-                        config.get("max_vocab", 0), config.get("min_count", 1),
+    data_dir = data_dir or config.get("data_dir")
+    if data_dir is None:
+        raise ValueError("this save dir's config.yaml does not say which data it was trained on; "
+                         "give --data_dir or use --text")
+
+    def setting(name):  # a config.yaml from an older version may lack a setting: it had the default
+        return config.get(name, getattr(TRAIN_DEFAULTS, name))
+    loader = TextLoader(data_dir, setting("batch_size"), setting("seq_length"), setting("val_frac"),
+                        setting("encoding"), config["word_level"], setting("max_vocab"), setting("min_count"),
                         keep_crlf=savedir.keeps_crlf(config, vocab), cache_dir=config.get("cache_dir"))
     if loader.vocab != vocab:
-        raise ValueError(f"{config['data_dir']} no longer holds the text this model was trained on "
+        raise ValueError(f"{data_dir} no longer holds the text this model was trained on "
                          f"(its vocabulary differs); evaluate with --text instead")
     ids = loader.val_ids if split == "val" else loader.train_ids
     if len(ids) < 2:
-        raise ValueError(f"the {split} split is empty (val_frac {config['val_frac']}); use --text")
-    return ids, f"{split} split of {config['data_dir']}"
+        raise ValueError(f"the {split} split is empty (val_frac {setting('val_frac')}); use --text")
+    return ids, f"{split} split of {data_dir}"
 
 
 def text_ids(path, config, vocab, unk_token, encoding):
@@ -58,12 +67,12 @@ def text_ids(path, config, vocab, unk_token, encoding):
 
 def evaluate(args):
     import savedir
-    from trainer import full_pass_loss
+    from evaluation import full_pass_loss
     loaded = savedir.load(args.save_dir)
     if args.text:
         ids, source = text_ids(args.text, loaded.config, loaded.vocab, loaded.unk_token, args.encoding)
     else:
-        ids, source = split_ids(loaded.config, loaded.vocab, args.split)
+        ids, source = split_ids(loaded.config, loaded.vocab, args.split, args.data_dir)
     loss, count = full_pass_loss(loaded.model, ids)
     result = {"source": source, "tokens": count, "loss_nats": loss, "bits_per_token": loss / math.log(2),
               "perplexity": math.exp(loss), "checkpoint": loaded.path}

@@ -4,10 +4,10 @@ usage: python train.py [--data_dir data/tinyshakespeare] [--save_dir save] [--mo
        python train.py --init_from save        # resume where the run in save/ stopped
 """
 import argparse
-import os
 import sys
 
 import cli
+from settings import CELL_TYPES, RESUMED_SETTINGS, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
 
 DESCRIPTION = "Train a multi-layer LSTM/GRU/RNN language model over characters or words."
 
@@ -17,62 +17,66 @@ def build_parser():
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--data_dir", default=os.path.join("data", "tinyshakespeare"),
+    data.add_argument("--data_dir", default=DEFAULTS.data_dir,
                       help="directory containing input.txt (the default corpus is downloaded when missing)")
     data.add_argument("--word_level", action="store_true",
                       help="split the text into words (on whitespace, keeping line breaks) instead of characters")
-    data.add_argument("--val_frac", type=cli.fraction, default=0.05,
+    data.add_argument("--val_frac", type=cli.fraction, default=DEFAULTS.val_frac,
                       help="fraction of the tokens (the contiguous tail) held out for validation; 0 for none")
-    data.add_argument("--encoding", default="utf-8", help="text encoding of input.txt")
-    data.add_argument("--max_vocab", type=cli.non_negative_int, default=0,
+    data.add_argument("--encoding", default=DEFAULTS.encoding, help="text encoding of input.txt")
+    data.add_argument("--max_vocab", type=cli.non_negative_int, default=DEFAULTS.max_vocab,
                       help="keep only the N most frequent tokens, others become <unk> (0: keep all)")
-    data.add_argument("--min_count", type=cli.positive_int, default=1,
+    data.add_argument("--min_count", type=cli.positive_int, default=DEFAULTS.min_count,
                       help="tokens seen fewer times become <unk>")
-    data.add_argument("--data_url", default=None,
+    data.add_argument("--data_url", default=DEFAULTS.data_url,
                       help="mirror (URL or file path) of the default corpus; also $CHAR_RNN_DATA_URL")
     data.add_argument("--keep_crlf", action="store_true",
                       help="keep CRLF line endings as two characters (by default they become LF, in training "
                            "and in the primes and texts given to the model later)")
-    data.add_argument("--cache_dir", default=None,
+    data.add_argument("--cache_dir", default=DEFAULTS.cache_dir,
                       help="where to keep the preprocessing cache (default: beside input.txt, or "
                            "$XDG_CACHE_HOME/char-rnn when the data dir cannot be written)")
 
     io = parser.add_argument_group("saving and resuming")
-    io.add_argument("--save_dir", default="save", help="directory for checkpoints; the best model goes to "
+    io.add_argument("--save_dir", default=DEFAULTS.save_dir, help="directory for checkpoints; the best model goes to "
                     "SAVE_DIR/best (lowest validation loss)")
-    io.add_argument("--save_every", type=cli.positive_int, default=1000,
+    io.add_argument("--save_every", type=cli.positive_int, default=DEFAULTS.save_every,
                     help="write a checkpoint and compute the validation loss every N steps (and on the last)")
-    io.add_argument("--init_from", default=None,
+    io.add_argument("--init_from", default=DEFAULTS.init_from,
                     help="resume training from the save dir at this path (config.yaml, vocab.json and "
                          "checkpoints written by train.py): same step, epoch, learning rate and data position")
-    io.add_argument("--print_every", type=cli.positive_int, default=10, help="print training stats every N steps")
-    io.add_argument("--log_dir", default=None, help="TensorBoard log directory (default: SAVE_DIR/logs)")
+    io.add_argument("--print_every", type=cli.positive_int, default=DEFAULTS.print_every,
+                    help="print training stats every N steps")
+    io.add_argument("--log_dir", default=DEFAULTS.log_dir, help="TensorBoard log directory (default: SAVE_DIR/logs)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="lstm", choices=["lstm", "gru", "rnn"], help="rnn, gru, or lstm")
-    model.add_argument("--rnn_size", type=cli.positive_int, default=128, help="size of RNN hidden state")
-    model.add_argument("--num_layers", type=cli.positive_int, default=3, help="number of layers in the RNN")
-    model.add_argument("--dropout", type=cli.probability, default=0.0,
+    model.add_argument("--model", default=DEFAULTS.model, choices=CELL_TYPES, help="rnn, gru, or lstm")
+    model.add_argument("--rnn_size", type=cli.positive_int, default=DEFAULTS.rnn_size,
+                       help="size of RNN hidden state")
+    model.add_argument("--num_layers", type=cli.positive_int, default=DEFAULTS.num_layers,
+                       help="number of layers in the RNN")
+    model.add_argument("--dropout", type=cli.probability, default=DEFAULTS.dropout,
                        help="probability of dropping each unit of a layer's output, in training only")
-    model.add_argument("--word2vec_embedding", default=None,
+    model.add_argument("--word2vec_embedding", default=DEFAULTS.word2vec_embedding,
                        help="initialise the embedding from word2vec vectors (word2vec text/binary format, or a "
                             "gensim 4 KeyedVectors/Word2Vec file: those are pickles, load only trusted ones)")
 
     optimization = parser.add_argument_group("optimization")
-    optimization.add_argument("--batch_size", type=cli.positive_int, default=50,
+    optimization.add_argument("--batch_size", type=cli.positive_int, default=DEFAULTS.batch_size,
                               help="minibatch size (parallel streams of text)")
-    optimization.add_argument("--seq_length", type=cli.positive_int, default=50,
+    optimization.add_argument("--seq_length", type=cli.positive_int, default=DEFAULTS.seq_length,
                               help="RNN sequence length (steps of backpropagation through time)")
-    optimization.add_argument("--num_epochs", type=cli.positive_int, default=50, help="number of epochs")
-    optimization.add_argument("--max_steps", type=cli.non_negative_int, default=0,
+    optimization.add_argument("--num_epochs", type=cli.positive_int, default=DEFAULTS.num_epochs,
+                              help="number of epochs")
+    optimization.add_argument("--max_steps", type=cli.non_negative_int, default=DEFAULTS.max_steps,
                               help="stop (with a checkpoint) after this many steps in all; 0: no limit")
-    optimization.add_argument("--grad_clip", type=cli.positive_float, default=5.0,
+    optimization.add_argument("--grad_clip", type=cli.positive_float, default=DEFAULTS.grad_clip,
                               help="clip gradients to this global norm")
-    optimization.add_argument("--learning_rate", type=cli.positive_float, default=0.002,
+    optimization.add_argument("--learning_rate", type=cli.positive_float, default=DEFAULTS.learning_rate,
                               help="Adam learning rate")
-    optimization.add_argument("--decay_rate", type=cli.positive_float, default=0.97,
+    optimization.add_argument("--decay_rate", type=cli.positive_float, default=DEFAULTS.decay_rate,
                               help="per-epoch learning-rate decay: epoch e uses learning_rate * decay_rate**e")
-    optimization.add_argument("--seed", type=cli.non_negative_int, default=None,
+    optimization.add_argument("--seed", type=cli.non_negative_int, default=DEFAULTS.seed,
                               help="random seed, for a repeatable run (default: a random one, saved in config)")
     return parser
 
@@ -88,13 +92,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
 
+    settings = vars(args)
+    if args.init_from:  # None: take it from the checkpoint
+        settings.update({name: None for name in RESUMED_SETTINGS if name not in given})
+    config = TrainConfig(**settings)
+
     def start():
         cli.quiet_tensorflow(one_thread_per_op=True)
         import trainer  # after the flags: --help and flag errors stay fast
-        settings = vars(args)
-        if args.init_from:  # None: take it from the checkpoint
-            settings.update({name: None for name in trainer.RESUMED_SETTINGS if name not in given})
-        return trainer.train(trainer.TrainConfig(**settings))
+        return trainer.train(config)
     return cli.run(start)  # Ctrl-C from here on, TensorFlow's import included, is one line and exit 130
 
 

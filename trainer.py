@@ -20,48 +20,12 @@ from tensorflow import keras
 
 import savedir
 from cli import EXIT_INTERRUPTED
-from utils import TextLoader, atomic_write_bytes, stream_layout
+from settings import RESUMED_SETTINGS, TRAIN_DEFAULTS
+from evaluation import full_pass_loss, make_eval_chunk
+from utils import TextLoader, atomic_write_bytes
 
-EVAL_STREAMS = 32  # parallel streams of a full-pass evaluation (each starts from a zero state)
-EVAL_CHUNK = 256  # time steps per compiled evaluation call
-# Settings that a resume takes from the checkpoint when they are not given (None); they shape the weights or
-# the vocabulary.
-RESUMED_SETTINGS = ("model", "rnn_size", "num_layers", "dropout", "word_level", "encoding", "max_vocab",
-                    "min_count", "keep_crlf")
 LOG_DIR = "logs"  # TensorBoard's logs, inside the save dir unless --log_dir says otherwise
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every train.py flag; see train.py --help for their meaning."""
-    data_dir: str = os.path.join("data", "tinyshakespeare")
-    save_dir: str = "save"
-    rnn_size: int = 128
-    num_layers: int = 3
-    model: str = "lstm"
-    batch_size: int = 50
-    seq_length: int = 50
-    num_epochs: int = 50
-    save_every: int = 1000
-    grad_clip: float = 5.0
-    learning_rate: float = 0.002
-    decay_rate: float = 0.97
-    init_from: str | None = None
-    word2vec_embedding: str | None = None
-    dropout: float = 0.0
-    print_every: int = 10
-    word_level: bool = False
-    val_frac: float = 0.05
-    seed: int | None = None
-    log_dir: str | None = None
-    encoding: str = "utf-8"
-    max_vocab: int = 0
-    min_count: int = 1
-    max_steps: int = 0
-    data_url: str | None = None
-    keep_crlf: bool = False
-    cache_dir: str | None = None
 
 
 class Progress(tf.Module):
@@ -109,35 +73,6 @@ def make_train_step(model, optimizer, progress, grad_clip):
         progress.batch_in_epoch.assign_add(1)
         return loss
     return train_step
-
-
-def make_eval_chunk(model):
-    """A compiled full-pass chunk: (inputs, targets, weights, states) -> (summed loss, new states)."""
-    @tf.function(reduce_retracing=True)
-    def eval_chunk(inputs, targets, weights, states):
-        logits, new_states = model(inputs, states, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-        return tf.reduce_sum(tf.cast(losses, tf.float64) * tf.cast(weights, tf.float64)), new_states
-    return eval_chunk
-
-
-def full_pass_loss(model, ids, eval_chunk=None, num_streams=EVAL_STREAMS):
-    """Mean next-token loss (nats) over every token of `ids`, state carried; returns (loss, token count).
-
-    The tokens are cut into `num_streams` parallel streams for speed; 1 reads them as one sequence.
-    """
-    if len(ids) < 2:
-        raise ValueError(f"{len(ids)} tokens are too few to evaluate: at least 2 are needed")
-    eval_chunk = eval_chunk or make_eval_chunk(model)
-    inputs, targets, weights = stream_layout(ids, num_streams)
-    states = model.zero_state(inputs.shape[0])
-    total = 0.0
-    for start in range(0, inputs.shape[1], EVAL_CHUNK):
-        columns = slice(start, start + EVAL_CHUNK)
-        loss_sum, states = eval_chunk(inputs[:, columns], targets[:, columns], weights[:, columns], states)
-        total += float(loss_sum)
-    count = len(ids) - 1
-    return total / count, count
 
 
 def format_duration(seconds):
@@ -391,8 +326,7 @@ def with_checkpoint_settings(config):
     old_config = savedir.read_config(config.init_from)
     old_vocab, _ = savedir.read_vocab(config.init_from)
     old_config.setdefault("keep_crlf", savedir.keeps_crlf(old_config, old_vocab))
-    defaults = TrainConfig()
-    taken = {name: old_config.get(name, getattr(defaults, name)) for name in RESUMED_SETTINGS if name in missing}
+    taken = {name: old_config.get(name, getattr(TRAIN_DEFAULTS, name)) for name in RESUMED_SETTINGS if name in missing}
     print("from the checkpoint: " + ", ".join(f"{name} {value}" for name, value in taken.items()))
     return dataclasses.replace(config, **taken)
 

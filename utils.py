@@ -497,23 +497,6 @@ def check_trainable(input_path, vocab, word_level):
                          f"give a longer text")
 
 
-def stream_layout(ids, num_streams):
-    """Cut a token array into parallel streams for a full pass: every next-token prediction appears once.
-
-    Returns (inputs, targets, weights), each [num_streams, length]; padding has weight 0.
-    """
-    ids = np.asarray(ids)
-    count = len(ids) - 1
-    num_streams = max(1, min(num_streams, count))
-    length = -(-count // num_streams)
-    inputs = np.zeros(num_streams * length, dtype=np.int32)
-    targets = np.zeros(num_streams * length, dtype=np.int32)
-    weights = np.zeros(num_streams * length, dtype=np.float32)
-    inputs[:count], targets[:count], weights[:count] = ids[:-1], ids[1:], 1.0
-    shape = (num_streams, length)
-    return inputs.reshape(shape), targets.reshape(shape), weights.reshape(shape)
-
-
 def encode_tokens(tokens, index, unk_token, word_level, what="the text"):
     """Map tokens to ids with `index`; unknown tokens become unk_token, or are refused by name (ValueError)."""
     unknown = [t for t in dict.fromkeys(tokens) if t not in index]

@@ -32,7 +32,7 @@ def main(argv=None):
     import evaluate
     import savedir
     import train
-    from trainer import full_pass_loss
+    from evaluation import full_pass_loss
 
     work = args.work_dir or tempfile.mkdtemp(prefix="char-rnn-quality-")
     data_dir, save_dir = os.path.join(work, "data"), os.path.join(work, "save")

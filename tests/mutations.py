@@ -46,7 +46,7 @@ MUTATIONS = [
              ("tests/test_sample.py", "tests/test_server.py")),
     Mutation("prime_limit_off_by_one", "sample_server.py", "if len(prime) > limits.max_prime:",
              "if len(prime) > limits.max_prime + 1:", ("tests/test_server.py",)),
-    Mutation("padding_in_eval_loss", "trainer.py", "* tf.cast(weights, tf.float64)), new_states",
+    Mutation("padding_in_eval_loss", "evaluation.py", "* tf.cast(weights, tf.float64)), new_states",
              "), new_states", ("tests/test_evaluate.py",)),
     Mutation("best_delete_then_rename", "savedir.py", "        os.rename(best, old)\n",
              "        shutil.rmtree(best)\n", ("tests/test_savedir.py",)),

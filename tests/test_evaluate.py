@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 
 import evaluate
+import evaluation
 import savedir
-import trainer
+import train
 from conftest import TINY_MODEL, TINY_TEXT, make_data_dir, run_script
 
 LOSS = re.compile(r"train_loss = ([0-9.]+)")
@@ -116,14 +117,14 @@ def loaded(trained_save_dir):
 OTHER_TEXT = ("the dog sat on the mat.\nthe cat sat on the log.\n" * 3)[:101]
 
 
-@pytest.mark.parametrize("num_streams, chunk", [(32, trainer.EVAL_CHUNK), (1, trainer.EVAL_CHUNK), (32, 3),
-                                                (1, 7), (200, trainer.EVAL_CHUNK)])
+@pytest.mark.parametrize("num_streams, chunk", [(32, evaluation.EVAL_CHUNK), (1, evaluation.EVAL_CHUNK), (32, 3),
+                                                (1, 7), (200, evaluation.EVAL_CHUNK)])
 def test_full_pass_loss_is_the_mean_token_loss_padding_not_counted(loaded, monkeypatch, num_streams, chunk):
     # chunk < the stream length: the state must be carried from one compiled chunk to the next.
-    monkeypatch.setattr(trainer, "EVAL_CHUNK", chunk)
+    monkeypatch.setattr(evaluation, "EVAL_CHUNK", chunk)
     ids = char_ids(loaded.vocab, OTHER_TEXT)
     expected, count = reference_loss(loaded.model, ids, num_streams)
-    loss, measured_count = trainer.full_pass_loss(loaded.model, ids, num_streams=num_streams)
+    loss, measured_count = evaluation.full_pass_loss(loaded.model, ids, num_streams=num_streams)
     assert measured_count == count == 100
     assert loss == pytest.approx(expected, rel=1e-4)
 
@@ -131,8 +132,8 @@ def test_full_pass_loss_is_the_mean_token_loss_padding_not_counted(loaded, monke
 def test_one_stream_is_the_text_read_as_one_sequence(loaded):
     # The same 100 predictions, read by 1 and by 32 streams: only the streams' zero starts differ.
     ids = char_ids(loaded.vocab, OTHER_TEXT)
-    one, _ = trainer.full_pass_loss(loaded.model, ids, num_streams=1)
-    many, _ = trainer.full_pass_loss(loaded.model, ids, num_streams=32)
+    one, _ = evaluation.full_pass_loss(loaded.model, ids, num_streams=1)
+    many, _ = evaluation.full_pass_loss(loaded.model, ids, num_streams=32)
     assert one != pytest.approx(many, rel=1e-4)
     assert one < many  # a model that learnt the text predicts better with its context carried
 
@@ -141,7 +142,7 @@ def test_evaluate_text_is_the_mean_token_loss(loaded, trained_save_dir, tmp_path
     path = tmp_path / "other.txt"
     path.write_text(OTHER_TEXT, encoding="utf-8")
     measured = evaluate_json(capsys, "--save_dir", trained_save_dir, "--text", path)
-    expected, count = reference_loss(loaded.model, char_ids(loaded.vocab, OTHER_TEXT), trainer.EVAL_STREAMS)
+    expected, count = reference_loss(loaded.model, char_ids(loaded.vocab, OTHER_TEXT), evaluation.EVAL_STREAMS)
     assert measured["tokens"] == count == 100
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
     assert measured["bits_per_token"] == pytest.approx(expected / math.log(2), rel=1e-4)
@@ -157,7 +158,7 @@ def test_evaluate_split_measures_that_part_of_the_training_text(loaded, trained_
     part = TINY_TEXT[:-num_val] if split == "train" else TINY_TEXT[-num_val:]
     args = ["--split", split] if split == "train" else []
     measured = evaluate_json(capsys, "--save_dir", trained_save_dir, *args)
-    expected, count = reference_loss(loaded.model, char_ids(loaded.vocab, part), trainer.EVAL_STREAMS)
+    expected, count = reference_loss(loaded.model, char_ids(loaded.vocab, part), evaluation.EVAL_STREAMS)
     assert measured["tokens"] == count == len(part) - 1
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
     assert measured["source"].startswith(f"{split} split of ")
@@ -195,14 +196,14 @@ def test_evaluate_reads_data_and_text_in_the_models_encoding(utf16_model, tmp_pa
     model = savedir.load(save)
     num_val = int(len(text) * 0.05)
     measured = evaluate_json(capsys, "--save_dir", save)
-    expected, count = reference_loss(model.model, char_ids(model.vocab, text[-num_val:]), trainer.EVAL_STREAMS)
+    expected, count = reference_loss(model.model, char_ids(model.vocab, text[-num_val:]), evaluation.EVAL_STREAMS)
     assert measured["tokens"] == count
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
     # A --text without --encoding is read in the model's encoding.
     path = tmp_path / "other.txt"
     path.write_bytes(text[:300].encode("utf-16"))
     measured = evaluate_json(capsys, "--save_dir", save, "--text", path)
-    expected, count = reference_loss(model.model, char_ids(model.vocab, text[:300]), trainer.EVAL_STREAMS)
+    expected, count = reference_loss(model.model, char_ids(model.vocab, text[:300]), evaluation.EVAL_STREAMS)
     assert measured["tokens"] == count == 299
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
 
@@ -222,3 +223,20 @@ def test_evaluate_split_refuses_a_data_dir_whose_text_changed(trained_save_dir, 
     # The same text back: evaluated again.
     make_data_dir(tmp_path / "data", TINY_TEXT)
     assert evaluate_json(capsys, "--save_dir", save)["tokens"] == int(len(TINY_TEXT) * 0.05) - 1
+
+
+def test_data_dir_flag_finds_the_training_text_from_any_directory(tmp_path, monkeypatch, capsys):
+    """config.yaml stores data_dir as given to train.py (relative): --data_dir says where it is from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    make_data_dir(tmp_path / "data")
+    assert train.main(["--data_dir", "data", "--save_dir", "save", *TINY_MODEL, "--max_steps", "5",
+                       "--print_every", "1000", "--seed", "1"]) == 0
+    here = evaluate_json(capsys, "--save_dir", "save")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert evaluate.main(["--save_dir", "../save"]) == 1
+    assert "data/input.txt not found" in capsys.readouterr().err
+    there = evaluate_json(capsys, "--save_dir", "../save", "--data_dir", "../data")
+    assert (there["loss_nats"], there["tokens"]) == (here["loss_nats"], here["tokens"])
+    assert there["source"] == "val split of ../data"

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+import evaluation
 import savedir
 import train
-import trainer
 from conftest import REPO, make_data_dir, run_script
 from sampler import Sampler
 
@@ -47,7 +47,7 @@ def test_sample_py_prints_the_same_text_from_the_old_save_dir(old_save_dir):
 
 def test_old_save_dir_evaluates_to_the_same_loss(old_sampler):
     expected = EXPECTED["eval"]
-    loss, count = trainer.full_pass_loss(savedir.load(OLD_SAVE_DIR).model, old_sampler.encode(expected["text"]))
+    loss, count = evaluation.full_pass_loss(savedir.load(OLD_SAVE_DIR).model, old_sampler.encode(expected["text"]))
     assert count == expected["tokens"]
     assert loss == pytest.approx(expected["loss"], abs=1e-5)
 

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import evaluation
 import savedir
+import settings
 import train
 import trainer
 import utils
@@ -138,7 +140,7 @@ def assert_best_describes_its_weights(save_dir, data_dir):
     loaded = savedir.load(best)
     assert savedir.checkpoint_step(loaded.path) == info["step"]
     loader = utils.TextLoader(data_dir, 4, 10)
-    val_loss, _ = trainer.full_pass_loss(loaded.model, loader.val_ids)
+    val_loss, _ = evaluation.full_pass_loss(loaded.model, loader.val_ids)
     assert val_loss == pytest.approx(info["val_loss"], abs=1e-4)
 
 
@@ -451,7 +453,7 @@ def readme_flag_table():
 def test_training_defaults_are_the_documented_ones():
     parsed = vars(train.build_parser().parse_args([]))
     assert {name: parsed.get(name, "missing") for name in README_DEFAULTS} == README_DEFAULTS
-    assert dataclasses.asdict(trainer.TrainConfig()) == parsed  # the library agrees with the command
+    assert dataclasses.asdict(settings.TrainConfig()) == parsed  # the library agrees with the command
     for flag, cell in readme_flag_table().items():  # and README's table says the same
         default = parsed[flag]
         if default is None:  # no value: the table describes what happens ("none", "random", "SAVE_DIR/logs" ...)

@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 from tensorflow import keras
 
+import evaluation
 import savedir
+import settings
 import train
 import trainer
 import utils
@@ -17,10 +19,10 @@ from conftest import TINY_TEXT, make_data_dir
 TINY = dict(rnn_size=16, num_layers=1, batch_size=4, seq_length=10)
 
 
-def build_trainer(data_dir, save_dir, **settings):
+def build_trainer(data_dir, save_dir, **overrides):
     """A Trainer of the tiny model, built the way trainer.train builds it (without its lock and first line)."""
-    config = trainer.TrainConfig(**{**TINY, "data_dir": data_dir, "save_dir": save_dir, "seed": 1,
-                                    "print_every": 1000, "save_every": 10 ** 6, **settings})
+    config = settings.TrainConfig(**{**TINY, "data_dir": data_dir, "save_dir": save_dir, "seed": 1,
+                                    "print_every": 1000, "save_every": 10 ** 6, **overrides})
     keras.utils.set_random_seed(config.seed)
     loader = utils.TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac)
     saved_config = trainer.model_config(config, loader, config.rnn_size)
@@ -153,7 +155,7 @@ def test_validation_loss_is_the_inference_loss_over_every_held_out_token(tmp_pat
     run = build_trainer(data_dir, save, dropout=0.5, save_every=10, max_steps=20)
     assert run.run() == 0
     val_ids = run.loader.val_ids
-    inputs, targets, weights = utils.stream_layout(val_ids, trainer.EVAL_STREAMS)
+    inputs, targets, weights = evaluation.stream_layout(val_ids, evaluation.EVAL_STREAMS)
     assert weights.sum() == len(val_ids) - 1  # every next-token prediction of the tail, once
     model = savedir.load(save).model  # the newest checkpoint: step 20
     logits, _ = model(tf.constant(inputs), model.zero_state(inputs.shape[0]), training=False)

@@ -12,10 +12,10 @@ import pytest
 
 import embeddings
 import evaluate
+import evaluation
 import sample
 import savedir
 import train
-import trainer
 import utils
 from conftest import REAL_CORPUS, TINY_MODEL, make_data_dir, run_script
 from sampler import Sampler
@@ -282,7 +282,7 @@ def test_evaluate_counts_unknown_words_as_unk(word_models, min_count_model, tmp_
     path = tmp_path / "unseen.txt"
     path.write_text(UNSEEN_TEXT, encoding="utf-8")
     measured = words_json(capsys, "--save_dir", save, "--text", path)
-    expected, count = reference_loss(loaded.model, ids, trainer.EVAL_STREAMS)
+    expected, count = reference_loss(loaded.model, ids, evaluation.EVAL_STREAMS)
     assert measured["tokens"] == count == len(words) - 1
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
 
@@ -297,7 +297,7 @@ def test_evaluate_validation_split_of_a_word_model(word_models, min_count_model,
     unk = loaded.vocab.index(loaded.unk_token) if loaded.unk_token else None
     ids = [loaded.vocab.index(w) if w in loaded.vocab else unk for w in tail]
     measured = words_json(capsys, "--save_dir", save)
-    expected, count = reference_loss(loaded.model, ids, trainer.EVAL_STREAMS)
+    expected, count = reference_loss(loaded.model, ids, evaluation.EVAL_STREAMS)
     assert measured["tokens"] == count == len(tail) - 1
     assert measured["loss_nats"] == pytest.approx(expected, rel=1e-4)
 

@@ -1,0 +1,82 @@
+"""The settings of a run, typed, each default stated once (no TensorFlow here, so `train.py --help` stays fast).
+
+TrainConfig: every train.py flag with its default; the parser takes its defaults from here.
+ModelConfig: what builds the network. train.py writes it into config.yaml (beside the training flags) and
+whoever loads a save dir reads it back by name: `CharRNN(ModelConfig.from_dict(saved))`.
+"""
+import dataclasses
+import os
+
+DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
+CELL_TYPES = ("lstm", "gru", "rnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every train.py flag; `python train.py --help` says what each means."""
+    # Data
+    data_dir: str = DEFAULT_DATA_DIR
+    word_level: bool = False
+    val_frac: float = 0.05
+    encoding: str = "utf-8"
+    max_vocab: int = 0
+    min_count: int = 1
+    data_url: str | None = None
+    keep_crlf: bool = False
+    cache_dir: str | None = None
+    # Saving and resuming
+    save_dir: str = "save"
+    save_every: int = 1000
+    init_from: str | None = None
+    print_every: int = 10
+    log_dir: str | None = None
+    # Model
+    model: str = "lstm"
+    rnn_size: int = 128
+    num_layers: int = 3
+    dropout: float = 0.0
+    word2vec_embedding: str | None = None
+    # Optimization
+    batch_size: int = 50
+    seq_length: int = 50
+    num_epochs: int = 50
+    max_steps: int = 0
+    grad_clip: float = 5.0
+    learning_rate: float = 0.002
+    decay_rate: float = 0.97
+    seed: int | None = None
+
+
+TRAIN_DEFAULTS = TrainConfig()
+
+# Settings that a resume takes from the checkpoint's config.yaml unless given on the command line: they shape
+# the weights or the vocabulary.
+RESUMED_SETTINGS = ("model", "rnn_size", "num_layers", "dropout", "word_level", "encoding", "max_vocab",
+                    "min_count", "keep_crlf")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network: vocabulary size, cell type, layers and their size, embedding size, dropout probability."""
+    vocab_size: int
+    model: str = TRAIN_DEFAULTS.model
+    rnn_size: int = TRAIN_DEFAULTS.rnn_size
+    num_layers: int = TRAIN_DEFAULTS.num_layers
+    embedding_size: int | None = None  # None: rnn_size
+    dropout: float = TRAIN_DEFAULTS.dropout
+
+    def __post_init__(self):
+        if self.model not in CELL_TYPES:
+            raise ValueError(f"unknown model type {self.model!r}: choose one of {', '.join(CELL_TYPES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} is not a probability in [0, 1)")
+        if self.embedding_size is None:
+            object.__setattr__(self, "embedding_size", self.rnn_size)
+
+    @classmethod
+    def from_dict(cls, saved):
+        """The model settings among a config.yaml's entries (which hold the training flags too)."""
+        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls) if field.name in saved})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

@@ -325,7 +325,14 @@ class Generator(tf.Module):
         super().__init__(name="generator")
         self.model = model
         self.space_id = tf.constant(space_id, tf.int32)
+        # Set by stop() from any thread; the block loop reads it before each block (one read per block).
+        self.stopped = tf.Variable(False, trainable=False, name="stopped")
         self._block = tf.function(self._generate_block, jit_compile=True)
+
+    def stop(self):
+        """Make every generate() call, running or later, stop before its next block: it then returns fewer
+        than n ids (those of the blocks already made). For a server that is shutting down; there is no undo."""
+        self.stopped.assign(True)
 
     def _generate_block(self, position, previous, logits, states, temperature, mode, seed, top_k):
         """GENERATE_BLOCK more tokens from (previous token, its logits, states); returns them and the new carry."""
@@ -352,7 +359,8 @@ class Generator(tf.Module):
         tf.TensorSpec([], tf.int32, name="top_k"),
     ])
     def generate(self, prime, n, temperature, mode, seed, top_k):
-        """Feed the prime ids (at least one), then generate n ids; returns int32 [n].
+        """Feed the prime ids (at least one), then generate n ids; returns int32 [n], or the ids of the blocks
+        made so far (fewer than n) once stop() was called.
 
         mode: 0 argmax, 1 sample every step, 2 sample only right after a space. temperature divides the
         logits; top_k > 0 samples among the k likeliest tokens only; seed makes the draw repeatable.
@@ -366,6 +374,10 @@ class Generator(tf.Module):
                                                            temperature, mode, seed, top_k)
             return b + 1, previous, logits, states, blocks.write(b, tokens)
 
-        _, _, _, _, blocks = tf.while_loop(lambda b, *_: b < num_blocks, body,
-                                           (tf.constant(0), prime[-1], logits[0, -1], states, blocks))
-        return blocks.concat()[:n]
+        def more(b, *_):
+            return tf.logical_and(b < num_blocks, tf.logical_not(self.stopped.read_value()))
+
+        made, _, _, _, blocks = tf.while_loop(more, body,
+                                              (tf.constant(0), prime[-1], logits[0, -1], states, blocks))
+        # Blocks a stop left unmade concatenate as zeros (the element shape is fixed); the slice drops them.
+        return blocks.concat()[:tf.minimum(n, made * GENERATE_BLOCK)]

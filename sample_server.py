@@ -5,7 +5,7 @@ usage: python sample_server.py [--port 8080] [--production] [--save_dir save] [-
 
 Endpoints: GET / (the text, as sample.py prints it), GET /sample.json (the text and the settings used, seed
 included), GET /health ("ok" and the model served). A bad request answers 400 with a one-line plain-text reason;
-a full queue answers 503.
+a full queue answers 503, and so does a generation that a shutdown stopped.
 """
 import argparse
 import contextlib
@@ -39,6 +39,7 @@ RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 AUTO_SEED_LIMIT = 2 ** 31
 MAX_DIGITS = 20  # longer numbers are refused before int() spends time on them
 SHOWN_VALUE_CHARS = 40  # a refused value is quoted in the reason up to this length
+MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
 
 # Query parameters of GET / and GET /sample.json, and the original server's defaults.
 PARAMETERS = ("prime", "n", "sample_mode", "temperature", "seed", "top_k")
@@ -46,6 +47,10 @@ DEFAULT_PRIME = "The "
 DEFAULT_N = 200
 DEFAULT_SAMPLE_MODE = 2
 SAMPLE_MODES = {0: "argmax", 1: "sample", 2: "sample after spaces"}
+
+
+seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
+seconds_or_zero = cli._number(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
 
 
 def build_parser():
@@ -71,6 +76,12 @@ def build_parser():
                         help="requests generating text at once (each on a CherryPy worker thread)")
     parser.add_argument("--queue", type=cli.non_negative_int, default=32,
                         help="requests that may wait for a generating thread; beyond them the answer is 503 at once")
+    parser.add_argument("--socket_timeout", type=seconds, default=2.0,
+                        help="seconds a connection may stay silent while sending its request (or not read the "
+                             "answer) before it is dropped; generating takes as long as it takes")
+    parser.add_argument("--shutdown_grace", type=seconds_or_zero, default=5.0,
+                        help="on SIGTERM, SIGHUP or Ctrl-C, seconds a generation in progress may still run to "
+                             "finish; then it stops and its request is answered 503")
     return parser
 
 
@@ -210,11 +221,12 @@ class StartupFailed(SystemExit):
 
 class ModelPlugin(SimplePlugin):
     """Loads and warms up the model when the engine starts, before the HTTP server listens; closes the request
-    slots when it stops, so that waiting requests are answered at once and shutdown is quick."""
+    slots when it stops, so that waiting requests are answered at once, and stops the generations in progress
+    once `grace` seconds have passed, so that shutdown takes at most that long (plus one block) whatever n is."""
 
-    def __init__(self, bus, save_dir, word_level, slots):
+    def __init__(self, bus, save_dir, word_level, slots, grace=0.0):
         super().__init__(bus)
-        self.save_dir, self.word_level, self.slots = save_dir, word_level, slots
+        self.save_dir, self.word_level, self.slots, self.grace = save_dir, word_level, slots, grace
         self.sampler = None
         self.description = None
 
@@ -238,6 +250,11 @@ class ModelPlugin(SimplePlugin):
 
     def stop(self):
         self.slots.closed.set()
+        if self.sampler is not None:
+            # A daemon timer: when nothing is generating, the process exits without waiting for it.
+            timer = threading.Timer(self.grace, self.sampler.generator.stop)
+            timer.daemon = True
+            timer.start()
     stop.priority = 10  # before the HTTP server (25) waits for its worker threads
 
 
@@ -276,6 +293,7 @@ class SampleService:
 
     def sample(self, params):
         """Check the parameters, wait for a slot, generate; returns (SampleRequest, text)."""
+        from sampler import GenerationStopped  # imported with TensorFlow by the model plugin
         sampler = self.model.sampler
         try:
             request = parse_request(params, self.limits)
@@ -285,6 +303,8 @@ class SampleService:
                                       request.seed, request.top_k)
         except ValueError as error:
             raise cherrypy.HTTPError(400, str(error))
+        except GenerationStopped:
+            raise cherrypy.HTTPError(503, "the server is shutting down; the generation was stopped") from None
         return request, text
 
 
@@ -350,6 +370,9 @@ def server_config(args):
         "server.socket_port": args.port,
         "server.thread_pool": args.threads + args.queue + SPARE_WORKERS,
         "server.socket_queue_size": LISTEN_BACKLOG,
+        # cheroot's default is 10 s: with every worker thread reading from a client that sent part of a request
+        # and went silent, a normal request would wait that long (or a multiple) for a free thread.
+        "server.socket_timeout": args.socket_timeout,
         "engine.autoreload.on": False,  # a reload would load TensorFlow and the model again
     }
     if args.production:
@@ -386,8 +409,9 @@ def check_port_free(host, port):
 
 
 class Shutdown:
-    """Stops the engine on SIGTERM, SIGHUP or Ctrl-C: the server stops listening, finishes the requests it is
-    generating, answers the waiting ones 503, and the process exits with code 0. A signal that arrives while
+    """Stops the engine on SIGTERM, SIGHUP or Ctrl-C: the server stops listening, answers the waiting requests
+    503, lets the ones it is generating run for --shutdown_grace seconds and then stops them (answered 503 too),
+    and the process exits with code 0. A signal that arrives while
     the engine is starting (loading the model, opening the socket) takes effect once it has started, because
     CherryPy ends the process with code 70 when exit() interrupts start()."""
 
@@ -417,7 +441,7 @@ def serve(args):
     cli.quiet_tensorflow()  # the model plugin imports sampler, and with it TensorFlow
     engine = cherrypy.engine
     slots = RequestSlots(args.threads, args.queue)
-    model = ModelPlugin(engine, args.save_dir, args.word_level, slots)
+    model = ModelPlugin(engine, args.save_dir, args.word_level, slots, args.shutdown_grace)
     model.subscribe()
     cherrypy.config.update(server_config(args))
     cherrypy.tree.mount(SampleService(model, Limits(args.max_n, args.max_prime, args.temperature)), "/",

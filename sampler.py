@@ -22,6 +22,10 @@ MAX_N = 2 ** 30  # the generator counts tokens in int32
 EMPTY_PRIME_START = NEWLINE
 
 
+class GenerationStopped(Exception):
+    """generator.stop() was called (the server is shutting down) before the n tokens asked for were made."""
+
+
 class Sampler:
     """A restored model and its vocabulary, ready to generate text; safe to share between threads."""
 
@@ -51,7 +55,8 @@ class Sampler:
                              what="the prime")
 
     def sample(self, prime="", n=500, mode=MODE_SAMPLE, temperature=1.0, seed=None, top_k=0):
-        """Return the prime followed by n generated tokens as text. Bad arguments raise ValueError."""
+        """Return the prime followed by n generated tokens as text. Bad arguments raise ValueError; a stop of
+        the generator (see Generator.stop) before the n tokens were made raises GenerationStopped."""
         check_arguments(n, mode, temperature, seed, top_k)
         prime = normalize_newlines(prime, self.keep_crlf)
         ids = self.encode(prime) or [self.start_id]
@@ -61,6 +66,8 @@ class Sampler:
         generated = self.generator.generate(tf.constant(ids, tf.int32), tf.constant(n, tf.int32),
                                             tf.constant(temperature, tf.float32), tf.constant(mode, tf.int32),
                                             tf.constant(seed, tf.int64), tf.constant(top_k, tf.int32))
+        if generated.shape[0] < n:
+            raise GenerationStopped(f"the generation was stopped after {generated.shape[0]} of {n} tokens")
         return self.join(prime, [self.vocab[i] for i in generated.numpy()])
 
     def join(self, prime, tokens):

@@ -510,3 +510,116 @@ def test_ctrl_c_before_the_first_step_writes_no_checkpoint(tmp_path, data_dir):
     assert not savedir.has_checkpoint(save)
     # The save dir is free for a fresh run, and sample.py says there is no model instead of sampling noise.
     assert train.main(train_flags(data_dir, save, "--max_steps", 2)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Serving
+
+
+SERVER_READY_S = 120  # importing TensorFlow and loading the model, on a busy machine
+
+
+def serving_get(url, timeout=60):
+    """GET url; returns (status, body as text), whatever the status."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode("utf-8")
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read().decode("utf-8")
+
+
+@contextlib.contextmanager
+def serving(save_dir, log_path, *flags):
+    """A sample_server.py process on 127.0.0.1, ready; yields (process, url); killed and waited for at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir", save_dir,
+                                    "--host", "127.0.0.1", "--port", str(port), *map(str, flags)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + SERVER_READY_S
+        while True:
+            assert process.poll() is None, f"the server exited early:\n{open(log_path).read()}"
+            with contextlib.suppress(OSError):
+                if serving_get(url + "/health", timeout=5)[0] == 200:
+                    break
+            assert time.monotonic() < deadline, f"no answer within {SERVER_READY_S} s:\n{open(log_path).read()}"
+            time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_a_stopped_generator_raises_generation_stopped_from_any_thread(trained_save_dir):
+    import threading
+    from sampler import GenerationStopped
+    sampler = Sampler.load(trained_save_dir)
+    expected = sampler.sample("the", 300, seed=4)
+    threading.Timer(0.5, sampler.generator.stop).start()
+    started = time.monotonic()
+    with pytest.raises(GenerationStopped, match="stopped after"):
+        sampler.sample("the", 10_000_000, seed=4)  # minutes of generation without the stop
+    assert time.monotonic() - started < 30
+    with pytest.raises(GenerationStopped):
+        sampler.sample("the", 1)
+    assert sampler.sample("the", 0) == "the"
+    assert Sampler.load(trained_save_dir).sample("the", 300, seed=4) == expected  # a fresh sampler is unaffected
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_huge_generation_within_seconds_and_answers_it_503(trained_save_dir, tmp_path):
+    import threading
+    log_path = str(tmp_path / "server.log")
+    answers = []
+    with serving(trained_save_dir, log_path, "--threads", 1, "--max_n", 50_000_000) as (process, url):
+        # Minutes of generation (the tiny model makes about 150,000 tokens a second on 2 cores): without a bound,
+        # shutdown would wait for all of it.
+        asking = threading.Thread(target=lambda: answers.append(
+            serving_get(f"{url}/?prime=the&n=50000000&seed=1", timeout=120)))
+        asking.start()
+        time.sleep(1.0)  # it is generating now
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)
+        seconds = time.monotonic() - signalled
+        asking.join(timeout=60)
+    log = open(log_path).read()
+    assert process.returncode == 0 and seconds < 15, (process.returncode, seconds, log)
+    status, body = answers[0]
+    assert status == 503 and body == "the server is shutting down; the generation was stopped\n", (status, body)
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_80_silent_half_open_connections_delay_a_request_by_seconds_at_most(trained_save_dir, tmp_path):
+    with serving(trained_save_dir, str(tmp_path / "server.log"), "--max_n", 1_000_000) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        silent = []
+        try:
+            for _ in range(80):  # twice the worker threads (--threads + --queue + 4 = 40)
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                silent.append(client)
+                client.sendall(b"GET /?prime=the&n=5 HT")  # part of a request line, then nothing
+            time.sleep(0.5)
+            started = time.monotonic()
+            status, _ = serving_get(f"{url}/?prime=the&n=5&seed=1", timeout=60)
+            seconds = time.monotonic() - started
+            assert status == 200 and seconds < 8, (status, seconds)
+        finally:
+            for client in silent:
+                client.close()
+        # The short socket timeout does not cut off a generation that takes longer than it.
+        started = time.monotonic()
+        assert serving_get(f"{url}/?prime=the&n=20000&seed=1")[0] == 200
+        n = min(1_000_000, int(20_000 * 5.0 / (time.monotonic() - started)))  # about 5 s, over the 2 s timeout
+        started = time.monotonic()
+        status, body = serving_get(f"{url}/?prime=the&n={n}&seed=1", timeout=120)
+        assert status == 200 and len(body) == 3 + n, (status, body[:200])
+        assert time.monotonic() - started > 2.5

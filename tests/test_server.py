@@ -481,3 +481,23 @@ def test_ctrl_c_exits_0_cleanly_within_seconds(save_dir, tmp_path):
     said = server.log()[len(before):]
     assert "Traceback" not in said and "interrupted" not in said and "KeyboardInterrupt" not in said
     assert len(said.strip().splitlines()) <= 1, said
+
+
+def test_ctrl_c_or_sigterm_while_the_model_loads_exits_0_once_started(save_dir, tmp_path):
+    # The development environment logs "Loading the model" as the engine starts: the signals come after it, while
+    # the model loads and compiles (seconds), and take effect once the server has started.
+    servers = {name: Server(save_dir, str(tmp_path / f"{name}.log")) for name in ("SIGINT", "SIGTERM")}
+    try:
+        for name, server in servers.items():
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while "Loading the model" not in server.log():
+                assert server.process.poll() is None and time.monotonic() < deadline, server.log()
+                time.sleep(0.05)
+            server.process.send_signal(getattr(signal, name))
+        for name, server in servers.items():
+            code = server.process.wait(timeout=START_TIMEOUT_S)
+            assert code == 0, (name, server.log())
+            assert "Traceback" not in server.log() and "interrupted" not in server.log(), (name, server.log())
+    finally:
+        for server in servers.values():
+            server.stop()

@@ -33,26 +33,24 @@ def has_gpu():
 class CharRNN(keras.Model):
     """Embedding -> stacked recurrent layers -> Dense logits, with explicit state in and out."""
 
-    def __init__(self, vocab_size, rnn_size=128, num_layers=3, model="lstm", embedding_size=None, dropout=0.0,
-                 **kwargs):
+    def __init__(self, config, **kwargs):
+        """config: a settings.ModelConfig (vocab_size, model, rnn_size, num_layers, embedding_size, dropout)."""
         super().__init__(**kwargs)
-        if model not in RNN_LAYERS:
-            raise ValueError(f"unknown model type {model!r}: choose one of {', '.join(RNN_LAYERS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout {dropout} is not a probability in [0, 1)")
-        self.vocab_size, self.rnn_size, self.num_layers, self.cell_type = vocab_size, rnn_size, num_layers, model
-        self.embedding = keras.layers.Embedding(vocab_size, embedding_size or rnn_size, name="embedding")
+        self.model_config = config
+        self.vocab_size, self.rnn_size, self.num_layers = config.vocab_size, config.rnn_size, config.num_layers
+        self.cell_type = config.model
+        self.embedding = keras.layers.Embedding(config.vocab_size, config.embedding_size, name="embedding")
         # Default activations, no recurrent dropout, no unrolling: the layers stay eligible for cuDNN.
-        self.rnn_layers = [RNN_LAYERS[model](rnn_size, return_sequences=True, return_state=True,
-                                             name=f"{model}_{i}") for i in range(num_layers)]
+        self.rnn_layers = [RNN_LAYERS[config.model](config.rnn_size, return_sequences=True, return_state=True,
+                                                    name=f"{config.model}_{i}") for i in range(config.num_layers)]
         # `dropout` is the probability of dropping a unit (TF1's keep_prob confusion is not repeated).
-        self.dropouts = [keras.layers.Dropout(dropout, name=f"dropout_{i}") for i in range(num_layers)]
-        self.head = keras.layers.Dense(vocab_size, name="head")
+        self.dropouts = [keras.layers.Dropout(config.dropout, name=f"dropout_{i}") for i in range(config.num_layers)]
+        self.head = keras.layers.Dense(config.vocab_size, name="head")
         # tf.train.Checkpoint does not see into Keras' tracked lists: give every layer its own attribute.
         for i, (layer, dropout_layer) in enumerate(zip(self.rnn_layers, self.dropouts)):
             setattr(self, f"rnn_{i}", layer)
             setattr(self, f"dropout_{i}", dropout_layer)
-        self.states_per_layer = STATES_PER_LAYER[model]
+        self.states_per_layer = STATES_PER_LAYER[config.model]
 
     @property
     def num_states(self):

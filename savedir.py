@@ -10,10 +10,13 @@ Layout of a save dir (best/ holds the same files for the best model so far, plus
 No pickle: loading a model never executes code from a file.
 """
 import contextlib
+import csv
 import errno
 import fcntl
 import glob
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +26,7 @@ import tensorflow as tf
 import yaml
 
 from model import CharRNN
+from settings import ModelConfig
 from utils import atomic_write_bytes
 
 CONFIG_FILE = "config.yaml"
@@ -30,6 +34,8 @@ VOCAB_FILE = "vocab.json"
 MODEL_INFO_FILE = "model_info.yaml"
 METRICS_FILE = "metrics.csv"
 LOCK_FILE = "train.lock"
+LOG_DIR = "logs"  # TensorBoard's logs, inside the save dir unless --log_dir says otherwise
+METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
 CHECKPOINT_NAME = "model.ckpt"
 BEST_DIR = "best"
 MAX_TO_KEEP = 5  # checkpoints kept in a save dir; older ones are the fallback for a damaged newest one
@@ -256,25 +262,136 @@ def _fsync_dir(path):
 # The lock and loading
 
 
-@contextlib.contextmanager
-def training_lock(save_dir):
-    """Hold an exclusive lock on save_dir while training; a second trainer gets a clear error."""
-    os.makedirs(save_dir, exist_ok=True)
-    with open(os.path.join(save_dir, LOCK_FILE), "a") as handle:
+class SaveDir:
+    """A save dir as one training run writes it: the lock, config.yaml and vocab.json, checkpoints with best/,
+    metrics.csv and the TensorBoard logs. `with SaveDir(path, log_dir) as save_dir:` holds the lock, so that a
+    second trainer on the same dir is refused."""
+
+    def __init__(self, path, log_dir=None):
+        self.path = path
+        self.log_dir = log_dir or os.path.join(path, LOG_DIR)
+        self.settings = self.vocab = self.unk_token = None
+        self.checkpoint = self.manager = self.metrics = None
+        self.saved_step = 0  # the step of this dir's newest checkpoint (0: none yet)
+        self._lock = None
+
+    def __enter__(self):
+        os.makedirs(self.path, exist_ok=True)
+        self._lock = open(os.path.join(self.path, LOCK_FILE), "a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            self._lock.close()
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ValueError(f"another train.py is already training in {save_dir}; "
+                raise ValueError(f"another train.py is already training in {self.path}; "
                                  f"wait for it to finish or use another --save_dir")
             raise
-        yield
+        return self
+
+    def __exit__(self, *exc_info):
+        self._lock.close()
+
+    def prepare(self, settings, vocab, unk_token, resuming_here):
+        """Check that this run may write here, finish a best/ swap a kill interrupted, write config.yaml and
+        vocab.json, and make the log dir (an unusable --log_dir fails now, not at the first step).
+
+        Raises ValueError before anything is written when the run would overwrite another model.
+        """
+        if not resuming_here and has_checkpoint(self.path):
+            raise ValueError(f"{self.path} already holds a trained model; resume it with --init_from "
+                             f"{self.path}, or give another --save_dir")
+        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self.log_dir, exist_ok=True)
+        recover_best(self.path)
+        self.settings, self.vocab, self.unk_token = settings, vocab, unk_token
+        write_config(self.path, settings)
+        write_vocab(self.path, vocab, unk_token)
+
+    def attach(self, checkpoint):
+        """Save `checkpoint` (weights, optimizer, counters) here from now on; open the metrics."""
+        self.checkpoint = checkpoint
+        self.manager = checkpoint_manager(checkpoint, self.path)
+        self.metrics = MetricsLog(self.path, self.log_dir)
+
+    def restore(self, checkpoint, directory):
+        """Restore the newest intact, finite checkpoint of `directory` (this dir or another) into `checkpoint`.
+
+        Metrics rows after it (steps the run will replay) are dropped. Returns (path, the elapsed_s it was made at).
+        """
+        path = restore_newest(checkpoint, directory)
+        check_finite(checkpoint.model, path)
+        step = checkpoint_step(path)
+        if os.path.abspath(directory) == os.path.abspath(self.path):
+            self.saved_step = step
+        return path, self.metrics.keep_until(step)
+
+    def best_score(self):
+        """The score best/ was saved with, or None when there is no best/ yet."""
+        info = os.path.join(self.path, BEST_DIR, MODEL_INFO_FILE)
+        return float(read_yaml(info).get("score", math.inf)) if os.path.isfile(info) else None
+
+    def save(self, step, best_info=None):
+        """Write checkpoint `step` and, with `best_info` (its model_info.yaml), replace best/ by it; returns the
+        checkpoint's path. A failed write is one OSError (see writing); earlier checkpoints stay intact."""
+        with writing(self.path, f"the checkpoint of step {step}"):
+            if best_info is not None:
+                save_best(self.path, self.checkpoint, step, self.settings, self.vocab, self.unk_token, best_info)
+            path = self.manager.save(checkpoint_number=step)
+        self.saved_step = step
+        return path
+
+    @property
+    def latest_checkpoint(self):
+        return self.manager.latest_checkpoint
+
+
+class MetricsLog:
+    """Loss curves: rows appended to save_dir/metrics.csv and, when tensorboard is installed, scalars."""
+
+    def __init__(self, save_dir, log_dir):
+        self.path = os.path.join(save_dir, METRICS_FILE)
+        if not os.path.exists(self.path):
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(METRICS_COLUMNS)
+        self.writer = None
+        with contextlib.suppress(ImportError):
+            import tensorboard  # noqa: F401  (tf.summary writes nothing useful without it)
+            self.writer = tf.summary.create_file_writer(log_dir)
+
+    def keep_until(self, step):
+        """Drop the rows after `step` (steps a resume replays); returns the last kept row's elapsed_s (or 0)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [row for row in rows if int(row["step"]) <= step]
+        if len(kept) < len(rows):
+            text = io.StringIO()
+            writer = csv.DictWriter(text, METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_bytes(self.path, text.getvalue().encode("utf-8"))
+        elapsed = [float(row["elapsed_s"]) for row in kept if row["elapsed_s"]]
+        return elapsed[-1] if elapsed else 0.0
+
+    def write(self, step, **values):
+        """Append one row (missing columns stay empty) and the same scalars to TensorBoard."""
+        row = {"step": step, **values}
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_csv_value(row.get(column)) for column in METRICS_COLUMNS])
+        if self.writer is not None:
+            with self.writer.as_default():
+                for name, value in values.items():
+                    if name not in ("epoch", "elapsed_s") and value is not None:
+                        tf.summary.scalar(name, value, step=step)
+            self.writer.flush()
+
+
+def _csv_value(value):
+    return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
 
 
 def build_model(config):
-    """Create the CharRNN a config describes, with all its weights built."""
-    model = CharRNN(config["vocab_size"], config["rnn_size"], config["num_layers"], config["model"],
-                    config["embedding_size"], config.get("dropout", 0.0))
+    """Create the CharRNN a config.yaml's settings describe, with all its weights built."""
+    model = CharRNN(ModelConfig.from_dict(config))
     model.build_weights()
     return model
 

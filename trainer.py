@@ -5,10 +5,7 @@ train(config) is what train.py calls. Everything whose value a resumed run needs
 step, epoch, position in the epoch, carried state, best score, loss since the last save) lives in
 TensorFlow variables inside one tf.train.Checkpoint, so a resume continues exactly where the run stopped.
 """
-import contextlib
-import csv
 import dataclasses
-import io
 import math
 import os
 import secrets
@@ -20,12 +17,10 @@ from tensorflow import keras
 
 import savedir
 from cli import EXIT_INTERRUPTED
-from settings import RESUMED_SETTINGS, TRAIN_DEFAULTS
 from evaluation import full_pass_loss, make_eval_chunk
-from utils import TextLoader, atomic_write_bytes
-
-LOG_DIR = "logs"  # TensorBoard's logs, inside the save dir unless --log_dir says otherwise
-METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
+from model import CharRNN
+from settings import RESUMED_SETTINGS, TRAIN_DEFAULTS, ModelConfig
+from utils import TextLoader
 
 
 class Progress(tf.Module):
@@ -47,11 +42,9 @@ class Progress(tf.Module):
         self.state.assign(tf.zeros_like(self.state))
 
 
-def model_config(config, loader, embedding_size):
-    """The settings written to config.yaml: every flag plus what the data decided."""
-    saved = dataclasses.asdict(config)
-    saved.update(vocab_size=loader.vocab_size, embedding_size=embedding_size, unk_token=loader.unk_token)
-    return saved
+def saved_settings(config, model_config, unk_token):
+    """What config.yaml holds: every flag, the model's config (with what the data decided) and the unk token."""
+    return {**dataclasses.asdict(config), **model_config.to_dict(), "unk_token": unk_token}
 
 
 def make_train_step(model, optimizer, progress, grad_clip):
@@ -81,57 +74,15 @@ def format_duration(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class MetricsLog:
-    """Loss curves: rows appended to save_dir/metrics.csv and, when tensorboard is installed, scalars."""
-
-    def __init__(self, save_dir, log_dir):
-        self.path = os.path.join(save_dir, savedir.METRICS_FILE)
-        if not os.path.exists(self.path):
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(METRICS_COLUMNS)
-        self.writer = None
-        with contextlib.suppress(ImportError):
-            import tensorboard  # noqa: F401  (tf.summary writes nothing useful without it)
-            self.writer = tf.summary.create_file_writer(log_dir)
-
-    def keep_until(self, step):
-        """Drop the rows after `step` (steps a resume replays); returns the last kept row's elapsed_s (or 0)."""
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [row for row in rows if int(row["step"]) <= step]
-        if len(kept) < len(rows):
-            text = io.StringIO()
-            writer = csv.DictWriter(text, METRICS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
-            atomic_write_bytes(self.path, text.getvalue().encode("utf-8"))
-        elapsed = [float(row["elapsed_s"]) for row in kept if row["elapsed_s"]]
-        return elapsed[-1] if elapsed else 0.0
-
-    def write(self, step, **values):
-        """Append one row (missing columns stay empty) and the same scalars to TensorBoard."""
-        row = {"step": step, **values}
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([_csv_value(row.get(column)) for column in METRICS_COLUMNS])
-        if self.writer is not None:
-            with self.writer.as_default():
-                for name, value in values.items():
-                    if name not in ("epoch", "elapsed_s") and value is not None:
-                        tf.summary.scalar(name, value, step=step)
-            self.writer.flush()
-
-
-def _csv_value(value):
-    return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
-
-
 class Trainer:
-    """One training run over a TextLoader; model, optimizer and counters are created in one place."""
+    """One training run over a TextLoader into an open savedir.SaveDir; model, optimizer and counters are
+    created in one place."""
 
-    def __init__(self, config, loader, saved_config):
-        self.config, self.loader, self.saved_config = config, loader, saved_config
+    def __init__(self, config, loader, model_config, save_dir):
+        self.config, self.loader, self.save_dir = config, loader, save_dir
         # Model, optimizer and counters are built together so that this block can sit in strategy.scope().
-        self.model = savedir.build_model(saved_config)
+        self.model = CharRNN(model_config)
+        self.model.build_weights()
         self.optimizer = keras.optimizers.Adam(config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
         self.progress = Progress(self.model.num_states, config.batch_size, config.rnn_size, config.seq_length)
@@ -142,25 +93,19 @@ class Trainer:
                                    if hasattr(layer, "seed_generator")]
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress,
                                               dropout_rng=self.dropout_rng)
-        self.manager = savedir.checkpoint_manager(self.checkpoint, config.save_dir)
+        save_dir.attach(self.checkpoint)
         self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip)
         self.eval_chunk = make_eval_chunk(self.model)
-        self.metrics = MetricsLog(config.save_dir, log_dir(config))
         self.started = time.time()
-        self.saved_step = 0  # the step of this save dir's newest checkpoint (0: none yet)
 
     def resume(self, directory):
         """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch."""
         weights = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
-        path = savedir.restore_newest(weights, directory)
-        savedir.check_finite(self.model, path)
+        path, elapsed = self.save_dir.restore(weights, directory)
+        self.started -= elapsed  # the clock goes on from the checkpoint's time
         # Apart, and only where saved: a run that had no dropout saved no dropout state.
         tf.train.Checkpoint(dropout_rng=self.dropout_rng).read(path).expect_partial()
         progress, config = self.progress, self.config
-        if os.path.abspath(directory) == os.path.abspath(config.save_dir):
-            self.saved_step = int(progress.step)
-        # Steps after this checkpoint (replayed now) lose their rows; the clock goes on from the checkpoint's time.
-        self.started -= self.metrics.keep_until(int(progress.step))
         if (int(progress.batch_size), int(progress.seq_length)) != (config.batch_size, config.seq_length):
             print(f"batch_size/seq_length changed: epoch {int(progress.epoch)} restarts from its first batch",
                   file=sys.stderr)
@@ -168,9 +113,9 @@ class Trainer:
             progress.seq_length.assign(config.seq_length)
             progress.batch_in_epoch.assign(0)
             progress.state.assign(tf.zeros([self.model.num_states, config.batch_size, config.rnn_size]))
-        best_info = os.path.join(config.save_dir, savedir.BEST_DIR, savedir.MODEL_INFO_FILE)
-        if os.path.isfile(best_info):  # best/ describes itself; the checkpoint may be older or newer than it
-            progress.best_loss.assign(float(savedir.read_yaml(best_info).get("score", math.inf)))
+        best_score = self.save_dir.best_score()
+        if best_score is not None:  # best/ describes itself; the checkpoint may be older or newer than it
+            progress.best_loss.assign(best_score)
         elif os.path.abspath(directory) != os.path.abspath(config.save_dir):
             progress.best_loss.assign(math.inf)
         print(f"resumed from {path}: step {int(progress.step)}, epoch {int(progress.epoch)}, batch "
@@ -196,15 +141,15 @@ class Trainer:
         except KeyboardInterrupt:
             print(f"\ninterrupted: {self.save_on_interrupt()}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        if int(self.progress.loss_count) or not self.manager.latest_checkpoint:
+        if int(self.progress.loss_count) or not self.save_dir.latest_checkpoint:
             self.save()
         return 0
 
     def save_on_interrupt(self):
         """Write a checkpoint if a step was made since the last one; returns what happened, for one line."""
-        if int(self.progress.step) == self.saved_step:
+        if int(self.progress.step) == self.save_dir.saved_step:
             return "nothing new to save" + (f"; resume with --init_from {self.config.save_dir}"
-                                           if self.saved_step else " (no step was made)")
+                                           if self.save_dir.saved_step else " (no step was made)")
         path = self.save(validate=False)
         return f"checkpoint written to {path}; resume with --init_from {self.config.save_dir}"
 
@@ -237,7 +182,7 @@ class Trainer:
         tokens_per_s = self.config.batch_size * self.config.seq_length / seconds
         print(f"{step}/{total} (epoch {epoch}), train_loss = {loss:.4f}, time/batch = {seconds:.3f}, "
               f"ETA {format_duration((total - step) * seconds)}", flush=True)
-        self.metrics.write(step, epoch=epoch, train_loss=loss, learning_rate=self.learning_rate(),
+        self.save_dir.metrics.write(step, epoch=epoch, train_loss=loss, learning_rate=self.learning_rate(),
                            tokens_per_s=tokens_per_s, elapsed_s=round(time.time() - self.started, 1))
 
     def save(self, validate=True):
@@ -257,7 +202,7 @@ class Trainer:
                 self.diverged(f"the validation loss became {val_loss} at step {step}")
             print(f"{step}/{self.total_steps()} (epoch {int(progress.epoch)}), val_loss = {val_loss:.4f}",
                   flush=True)
-            self.metrics.write(step, epoch=int(progress.epoch), val_loss=val_loss)
+            self.save_dir.metrics.write(step, epoch=int(progress.epoch), val_loss=val_loss)
         # Best: lowest validation loss; without a validation split, lowest mean training loss since last save.
         score = val_loss if val_loss is not None else (train_loss if count else None)
         improved = validate and score is not None and score < float(progress.best_loss)
@@ -265,17 +210,11 @@ class Trainer:
             progress.best_loss.assign(score)
         progress.loss_sum.assign(0.0)
         progress.loss_count.assign(0)
-        with savedir.writing(config.save_dir, f"the checkpoint of step {step}"):
-            if improved:
-                savedir.save_best(config.save_dir, self.checkpoint, step, self.saved_config, self.loader.vocab,
-                                  self.loader.unk_token, self.model_info(step, score, val_loss, train_loss))
-            path = self.manager.save(checkpoint_number=step)
-        self.saved_step = step
-        return path
+        return self.save_dir.save(step, self.model_info(step, score, val_loss, train_loss) if improved else None)
 
     def diverged(self, what):
         """Stop training: raise FloatingPointError saying what diverged and what is left to resume from."""
-        kept = self.manager.latest_checkpoint
+        kept = self.save_dir.latest_checkpoint
         left = (f"the last good checkpoint, {kept}, is kept" if kept else
                 "no checkpoint was written")
         raise FloatingPointError(f"{what}; training stopped and {left}; try a lower --learning_rate")
@@ -288,80 +227,80 @@ class Trainer:
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def log_dir(config):
-    """Where TensorBoard's logs go: --log_dir, or SAVE_DIR/logs."""
-    return config.log_dir or os.path.join(config.save_dir, LOG_DIR)
+def check_resume(init_from, settings, vocab):
+    """Raise (before anything is written) when init_from holds no checkpoint or an incompatible model."""
+    old_config = savedir.read_config(init_from)
+    old_vocab, _ = savedir.read_vocab(init_from)
+    savedir.check_compatible(old_config, old_vocab, settings, vocab)
+    if not savedir.has_checkpoint(init_from):
+        raise FileNotFoundError(f"no checkpoint in {init_from} to resume from")
 
 
-def check_resume(config, loader, saved_config):
-    """Raise (before anything is written) when --init_from holds no checkpoint or an incompatible model."""
-    old_config = savedir.read_config(config.init_from)
-    old_vocab, _ = savedir.read_vocab(config.init_from)
-    savedir.check_compatible(old_config, old_vocab, saved_config, loader.vocab)
-    if not savedir.has_checkpoint(config.init_from):
-        raise FileNotFoundError(f"no checkpoint in {config.init_from} to resume from")
-
-
-def prepare_save_dir(config, loader, saved_config):
-    """Check that this run may write into save_dir (holding its lock); write config and vocab.
-
-    Raises ValueError before anything is written when the run would overwrite another model.
-    """
-    same_dir = config.init_from and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)
-    if not same_dir and savedir.has_checkpoint(config.save_dir):
-        raise ValueError(f"{config.save_dir} already holds a trained model; resume it with --init_from "
-                         f"{config.save_dir}, or give another --save_dir")
-    os.makedirs(config.save_dir, exist_ok=True)
-    os.makedirs(log_dir(config), exist_ok=True)  # an unusable --log_dir fails now, not at the first step
-    savedir.recover_best(config.save_dir)
-    savedir.write_config(config.save_dir, saved_config)
-    savedir.write_vocab(config.save_dir, loader.vocab, loader.unk_token)
-
-
-def with_checkpoint_settings(config):
-    """`config` with the settings left None (not given with --init_from) taken from the checkpoint's config."""
-    missing = {field.name for field in dataclasses.fields(config) if getattr(config, field.name) is None}
-    if not config.init_from or not missing & set(RESUMED_SETTINGS):
+def with_resume_settings(config):
+    """For a resume: the settings left None (not given) taken from the checkpoint's config.yaml, and
+    --word2vec_embedding dropped (the weights come from the checkpoint). Other runs: `config` as it is."""
+    if not config.init_from:
+        return config
+    if config.word2vec_embedding:
+        savedir.warn("--word2vec_embedding ignored: the weights come from --init_from")
+        config = dataclasses.replace(config, word2vec_embedding=None)
+    missing = [name for name in RESUMED_SETTINGS if getattr(config, name) is None]
+    if not missing:
         return config
     old_config = savedir.read_config(config.init_from)
     old_vocab, _ = savedir.read_vocab(config.init_from)
     old_config.setdefault("keep_crlf", savedir.keeps_crlf(old_config, old_vocab))
-    taken = {name: old_config.get(name, getattr(TRAIN_DEFAULTS, name)) for name in RESUMED_SETTINGS if name in missing}
+    taken = {name: old_config.get(name, getattr(TRAIN_DEFAULTS, name)) for name in missing}
     print("from the checkpoint: " + ", ".join(f"{name} {value}" for name, value in taken.items()))
     return dataclasses.replace(config, **taken)
 
 
-def train(config):
-    """Train as `config` says; returns the exit code. Raises ValueError/FileNotFoundError on user errors.
-
-    With init_from, settings of RESUMED_SETTINGS that are None come from the checkpoint.
-    """
-    config = with_checkpoint_settings(config)
-    seed = config.seed if config.seed is not None else secrets.randbelow(2 ** 31)
-    config = dataclasses.replace(config, seed=seed)
-    keras.utils.set_random_seed(seed)
+def load_text(config):
+    """The TextLoader of config's data, after one line saying how many tokens it holds and how they are used."""
     loader = TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac, config.encoding,
                         config.word_level, config.max_vocab, config.min_count, config.data_url, config.keep_crlf,
                         config.cache_dir)
     print(f"{len(loader.ids):,} tokens, vocabulary of {loader.vocab_size}: {len(loader.train_ids):,} for training "
           f"({loader.num_batches} batches of {config.batch_size}x{config.seq_length}), "
           f"{len(loader.val_ids):,} for validation")
+    return loader
+
+
+def network(config, loader):
+    """The ModelConfig this run trains, and the word2vec rows to start its embedding from (or None).
+
+    The embedding is rnn_size wide, as wide as the vectors when it starts from word2vec, and as wide as the
+    checkpoint's when resuming.
+    """
     embedding_size, vectors = config.rnn_size, None
     if config.init_from:
         embedding_size = savedir.read_config(config.init_from).get("embedding_size", config.rnn_size)
-        if config.word2vec_embedding:
-            savedir.warn("--word2vec_embedding ignored: the weights come from --init_from")
-            config = dataclasses.replace(config, word2vec_embedding=None)
     elif config.word2vec_embedding:
         import embeddings  # gensim is slow to import; only word2vec users pay for it
-        vectors = embeddings.embedding_matrix(config.word2vec_embedding, loader.vocab, seed)
+        vectors = embeddings.embedding_matrix(config.word2vec_embedding, loader.vocab, config.seed)
         embedding_size = vectors.shape[1]
-    saved_config = model_config(config, loader, embedding_size)
+    return ModelConfig(loader.vocab_size, config.model, config.rnn_size, config.num_layers, embedding_size,
+                       config.dropout), vectors
+
+
+def train(config):
+    """Train as `config` (a settings.TrainConfig) says; returns the exit code. Raises ValueError or
+    FileNotFoundError on user errors, before anything is written where it can.
+
+    With init_from, settings of RESUMED_SETTINGS that are None come from the checkpoint.
+    """
+    config = with_resume_settings(config)
+    config = dataclasses.replace(config, seed=secrets.randbelow(2 ** 31) if config.seed is None else config.seed)
+    keras.utils.set_random_seed(config.seed)
+    loader = load_text(config)
+    model_config, vectors = network(config, loader)
+    settings = saved_settings(config, model_config, loader.unk_token)
     if config.init_from:
-        check_resume(config, loader, saved_config)
-    with savedir.training_lock(config.save_dir):
-        prepare_save_dir(config, loader, saved_config)
-        trainer = Trainer(config, loader, saved_config)
+        check_resume(config.init_from, settings, loader.vocab)
+    resuming_here = bool(config.init_from) and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)
+    with savedir.SaveDir(config.save_dir, config.log_dir) as save_dir:
+        save_dir.prepare(settings, loader.vocab, loader.unk_token, resuming_here)
+        trainer = Trainer(config, loader, model_config, save_dir)
         if config.init_from:
             trainer.resume(config.init_from)
         elif vectors is not None:

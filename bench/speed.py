@@ -51,11 +51,12 @@ def train_speed(data_dir, cell):
     """A timer of training tokens/s at the default sizes for one cell type: (timer(steps), model)."""
     from tensorflow import keras
     from model import CharRNN
+    from settings import ModelConfig
     from trainer import Progress, make_train_step
     from utils import TextLoader
 
     loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
-    model = CharRNN(loader.vocab_size, 128, 3, cell)
+    model = CharRNN(ModelConfig(loader.vocab_size, cell, 128, 3))
     model.build_weights()
     optimizer = keras.optimizers.Adam(0.002)
     optimizer.build(model.trainable_variables)

@@ -5,10 +5,11 @@ import tensorflow as tf
 
 import model
 from model import CharRNN
+from settings import ModelConfig
 
 
 def test_dropout_drops_in_training_only():
-    net = CharRNN(20, 64, 1, "lstm", dropout=0.5)
+    net = CharRNN(ModelConfig(20, "lstm", 64, 1, dropout=0.5))
     net.build_weights()
     inputs = tf.constant([[1, 2, 3, 4]])
     first, _ = net(inputs, net.zero_state(1), training=False)
@@ -21,13 +22,13 @@ def test_dropout_drops_in_training_only():
 
 def test_unknown_cell_type_is_refused_by_name():
     with pytest.raises(ValueError, match="'transformer'"):
-        CharRNN(10, 8, 1, "transformer")
+        CharRNN(ModelConfig(10, "transformer", 8, 1))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("vocab_size", [20, 40])  # fewer tokens than the batch's 21 (gathered products), more
 def test_unrolled_training_pass_computes_what_the_layers_compute(cell, vocab_size, monkeypatch):
-    net = CharRNN(vocab_size, 16, 2, cell)
+    net = CharRNN(ModelConfig(vocab_size, cell, 16, 2))
     net.build_weights()
     ids = tf.constant(np.random.default_rng(0).integers(0, vocab_size, size=(3, 8)), tf.int32)
     states = tuple(tf.random.stateless_normal([3, 16], seed=[i, 0]) for i in range(net.num_states))
@@ -65,7 +66,7 @@ def test_unrolled_training_pass_computes_what_the_layers_compute(cell, vocab_siz
 @pytest.mark.parametrize("vocab_size", [10, model.GENERATE_BLOCK + 1])  # row lookups in the first layer, products
 def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
     tf.keras.utils.set_random_seed(1)
-    net = CharRNN(vocab_size, 16, 2, cell)
+    net = CharRNN(ModelConfig(vocab_size, cell, 16, 2))
     net.build_weights()
     for weight in net.trainable_variables:  # larger weights than the initializers', so that argmax varies
         weight.assign(weight * 3.0)
@@ -83,7 +84,7 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
 @pytest.mark.parametrize("steps", [8, model.UNROLL_MAX_STEPS + 1])  # unrolled cell steps (CPU); the Keras layers
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, steps):
-    net = CharRNN(24, 24, 1, cell, dropout=0.25)
+    net = CharRNN(ModelConfig(24, cell, 24, 1, dropout=0.25))
     net.build_weights()
     net.head.kernel.assign(tf.eye(24))  # logits = the layer's output after dropout
     net.head.bias.assign(tf.zeros([24]))

@@ -318,7 +318,7 @@ def test_incompatible_resume_is_refused_naming_the_field(trained_copy, tmp_path,
 def test_second_trainer_on_one_save_dir_is_refused(trained_copy, capsys):
     save, data = trained_copy
     before = snapshot(save)
-    with savedir.training_lock(save):
+    with savedir.SaveDir(save):
         assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", 300)) == 2
     assert "another train.py is already training in" in error_line(capsys)
     assert snapshot(save) == before

@@ -25,9 +25,11 @@ def build_trainer(data_dir, save_dir, **overrides):
                                     "print_every": 1000, "save_every": 10 ** 6, **overrides})
     keras.utils.set_random_seed(config.seed)
     loader = utils.TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac)
-    saved_config = trainer.model_config(config, loader, config.rnn_size)
-    trainer.prepare_save_dir(config, loader, saved_config)
-    return trainer.Trainer(config, loader, saved_config)
+    model_config, _ = trainer.network(config, loader)
+    save = savedir.SaveDir(config.save_dir, config.log_dir)
+    save.prepare(trainer.saved_settings(config, model_config, loader.unk_token), loader.vocab, loader.unk_token,
+                 resuming_here=config.init_from == save_dir)
+    return trainer.Trainer(config, loader, model_config, save)
 
 
 def record_steps(run):

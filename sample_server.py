@@ -25,6 +25,7 @@ from cherrypy.process.plugins import SimplePlugin
 from cherrypy.process.wspbus import states
 
 import cli
+from settings import MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
                "GET /?prime=The&n=200&sample_mode=2 answers what sample.py prints for the same settings and seed.")
@@ -45,8 +46,7 @@ MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger
 PARAMETERS = ("prime", "n", "sample_mode", "temperature", "seed", "top_k")
 DEFAULT_PRIME = "The "
 DEFAULT_N = 200
-DEFAULT_SAMPLE_MODE = 2
-SAMPLE_MODES = {0: "argmax", 1: "sample", 2: "sample after spaces"}
+DEFAULT_SAMPLE_MODE = MODE_SAMPLE_ON_SPACES
 
 
 seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
@@ -97,19 +97,8 @@ class Limits:
     temperature: float
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleRequest:
-    """The checked settings of one request, as sampler.sample takes them."""
-    prime: str
-    n: int
-    sample_mode: int
-    temperature: float
-    seed: int
-    top_k: int
-
-
 def parse_request(params, limits):
-    """Query parameters (CherryPy gives a str, or a list when repeated) -> SampleRequest.
+    """Query parameters (CherryPy gives a str, or a list when repeated) -> SampleSettings.
 
     Raises ValueError with a one-line reason for an unknown or repeated parameter or a bad value.
     """
@@ -123,10 +112,10 @@ def parse_request(params, limits):
     if len(prime) > limits.max_prime:
         raise ValueError(f"prime is {len(prime)} characters long; the limit is {limits.max_prime} (--max_prime)")
     seed = integer(params, "seed", None, 0, None)
-    return SampleRequest(
+    return SampleSettings(
         prime=prime,
         n=integer(params, "n", DEFAULT_N, 1, limits.max_n, "--max_n"),
-        sample_mode=sample_mode(params),
+        mode=sample_mode(params),
         temperature=positive_number(params, "temperature", limits.temperature),
         # Without a seed the server picks one, so that the answer says which seed repeats it.
         seed=secrets.randbelow(AUTO_SEED_LIMIT) if seed is None else seed,
@@ -281,7 +270,8 @@ class SampleService:
     def sample_json(self, **params):
         """{"text": ..., and every setting used, "seed" included}; CherryPy maps /sample.json to this name."""
         request, text = self.sample(params)
-        return {"text": text, **dataclasses.asdict(request)}
+        return {"text": text, "prime": request.prime, "n": request.n, "sample_mode": request.mode,
+                "temperature": request.temperature, "seed": request.seed, "top_k": request.top_k}
 
     @cherrypy.expose
     def health(self, **params):
@@ -292,15 +282,14 @@ class SampleService:
         return f"ok: {self.model.description}\n".encode("utf-8")
 
     def sample(self, params):
-        """Check the parameters, wait for a slot, generate; returns (SampleRequest, text)."""
+        """Check the parameters, wait for a slot, generate; returns (SampleSettings, text)."""
         from sampler import GenerationStopped  # imported with TensorFlow by the model plugin
         sampler = self.model.sampler
         try:
             request = parse_request(params, self.limits)
             sampler.encode(request.prime)  # refuse unknown characters before waiting for a slot
             with self.model.slots.hold():
-                text = sampler.sample(request.prime, request.n, request.sample_mode, request.temperature,
-                                      request.seed, request.top_k)
+                text = sampler.run(request)
         except ValueError as error:
             raise cherrypy.HTTPError(400, str(error))
         except GenerationStopped:

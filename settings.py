@@ -80,3 +80,21 @@ class ModelConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+# Sampling: the modes of sample.py's --sample and the server's sample_mode, and what one sample is asked for.
+MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
+SAMPLE_MODES = {MODE_ARGMAX: "argmax", MODE_SAMPLE: "sample", MODE_SAMPLE_ON_SPACES: "sample after spaces"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """One sample: the prime, then n tokens chosen by `mode` (SAMPLE_MODES) from the logits divided by
+    `temperature`, among the top_k likeliest (0: all), repeatably for a seed (None: a random one). The defaults
+    are sample.py's."""
+    prime: str = "The"
+    n: int = 500
+    mode: int = MODE_SAMPLE
+    temperature: float = 1.0
+    seed: int | None = None
+    top_k: int = 0

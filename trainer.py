@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow import keras
 
 import savedir
+import unrolled
 from cli import EXIT_INTERRUPTED
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
@@ -34,7 +35,7 @@ class Progress(tf.Module):
         self.best_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
         self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)  # training loss since the last save
         self.loss_count = int_var(0)
-        # [num_states, batch, rnn_size]: one row per stream, so replicas can each carry the rows they own.
+        # [num_states, batch, rnn_size]: every layer's h (and c) for every stream of the batch.
         self.state = tf.Variable(tf.zeros([num_states, batch_size, rnn_size]), trainable=False,
                                  shape=tf.TensorShape(None))
 
@@ -53,10 +54,7 @@ def make_train_step(model, optimizer, progress, grad_clip):
     def train_step(inputs, targets):
         state = tf.ensure_shape(progress.state.value(), [model.num_states, None, model.rnn_size])
         states = tuple(tf.unstack(state, num=model.num_states))
-        with tf.GradientTape() as tape:
-            logits, new_states, deferred = model.training_pass(inputs, states, tape)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
-        grads = deferred.gradients(loss) if deferred else tape.gradient(loss, model.trainable_variables)
+        loss, grads, new_states = unrolled.loss_and_gradients(model, inputs, targets, states)
         grads, _ = tf.clip_by_global_norm(grads, grad_clip)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         progress.state.assign(tf.stack(new_states))
@@ -80,7 +78,6 @@ class Trainer:
 
     def __init__(self, config, loader, model_config, save_dir):
         self.config, self.loader, self.save_dir = config, loader, save_dir
-        # Model, optimizer and counters are built together so that this block can sit in strategy.scope().
         self.model = CharRNN(model_config)
         self.model.build_weights()
         self.optimizer = keras.optimizers.Adam(config.learning_rate)

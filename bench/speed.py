@@ -77,7 +77,7 @@ def train_speed(data_dir, cell):
 def sample_speed(model, n, flat_ns):
     """Sampling chars/s at n (the median of three runs), and seconds per token for each of flat_ns."""
     import tensorflow as tf
-    from model import Generator
+    from sampler import Generator
 
     generator = Generator(model, space_id=0)
 
@@ -138,9 +138,7 @@ def server_speed(model, data_dir, work, clients, seconds):
     loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
     save_dir = os.path.join(work, "serve")
     os.makedirs(save_dir)
-    savedir.write_config(save_dir, {"model": model.cell_type, "rnn_size": model.rnn_size,
-                                    "num_layers": model.num_layers, "word_level": False,
-                                    "embedding_size": model.rnn_size, "vocab_size": loader.vocab_size})
+    savedir.write_config(save_dir, {**model.model_config.to_dict(), "word_level": False})
     savedir.write_vocab(save_dir, loader.vocab)
     savedir.checkpoint_manager(tf.train.Checkpoint(model=model), save_dir).save(0)
     out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "server.py"), "--save_dir", save_dir,
@@ -162,6 +160,45 @@ def peer_speed(args, cell):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def timed_rounds(args, data_dir):
+    """Time every cell type (and sampling, with the LSTM) for args.rounds rounds, ours then the peer's;
+    returns (ours {cell: [tokens/s]}, the peer's {cell: [its JSON]}, sampling [runs], the LSTM model)."""
+    cells = args.models.split(",")
+    timers, lstm = {}, None
+    for cell in cells:
+        timers[cell], model = train_speed(data_dir, cell)
+        if cell == "lstm":
+            lstm = model
+    peer = args.peer_python and args.peer_script
+    ours, theirs, sampling = {cell: [] for cell in cells}, {cell: [] for cell in cells}, []
+    for _ in range(args.rounds):  # ours, then the peer, cell by cell: both see the same machine state
+        for cell in cells:
+            ours[cell].append(timers[cell](args.steps))
+            if peer:
+                theirs[cell].append(peer_speed(args, cell))
+            if cell == "lstm":
+                sampling.append(sample_speed(lstm, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
+    return ours, theirs, sampling, lstm
+
+
+def peer_ratios(result, ours, theirs, sampling):
+    """The peer's medians, and ours divided by theirs (medians and each round), added to `result`."""
+    median, cells = statistics.median, list(ours)
+    result["peer_train_tokens_per_s"] = {
+        cell: round(median(run["train_tokens_per_s"] for run in theirs[cell]), 1) for cell in cells}
+    result["ratio_train"] = {cell: round(result["train_tokens_per_s"][cell]
+                                         / result["peer_train_tokens_per_s"][cell], 2) for cell in cells}
+    result["ratio_train_per_round"] = {
+        cell: [round(a / b["train_tokens_per_s"], 2) for a, b in zip(ours[cell], theirs[cell])] for cell in cells}
+    if sampling:
+        peer_sampling = [run["sample_chars_per_s"] for run in theirs["lstm"]]
+        result["peer_sample_chars_per_s"] = median(peer_sampling)
+        result["ratio_sample"] = round(result["sample_chars_per_s"] / result["peer_sample_chars_per_s"], 2)
+        result["ratio_sample_per_round"] = [round(a["sample_chars_per_s"] / b, 2)
+                                            for a, b in zip(sampling, peer_sampling)]
+    result["peer_torch"] = theirs[cells[0]][0]["torch"]
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.quiet_tensorflow(one_thread_per_op=True)
@@ -170,46 +207,17 @@ def main(argv=None):
         data_dir = os.path.join(work, "data")
         os.makedirs(data_dir)
         shutil.copyfile(args.data, os.path.join(data_dir, "input.txt"))
-        cells = args.models.split(",")
-        timers = {}
-        for cell in cells:
-            timers[cell], model = train_speed(data_dir, cell)
-            if cell == "lstm":
-                lstm = model
-        peer = args.peer_python and args.peer_script
-        ours, theirs, sampling = {cell: [] for cell in cells}, {cell: [] for cell in cells}, []
-        for _ in range(args.rounds):  # ours, then the peer, cell by cell: both see the same machine state
-            for cell in cells:
-                ours[cell].append(timers[cell](args.steps))
-                if peer:
-                    theirs[cell].append(peer_speed(args, cell))
-                if cell == "lstm":
-                    sampling.append(sample_speed(lstm, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
-        median = statistics.median
+        ours, theirs, sampling, lstm = timed_rounds(args, data_dir)
         result = {"project": "char-rnn-tensorflow", "rounds": args.rounds,
-                  "train_tokens_per_s": {cell: round(median(ours[cell]), 1) for cell in cells}}
-        if sampling:
-            for key in sampling[0]:
-                result[key] = median(run[key] for run in sampling)
-        if "lstm" in cells and args.server_clients:
+                  "train_tokens_per_s": {cell: round(statistics.median(runs), 1) for cell, runs in ours.items()}}
+        for key in sampling[0] if sampling else ():
+            result[key] = statistics.median(run[key] for run in sampling)
+        if lstm is not None and args.server_clients:
             result.update(server_speed(lstm, data_dir, work, args.server_clients, args.server_seconds))
         if args.preprocess_mb:
             result.update(preprocess_speed(args.data, args.preprocess_mb, work))
-        if peer:
-            result["peer_train_tokens_per_s"] = {
-                cell: round(median(run["train_tokens_per_s"] for run in theirs[cell]), 1) for cell in cells}
-            result["ratio_train"] = {cell: round(result["train_tokens_per_s"][cell]
-                                                 / result["peer_train_tokens_per_s"][cell], 2) for cell in cells}
-            result["ratio_train_per_round"] = {
-                cell: [round(a / b["train_tokens_per_s"], 2) for a, b in zip(ours[cell], theirs[cell])]
-                for cell in cells}
-            if sampling:
-                peer_sampling = [run["sample_chars_per_s"] for run in theirs["lstm"]]
-                result["peer_sample_chars_per_s"] = median(peer_sampling)
-                result["ratio_sample"] = round(result["sample_chars_per_s"] / result["peer_sample_chars_per_s"], 2)
-                result["ratio_sample_per_round"] = [round(a["sample_chars_per_s"] / b, 2)
-                                                    for a, b in zip(sampling, peer_sampling)]
-            result["peer_torch"] = theirs[cells[0]][0]["torch"]
+        if args.peer_python and args.peer_script:
+            peer_ratios(result, ours, theirs, sampling)
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

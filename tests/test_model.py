@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import model
+import sampler
+import settings
+import unrolled
 from model import CharRNN
 from settings import ModelConfig
 
@@ -46,13 +48,13 @@ def test_unrolled_training_pass_computes_what_the_layers_compute(cell, vocab_siz
     @tf.function
     def training_pass():  # a training step: recurrent weights' gradients deferred
         with tf.GradientTape() as tape:
-            logits, new_states, deferred = net.training_pass(ids[:, :-1], states, tape)
+            logits, new_states, deferred = unrolled.training_pass(net, ids[:, :-1], states, tape)
             loss = loss_of(logits)
         assert deferred is not None
         return logits, new_states, deferred.gradients(loss)
 
     results = {"unrolled call": unrolled_call(), "training pass": training_pass()}
-    monkeypatch.setattr(model, "UNROLL_MAX_STEPS", 0)  # every sequence through the Keras layers
+    monkeypatch.setattr(unrolled, "UNROLL_MAX_STEPS", 0)  # every sequence through the Keras layers
     layers = unrolled_call.python_function()
     flat = lambda result: [result[0], *result[1], *map(tf.convert_to_tensor, result[2])]
     expected = flat(layers)
@@ -63,7 +65,7 @@ def test_unrolled_training_pass_computes_what_the_layers_compute(cell, vocab_siz
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("vocab_size", [10, model.GENERATE_BLOCK + 1])  # row lookups in the first layer, products
+@pytest.mark.parametrize("vocab_size", [10, sampler.GENERATE_BLOCK + 1])  # row lookups in the first layer, products
 def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
     tf.keras.utils.set_random_seed(1)
     net = CharRNN(ModelConfig(vocab_size, cell, 16, 2))
@@ -71,8 +73,8 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
     for weight in net.trainable_variables:  # larger weights than the initializers', so that argmax varies
         weight.assign(weight * 3.0)
     prime = [1, 2, 3]
-    generator = model.Generator(net)
-    generated = generator.generate(tf.constant(prime), 12, 1.0, model.MODE_ARGMAX, 0, 0).numpy()
+    generator = sampler.Generator(net)
+    generated = generator.generate(tf.constant(prime), 12, 1.0, settings.MODE_ARGMAX, 0, 0).numpy()
     ids = list(prime)
     for _ in range(12):
         logits, _ = net(tf.constant([ids]), net.zero_state(1))
@@ -81,7 +83,7 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
     assert len(set(ids)) > 2  # not a constant sequence that any network would give
 
 
-@pytest.mark.parametrize("steps", [8, model.UNROLL_MAX_STEPS + 1])  # unrolled cell steps (CPU); the Keras layers
+@pytest.mark.parametrize("steps", [8, unrolled.UNROLL_MAX_STEPS + 1])  # unrolled cell steps (CPU); the Keras layers
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, steps):
     net = CharRNN(ModelConfig(24, cell, 24, 1, dropout=0.25))
@@ -89,7 +91,7 @@ def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, ste
     net.head.kernel.assign(tf.eye(24))  # logits = the layer's output after dropout
     net.head.bias.assign(tf.zeros([24]))
     ids = tf.constant(np.random.default_rng(0).integers(0, 24, size=(3, steps)), tf.int32)
-    assert net.unrolls(ids) == (steps <= model.UNROLL_MAX_STEPS and not model.has_gpu())  # both paths
+    assert unrolled.applies(net, ids) == (steps <= unrolled.UNROLL_MAX_STEPS and not unrolled.has_gpu())  # both paths
     states = tuple(tf.random.stateless_normal([3, 24], seed=[i, 1]) for i in range(net.num_states))
     inference, inference_states = net(ids, states, training=False)
     inference = inference.numpy()
@@ -113,6 +115,6 @@ def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, ste
         logits, new_states = net(ids, states, training=True)
         masks.append(assert_dropped(logits, new_states, f"call {call} with training=True"))
         with tf.GradientTape() as tape:  # what a training step runs
-            logits, new_states, _ = net.training_pass(ids, states, tape)
+            logits, new_states, _ = unrolled.training_pass(net, ids, states, tape)
         masks.append(assert_dropped(logits, new_states, f"training pass {call}"))
     assert all((mask != masks[0]).any() for mask in masks[1:])  # a fresh mask every pass

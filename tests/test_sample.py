@@ -9,8 +9,8 @@ from scipy import stats
 import sample
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
-from model import GENERATE_BLOCK
-from sampler import MAX_N, MAX_SEED, Sampler, check_arguments
+from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler, check_settings
+from settings import SampleSettings
 
 WORD_TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 40
 
@@ -259,7 +259,7 @@ def test_draws_do_not_repeat_from_block_to_block(sampler):
 def test_limits_of_n_seed_and_top_k(sampler):
     assert sampler.sample("the", 0, seed=1) == "the"
     assert sampler.sample("the", 1, mode=0) == sampler.sample("the", 5, mode=0)[:4]
-    check_arguments(MAX_N, 1, 1.0, MAX_SEED, MAX_N)  # the largest values are accepted
+    check_settings(SampleSettings("", MAX_N, 1, 1.0, MAX_SEED, MAX_N))  # the largest values are accepted
     # top_k of the vocabulary size or more keeps every token: the same text as top_k 0.
     everything = sampler.sample("the ", 200, mode=1, temperature=1.5, seed=MAX_SEED)
     for top_k in (len(sampler.vocab), MAX_N):

@@ -1,5 +1,7 @@
 """Shared fixtures: small corpora, a helper that runs a script as a user would, and a tiny trained save dir."""
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +34,30 @@ def make_data_dir(path, text=TINY_TEXT):
     return str(path)
 
 
+def train_flags(data_dir, save_dir, *extra):
+    """train.py flags for the tiny model, quiet, repeatable."""
+    return ["--data_dir", data_dir, "--save_dir", save_dir, *TINY_MODEL, "--seed", "1", "--print_every", "1000",
+            *map(str, extra)]
+
+
+def snapshot(directory):
+    """{relative path: SHA-256} of every file under a directory."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def error_line(capsys):
+    """The one line a refused run printed on stderr (asserting it is one line, and no traceback)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     """A fresh data dir with the tiny corpus."""
@@ -49,3 +75,12 @@ def trained_save_dir(tmp_path_factory):
                        "--save_every", "50", "--print_every", "50", "--seed", "1"])
     assert code == 0
     return save
+
+
+@pytest.fixture
+def trained_copy(trained_save_dir, tmp_path):
+    """A private copy of the session's trained save dir; returns (save_dir, data_dir)."""
+    import savedir
+    save = str(tmp_path / "save")
+    shutil.copytree(trained_save_dir, save)
+    return save, savedir.read_config(save)["data_dir"]

@@ -4,7 +4,6 @@ and nothing random or half-written is left behind to be sampled later."""
 import contextlib
 import csv
 import glob
-import hashlib
 import json
 import os
 import random
@@ -28,36 +27,12 @@ import savedir
 import train
 import trainer
 import utils
-from conftest import REPO, TINY_MODEL, TINY_TEXT, make_data_dir, run_script
+from conftest import REPO, TINY_TEXT, error_line, make_data_dir, run_script, snapshot, train_flags
 from sampler import Sampler
 from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
 
 
 SPAWN_TIMEOUT_S = 120  # a process must reach the awaited point within this (TensorFlow loads slowly)
-
-
-def train_flags(data_dir, save_dir, *extra):
-    """train.py flags for the tiny model, quiet, repeatable."""
-    return ["--data_dir", data_dir, "--save_dir", save_dir, *TINY_MODEL, "--seed", "1", "--print_every", "1000",
-            *map(str, extra)]
-
-
-def error_line(capsys):
-    """The one line a refused run printed on stderr (asserting it is one line, and no traceback)."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-def snapshot(directory):
-    """{relative path: SHA-256} of every file under a directory."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return files
 
 
 def models(files):
@@ -247,14 +222,6 @@ def test_a_capped_word_vocabulary_is_the_exact_one_counted_in_bounded_memory(tmp
 
 # ----------------------------------------------------------------------------------------------------------
 # NaN: never saved, never loaded
-
-
-@pytest.fixture
-def trained_copy(trained_save_dir, tmp_path):
-    """A private copy of the session's trained save dir; returns (save_dir, data_dir)."""
-    save = str(tmp_path / "save")
-    shutil.copytree(trained_save_dir, save)
-    return save, savedir.read_config(save)["data_dir"]
 
 
 def test_a_diverging_resume_never_saves_nan_and_keeps_the_last_good_checkpoint(trained_copy, capsys):

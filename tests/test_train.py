@@ -3,10 +3,8 @@ the best model, and user mistakes end in one line on stderr without touching wha
 import csv
 import dataclasses
 import glob
-import hashlib
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,47 +21,15 @@ import settings
 import train
 import trainer
 import utils
-from conftest import REPO, TINY_MODEL, TINY_TEXT, make_data_dir, run_script
+from conftest import REPO, TINY_MODEL, TINY_TEXT, error_line, make_data_dir, run_script, snapshot, train_flags
 
 SPAWN_TIMEOUT_S = 120  # a trainer subprocess must print its first step within this (TensorFlow loads slowly)
-
-
-def train_flags(data_dir, save_dir, *extra):
-    """train.py flags for the tiny model, quiet, repeatable."""
-    return ["--data_dir", data_dir, "--save_dir", save_dir, *TINY_MODEL, "--seed", "1", "--print_every", "1000",
-            *map(str, extra)]
 
 
 def metrics(save_dir, column):
     """[(step, value)] of one column of save_dir/metrics.csv, rows where it is filled."""
     with open(os.path.join(save_dir, savedir.METRICS_FILE), newline="") as f:
         return [(int(row["step"]), float(row[column])) for row in csv.DictReader(f) if row[column]]
-
-
-def snapshot(directory):
-    """{relative path: SHA-256} of every file under a directory."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return files
-
-
-def error_line(capsys):
-    """The one line a refused run printed on stderr (asserting it is one line, and no traceback)."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-@pytest.fixture
-def trained_copy(trained_save_dir, tmp_path):
-    """A private copy of the session's trained save dir; returns (save_dir, data_dir)."""
-    save = str(tmp_path / "save")
-    shutil.copytree(trained_save_dir, save)
-    return save, savedir.read_config(save)["data_dir"]
 
 
 def newest_step(save_dir):

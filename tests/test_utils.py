@@ -91,7 +91,8 @@ def test_word_level_keeps_line_breaks_and_caps_the_vocabulary(tmp_path):
 
 
 def cache_files(data_dir, suffix=".ids.npy"):
-    return sorted(name for name in os.listdir(data_dir) if name.startswith(utils.CACHE_PREFIX) and name.endswith(suffix))
+    return sorted(name for name in os.listdir(data_dir)
+                  if name.startswith(utils.CACHE_PREFIX) and name.endswith(suffix))
 
 
 def test_encoding_max_vocab_and_min_count_each_get_their_own_cache(tmp_path):

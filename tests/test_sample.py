@@ -332,6 +332,19 @@ def test_empty_prime_samples_what_follows_a_line_break(sampler, word_save_dir):
     assert words.sample("", 40, seed=4) == words.sample("\n", 40, seed=4)[1:]
 
 
+def test_empty_prime_without_line_breaks_starts_from_the_most_frequent_token(tmp_path):
+    text = "the cat sat on the mat. " * 60  # no line break; the space is the most frequent character
+    save = str(tmp_path / "save")
+    assert train.main(["--data_dir", make_data_dir(tmp_path / "data", text), "--save_dir", save, *TINY_MODEL,
+                       "--num_epochs", "1", "--print_every", "100", "--seed", "3"]) == 0
+    one_line = Sampler.load(save)
+    assert "\n" not in one_line.vocab and one_line.vocab[0] == " "
+    for mode, seed in [(0, None), (1, 1), (1, 2)]:
+        empty = one_line.sample("", 60, mode=mode, temperature=1.5, seed=seed)
+        assert empty == one_line.sample(" ", 60, mode=mode, temperature=1.5, seed=seed)[1:]
+    assert one_line.sample("", 60, seed=1) != one_line.sample("t", 60, seed=1)[1:]
+
+
 @pytest.mark.slow
 def test_missing_save_dir_or_checkpoint_exits_1_never_random_weights(tmp_path, trained_save_dir):
     result = run_script("sample.py", "--save_dir", tmp_path / "nowhere")

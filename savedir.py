@@ -112,6 +112,23 @@ def keeps_crlf(config, vocab):
     return bool(config.get("keep_crlf", "\r" in vocab))
 
 
+def read_settings(save_dir):
+    """(config.yaml's settings, the vocabulary) of a save dir; keep_crlf is filled in for an older config."""
+    config = read_config(save_dir)
+    vocab, _ = read_vocab(save_dir)
+    config.setdefault("keep_crlf", keeps_crlf(config, vocab))
+    return config, vocab
+
+
+def check_resumable(save_dir, settings, vocab):
+    """Raise (before anything is written) when save_dir holds no checkpoint or a model that a run with these
+    settings and vocabulary cannot continue."""
+    old_config, old_vocab = read_settings(save_dir)
+    check_compatible(old_config, old_vocab, settings, vocab)
+    if not has_checkpoint(save_dir):
+        raise FileNotFoundError(f"no checkpoint in {save_dir} to resume from")
+
+
 def check_compatible(saved_config, saved_vocab, config, vocab):
     """Raise ValueError naming the first setting in which a resumed run differs from its checkpoint."""
     for field in WEIGHT_FIELDS:

@@ -224,15 +224,6 @@ class Trainer:
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def check_resume(init_from, settings, vocab):
-    """Raise (before anything is written) when init_from holds no checkpoint or an incompatible model."""
-    old_config = savedir.read_config(init_from)
-    old_vocab, _ = savedir.read_vocab(init_from)
-    savedir.check_compatible(old_config, old_vocab, settings, vocab)
-    if not savedir.has_checkpoint(init_from):
-        raise FileNotFoundError(f"no checkpoint in {init_from} to resume from")
-
-
 def with_resume_settings(config):
     """For a resume: the settings left None (not given) taken from the checkpoint's config.yaml, and
     --word2vec_embedding dropped (the weights come from the checkpoint). Other runs: `config` as it is."""
@@ -244,9 +235,7 @@ def with_resume_settings(config):
     missing = [name for name in RESUMED_SETTINGS if getattr(config, name) is None]
     if not missing:
         return config
-    old_config = savedir.read_config(config.init_from)
-    old_vocab, _ = savedir.read_vocab(config.init_from)
-    old_config.setdefault("keep_crlf", savedir.keeps_crlf(old_config, old_vocab))
+    old_config, _ = savedir.read_settings(config.init_from)
     taken = {name: old_config.get(name, getattr(TRAIN_DEFAULTS, name)) for name in missing}
     print("from the checkpoint: " + ", ".join(f"{name} {value}" for name, value in taken.items()))
     return dataclasses.replace(config, **taken)
@@ -271,7 +260,7 @@ def network(config, loader):
     """
     embedding_size, vectors = config.rnn_size, None
     if config.init_from:
-        embedding_size = savedir.read_config(config.init_from).get("embedding_size", config.rnn_size)
+        embedding_size = savedir.read_settings(config.init_from)[0].get("embedding_size", config.rnn_size)
     elif config.word2vec_embedding:
         import embeddings  # gensim is slow to import; only word2vec users pay for it
         vectors = embeddings.embedding_matrix(config.word2vec_embedding, loader.vocab, config.seed)
@@ -293,7 +282,7 @@ def train(config):
     model_config, vectors = network(config, loader)
     settings = saved_settings(config, model_config, loader.unk_token)
     if config.init_from:
-        check_resume(config.init_from, settings, loader.vocab)
+        savedir.check_resumable(config.init_from, settings, loader.vocab)
     resuming_here = bool(config.init_from) and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)
     with savedir.SaveDir(config.save_dir, config.log_dir) as save_dir:
         save_dir.prepare(settings, loader.vocab, loader.unk_token, resuming_here)

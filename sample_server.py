@@ -114,7 +114,7 @@ def parse_request(params, limits):
     seed = integer(params, "seed", None, 0, None)
     return SampleSettings(
         prime=prime,
-        n=integer(params, "n", DEFAULT_N, 1, limits.max_n, "--max_n"),
+        n=integer(params, "n", min(DEFAULT_N, limits.max_n), 1, limits.max_n, "--max_n"),  # never above --max_n
         mode=sample_mode(params),
         temperature=positive_number(params, "temperature", limits.temperature),
         # Without a seed the server picks one, so that the answer says which seed repeats it.

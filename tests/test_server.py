@@ -274,6 +274,7 @@ def test_flags_set_the_default_temperature_and_the_limits(flagged_server, local_
     assert status == 200 and body.startswith(prime)
     status, _, body = get(f"{url}/?prime={urllib.parse.quote(prime + '.')}&n=5")
     assert status == 400 and f"the limit is {FLAGGED_MAX_PRIME} (--max_prime)" in body
+    assert json.loads(get(f"{url}/sample.json")[2])["n"] == min(200, FLAGGED_MAX_N)  # the default n obeys --max_n
 
 
 def test_health_names_the_model(server, save_dir):

@@ -29,6 +29,7 @@ import trainer
 import utils
 from conftest import REPO, TINY_TEXT, error_line, make_data_dir, run_script, snapshot, train_flags
 from sampler import Sampler
+from servers import free_port, get, running_server
 from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
 
 
@@ -39,12 +40,6 @@ def models(files):
     """The part of a snapshot that holds models: checkpoints, their index, and best/."""
     return {name: digest for name, digest in files.items()
             if name.startswith((savedir.CHECKPOINT_NAME, savedir.BEST_DIR + os.sep)) or name == "checkpoint"}
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -483,44 +478,17 @@ def test_ctrl_c_before_the_first_step_writes_no_checkpoint(tmp_path, data_dir):
 # Serving
 
 
-SERVER_READY_S = 120  # importing TensorFlow and loading the model, on a busy machine
-
-
 def serving_get(url, timeout=60):
     """GET url; returns (status, body as text), whatever the status."""
-    import urllib.error
-    import urllib.request
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read().decode("utf-8")
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read().decode("utf-8")
+    status, _, body = get(url, timeout)
+    return status, body
 
 
 @contextlib.contextmanager
 def serving(save_dir, log_path, *flags):
-    """A sample_server.py process on 127.0.0.1, ready; yields (process, url); killed and waited for at the end."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir", save_dir,
-                                    "--host", "127.0.0.1", "--port", str(port), *map(str, flags)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        deadline = time.monotonic() + SERVER_READY_S
-        while True:
-            assert process.poll() is None, f"the server exited early:\n{open(log_path).read()}"
-            with contextlib.suppress(OSError):
-                if serving_get(url + "/health", timeout=5)[0] == 200:
-                    break
-            assert time.monotonic() < deadline, f"no answer within {SERVER_READY_S} s:\n{open(log_path).read()}"
-            time.sleep(0.2)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    """A sample_server.py process on 127.0.0.1, ready; yields (process, url); ended and waited for at the end."""
+    with running_server(save_dir, log_path, *flags) as server:
+        yield server.process, server.url
 
 
 def test_a_stopped_generator_raises_generation_stopped_from_any_thread(trained_save_dir):

@@ -1,6 +1,5 @@
 """sample_server.py as an HTTP client sees it: a real server process on a free port, spoken to with urllib."""
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
@@ -18,13 +17,12 @@ import pytest
 
 import train
 from conftest import REPO, TINY_MODEL, make_data_dir, run_script
+from servers import REQUEST_TIMEOUT_S, START_TIMEOUT_S, Server, end_process, free_port, get, running_server
 from sampler import MAX_N, MAX_SEED, Sampler
 
 # The README's URL asks for prime=The, so the served model must know a capital T (the shared tiny corpus has none).
 SERVED_TEXT = "The cat sat on the mat.\nThe dog sat on the log.\n" * 60
 README_QUERY = "prime=The&n=200&sample_mode=2"
-START_TIMEOUT_S = 120  # importing TensorFlow and loading the model, on a busy machine
-REQUEST_TIMEOUT_S = 60
 # Every test here starts a server or a script.
 pytestmark = pytest.mark.slow
 
@@ -38,101 +36,6 @@ def save_dir(tmp_path_factory):
                        "--num_epochs", "3", "--print_every", "1000", "--seed", "1"])
     assert code == 0
     return save
-
-
-def free_port(host="127.0.0.1"):
-    """A port nobody listens on right now (CherryPy cannot report the port it got for port 0); another process may
-    take it before the server binds it, so Server tries another one then."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def end_process(process):
-    """Terminate a child process, kill it if it lingers, and wait for it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    process.wait()
-
-
-@contextlib.contextmanager
-def ctrl_c_not_ignored():
-    """A child started in here handles Ctrl-C even when this process ignores SIGINT (a job started in the
-    background by a shell without job control): the child inherits an ignored signal, and Python keeps it ignored."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        if previous is signal.SIG_IGN:
-            signal.signal(signal.SIGINT, previous)
-
-
-# What the server says when it cannot have its port (its own check, or CherryPy's once the model is loaded).
-LOST_PORT_SIGNS = ("cannot listen on", "not free", "Address already in use")
-PORT_ATTEMPTS = 5
-
-
-class Server:
-    """A sample_server.py process: url, process, and its log (stdout and stderr) in a file.
-
-    When another process takes the port between free_port() and the server's bind, the server exits saying so and
-    wait_until_ready starts it again on another port.
-    """
-
-    def __init__(self, save_dir, log_path, *flags, host="127.0.0.1"):
-        self.save_dir, self.log_path, self.flags, self.host = save_dir, log_path, flags, host
-        self.process = None
-        self.start()
-
-    def start(self):
-        self.port = free_port(self.host)
-        self.url = f"http://{self.host}:{self.port}"
-        with open(self.log_path, "w") as log, ctrl_c_not_ignored():
-            self.process = subprocess.Popen(
-                [sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir", self.save_dir,
-                 "--host", self.host, "--port", str(self.port), *map(str, self.flags)],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def wait_until_ready(self):
-        attempts = 1
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = self.log()
-                if attempts < PORT_ATTEMPTS and any(sign in log for sign in LOST_PORT_SIGNS):
-                    self.process.wait()
-                    attempts += 1
-                    self.start()
-                    deadline = time.monotonic() + START_TIMEOUT_S
-                    continue
-                raise AssertionError(f"the server exited early:\n{log}")
-            with contextlib.suppress(OSError):
-                if get(self.url + "/health")[0] == 200:
-                    return self
-            time.sleep(0.2)
-        raise AssertionError(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{self.log()}")
-
-    def log(self):
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self):
-        end_process(self.process)
-
-
-@contextlib.contextmanager
-def running_server(save_dir, log_path, *flags, host="127.0.0.1"):
-    server = Server(save_dir, log_path, *flags, host=host)
-    try:
-        yield server.wait_until_ready()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +66,6 @@ def flagged_server(save_dir, tmp_path_factory):
 def local_sampler(save_dir):
     """The served model in this process, to say what the server should answer."""
     return Sampler.load(save_dir)
-
-
-def get(url, timeout=REQUEST_TIMEOUT_S):
-    """GET url; returns (status, headers, body as text), whatever the status."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.headers, response.read().decode("utf-8")
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.headers, error.read().decode("utf-8")
 
 
 def assert_one_line_of_plain_text(headers, body):

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTEST_TESTS_FAILED = 1  # pytest's exit code when tests ran and some failed (2-5: interrupted, errors, none run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,10 @@ def apply(mutation, root):
 
 
 def run(mutation):
-    """Apply one break to a fresh copy and run its tests; returns (caught, seconds, last line of pytest)."""
+    """Apply one break to a fresh copy and run its tests; returns (caught, seconds, last line of pytest).
+
+    Caught means that tests ran and at least one failed; an error of the run itself is a RuntimeError.
+    """
     with tempfile.TemporaryDirectory(prefix=f"mutation-{mutation.name}-") as root:
         copy_repo(root)
         apply(mutation, root)
@@ -143,7 +147,9 @@ def run(mutation):
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                  *mutation.tests], cwd=root, capture_output=True, text=True)
         lines = (result.stdout.strip().splitlines() or ["(no output)"])
-        return result.returncode != 0, time.monotonic() - started, lines[-1]
+        if result.returncode not in (0, PYTEST_TESTS_FAILED):  # a run that broke is no catch
+            raise RuntimeError(f"{mutation.name}: pytest exited {result.returncode}: {lines[-1]}")
+        return result.returncode == PYTEST_TESTS_FAILED, time.monotonic() - started, lines[-1]
 
 
 def main(argv=None):
@@ -163,15 +169,18 @@ def main(argv=None):
             print(f"{m.name}: {m.file}: {m.old.strip()!r} -> {m.new.strip()!r}; tests {' '.join(m.tests)}"
                   + ("" if found == 1 else f"  [the text occurs {found} times: fix this break]"))
         return 0
-    survived = []
+    survived = []  # and the breaks whose run could not tell
     for number, mutation in enumerate(chosen, 1):
-        caught, seconds, summary = run(mutation)
-        print(f"[{number}/{len(chosen)}] {mutation.name}: {'caught' if caught else 'SURVIVED'} "
-              f"({seconds:.0f} s; {summary})", flush=True)
+        try:
+            caught, seconds, summary = run(mutation)
+            outcome = f"{'caught' if caught else 'SURVIVED'} ({seconds:.0f} s; {summary})"
+        except (ValueError, RuntimeError) as error:
+            caught, outcome = False, f"ERROR ({error})"
+        print(f"[{number}/{len(chosen)}] {mutation.name}: {outcome}", flush=True)
         if not caught:
             survived.append(mutation.name)
     print(f"{len(chosen) - len(survived)} of {len(chosen)} breaks caught"
-          + (f"; survived: {', '.join(survived)}" if survived else ""))
+          + (f"; not caught: {', '.join(survived)}" if survived else ""))
     return 1 if survived else 0
 
 

@@ -190,7 +190,7 @@ class Trainer:
         if count and not math.isfinite(train_loss):
             self.diverged(f"the training loss became {train_loss} before step {int(progress.step)}")
         if not savedir.weights_finite(self.model):
-            self.diverged(f"the weights became NaN or infinite before step {int(progress.step)}")
+            self.diverged(f"the weights became NaN or infinite by step {int(progress.step)}")
         step = int(progress.step)
         val_loss = None
         if validate and config.val_frac > 0:

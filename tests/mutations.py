@@ -80,7 +80,7 @@ MUTATIONS = [
              ("tests/test_words.py", "-k", "every_format")),
     # Faults.
     Mutation("nan_checkpoint_saved", "trainer.py", "        if not savedir.weights_finite(self.model):\n",
-             "        if False:\n", ("tests/test_faults.py", "-k", "diverg")),
+             "        if False:\n", ("tests/test_faults.py", "-k", "nan_after_a_finite_loss")),
     Mutation("nan_weights_loaded", "savedir.py", "    check_finite(model, path)\n    return Loaded",
              "    return Loaded",
              ("tests/test_faults.py", "-k", "nan_weights")),

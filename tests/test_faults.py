@@ -231,6 +231,29 @@ def test_a_diverging_resume_never_saves_nan_and_keeps_the_last_good_checkpoint(t
     assert savedir.weights_finite(savedir.load(save).model)
 
 
+def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(tmp_path, data_dir, monkeypatch, capsys):
+    """The loss of a step is computed before its update: an update that makes the weights NaN leaves that loss
+    finite, and without a validation split nothing else would notice before the save."""
+    real_make_train_step = trainer.make_train_step
+
+    def poisons_the_weights_at_step_10(model, optimizer, progress, grad_clip):
+        step = real_make_train_step(model, optimizer, progress, grad_clip)
+
+        def train_step(inputs, targets):
+            loss = step(inputs, targets)
+            if int(progress.step) == 10:  # the last step before a save
+                model.head.bias.assign(model.head.bias * np.nan)
+            return loss
+        return train_step
+    monkeypatch.setattr(trainer, "make_train_step", poisons_the_weights_at_step_10)
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--val_frac", 0, "--save_every", 5, "--max_steps", 20)) == 1
+    line = error_line(capsys)
+    assert "the weights became NaN or infinite by step 10" in line and "model.ckpt-5, is kept" in line
+    assert [savedir.checkpoint_step(path) for path in savedir.checkpoint_paths(save)] == [5]
+    assert savedir.weights_finite(savedir.load(save).model)
+
+
 def test_diverging_from_scratch_says_no_checkpoint_was_written(tmp_path, data_dir, capsys):
     save = str(tmp_path / "save")
     assert train.main(train_flags(data_dir, save, "--learning_rate", "1e30", "--save_every", 1)) == 1

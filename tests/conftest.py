@@ -1,7 +1,9 @@
 """Shared fixtures: small corpora, a helper that runs a script as a user would, and a tiny trained save dir."""
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -17,6 +19,20 @@ REAL_CORPUS = os.environ.get("CHAR_RNN_DATA_URL") or SHARED_CORPUS
 TINY_TEXT = ("the cat sat on the mat.\nthe dog sat on the log.\n" * 60)
 # Flags for a model small enough to train in seconds.
 TINY_MODEL = ["--rnn_size", "16", "--num_layers", "1", "--batch_size", "4", "--seq_length", "10"]
+
+
+@contextlib.contextmanager
+def ctrl_c_not_ignored():
+    """A child started in here handles Ctrl-C even when this process ignores SIGINT (a job started in the
+    background by a shell without job control): the child inherits an ignored signal, and Python keeps it ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_script(script, *args, cwd=None, timeout=300, env=None):

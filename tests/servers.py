@@ -2,7 +2,6 @@
 happens, and HTTP GET. Servers listen on loopback addresses only."""
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import REPO
+from conftest import REPO, ctrl_c_not_ignored
 
 START_TIMEOUT_S = 120  # importing TensorFlow and loading the model, on a busy machine
 REQUEST_TIMEOUT_S = 60
@@ -33,20 +32,6 @@ def end_process(process):
         except subprocess.TimeoutExpired:
             process.kill()
     process.wait()
-
-
-@contextlib.contextmanager
-def ctrl_c_not_ignored():
-    """A child started in here handles Ctrl-C even when this process ignores SIGINT (a job started in the
-    background by a shell without job control): the child inherits an ignored signal, and Python keeps it ignored."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        if previous is signal.SIG_IGN:
-            signal.signal(signal.SIGINT, previous)
 
 
 # What the server says when it cannot have its port (its own check, or CherryPy's once the model is loaded).

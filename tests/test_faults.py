@@ -27,7 +27,7 @@ import savedir
 import train
 import trainer
 import utils
-from conftest import REPO, TINY_TEXT, error_line, make_data_dir, run_script, snapshot, train_flags
+from conftest import REPO, TINY_TEXT, ctrl_c_not_ignored, error_line, make_data_dir, run_script, snapshot, train_flags
 from sampler import Sampler
 from servers import free_port, get, running_server
 from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
@@ -460,7 +460,7 @@ def interrupt_train(tmp_path, data_dir, when):
     """Start train.py, send SIGINT once `when(log text)` holds; returns (exit code, stderr lines, save dir)."""
     save = str(tmp_path / "save")
     log_path = tmp_path / "out.log"
-    with open(log_path, "w") as out, open(tmp_path / "err.log", "w") as err:
+    with open(log_path, "w") as out, open(tmp_path / "err.log", "w") as err, ctrl_c_not_ignored():
         process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"),
                                     *train_flags(data_dir, save, "--print_every", 1)],
                                    stdout=out, stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -21,7 +21,8 @@ import settings
 import train
 import trainer
 import utils
-from conftest import REPO, TINY_MODEL, TINY_TEXT, error_line, make_data_dir, run_script, snapshot, train_flags
+from conftest import (REPO, TINY_MODEL, TINY_TEXT, ctrl_c_not_ignored, error_line, make_data_dir, run_script, snapshot,
+                      train_flags)
 
 SPAWN_TIMEOUT_S = 120  # a trainer subprocess must print its first step within this (TensorFlow loads slowly)
 
@@ -199,7 +200,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, 
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
     save = str(tmp_path / "save")
     log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, ctrl_c_not_ignored():
         process = subprocess.Popen(
             [sys.executable, os.path.join(REPO, "train.py"),
              *train_flags(data_dir, save, "--print_every", 1, "--num_epochs", 1000, "--save_every", 10 ** 6)],

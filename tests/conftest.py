@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -72,6 +73,41 @@ def error_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
+
+def newest_step(save_dir):
+    """The step of the newest checkpoint the save dir's index names."""
+    import savedir
+    import tensorflow as tf
+    return savedir.checkpoint_step(tf.train.latest_checkpoint(save_dir))
+
+
+def assert_best_describes_its_weights(save_dir, data_dir):
+    """best/model_info.yaml names the step of the checkpoint beside it and that model's validation loss."""
+    import evaluation
+    import savedir
+    import utils
+    best = os.path.join(save_dir, savedir.BEST_DIR)
+    if not os.path.isdir(best):  # killed between the two renames of a swap: best.old/ is the complete set
+        best = os.path.join(save_dir, savedir.BEST_DIR + ".old")
+    info = savedir.read_yaml(os.path.join(best, savedir.MODEL_INFO_FILE))
+    loaded = savedir.load(best)
+    assert savedir.checkpoint_step(loaded.path) == info["step"]
+    loader = utils.TextLoader(data_dir, 4, 10)
+    val_loss, _ = evaluation.full_pass_loss(loaded.model, loader.val_ids)
+    assert val_loss == pytest.approx(info["val_loss"], abs=1e-4)
+
+
+SPAWN_TIMEOUT_S = 120  # a trainer subprocess must reach an awaited point within this (TensorFlow loads slowly)
+
+
+def wait_for(condition, process, what):
+    """Poll condition() until it holds, failing if the process exits first or SPAWN_TIMEOUT_S pass."""
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not condition():
+        assert process.poll() is None, f"the trainer exited ({process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {SPAWN_TIMEOUT_S}s"
+        time.sleep(0.05)
 
 
 @pytest.fixture

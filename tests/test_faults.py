@@ -1,5 +1,6 @@
 """The project's promise under faults, as a user meets them: bad or empty text, read-only and full disks,
-permissions, line endings, NaN, interrupts. In every case the message is one line, nothing the user had is lost,
+permissions, line endings, kill -9 at random moments, damaged checkpoints, NaN, Ctrl-C at start-up and mid-epoch,
+SIGTERM under load. In every case the message is one line, nothing the user had is lost,
 and nothing random or half-written is left behind to be sampled later."""
 import contextlib
 import csv
@@ -27,13 +28,11 @@ import savedir
 import train
 import trainer
 import utils
-from conftest import REPO, TINY_TEXT, ctrl_c_not_ignored, error_line, make_data_dir, run_script, snapshot, train_flags
+from conftest import (REPO, SPAWN_TIMEOUT_S, TINY_TEXT, assert_best_describes_its_weights, ctrl_c_not_ignored,
+                      error_line, make_data_dir, newest_step, run_script, snapshot, train_flags, wait_for)
 from sampler import Sampler
 from servers import free_port, get, running_server
 from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
-
-
-SPAWN_TIMEOUT_S = 120  # a process must reach the awaited point within this (TensorFlow loads slowly)
 
 
 def models(files):
@@ -216,6 +215,113 @@ def test_a_capped_word_vocabulary_is_the_exact_one_counted_in_bounded_memory(tmp
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Kills, damaged checkpoints, Ctrl-C mid-epoch
+
+
+KILL_SEED_ENV = "CHAR_RNN_KILL_SEED"  # replays the kill moments of a failed run of the SIGKILL test
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_a_resumable_save_dir(tmp_path, data_dir, capsys):
+    seed = int(os.environ.get(KILL_SEED_ENV) or random.randrange(2 ** 32))
+    replay = f"random seed {seed}: replay with {KILL_SEED_ENV}={seed}"
+    print(replay)
+    rng = random.Random(seed)
+    delays = []  # the kill moments so far, in the failure message
+    try:
+        sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays)
+    except (Exception, pytest.fail.Exception) as e:
+        raise AssertionError(f"{replay}; kills after {', '.join(f'{d:.3f}s' for d in delays)}: "
+                             f"{e.__class__.__name__}: {e}") from e
+
+
+def sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays):
+    """Start train.py, SIGKILL it after a delay drawn from rng, check the save dir and resume, four times."""
+    save = str(tmp_path / "save")
+    # A checkpoint (and often a new best/) every other step, so that kills land in the middle of saves.
+    flags = train_flags(data_dir, save, "--save_every", 2, "--print_every", 1, "--num_epochs", 1000)
+    for kill in range(4):
+        log_path = tmp_path / f"run{kill}.log"
+        resuming = kill > 0
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, os.path.join(REPO, "train.py"), *flags, *(["--init_from", save] if resuming else [])],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            if resuming:  # it restored the save dir the last kill left, and trains on
+                wait_for(lambda: "resumed from" in log_path.read_text() and
+                         " (epoch " in log_path.read_text().split("resumed from")[1], process, "training step")
+            else:
+                wait_for(lambda: savedir.has_checkpoint(save), process, "first checkpoint")
+            delay = rng.uniform(0.0, 1.0)
+            delays.append(delay)
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        context = f"kill {kill} after {delay:.3f}s; log:\n{log_path.read_text()[-2000:]}"
+        try:
+            assert_best_describes_its_weights(save, data_dir)
+            # Continue in this process: it must resume and end cleanly when given more steps.
+            target = max(savedir.checkpoint_step(p) for p in savedir.checkpoint_paths(save)) + 2
+            assert train.main(flags + ["--init_from", save, "--max_steps", str(target)]) == 0
+            assert newest_step(save) == target
+            assert_best_describes_its_weights(save, data_dir)
+        except AssertionError as e:
+            raise AssertionError(f"{context}\n{e}") from e
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("suffix", [".data-00000-of-00001", ".index"])
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, capsys, suffix):
+    save, data = trained_copy
+    newest, before = savedir.checkpoint_paths(save)[:2]
+    with open(newest + suffix, "r+b") as f:
+        f.truncate(os.path.getsize(newest + suffix) // 2)
+
+    loaded = savedir.load(save)
+    assert loaded.path == before
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {newest} is damaged" in err and "trying the one before it" in err
+
+    target = savedir.checkpoint_step(newest) + 3
+    assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", target)) == 0
+    captured = capsys.readouterr()
+    assert f"warning: checkpoint {newest} is damaged" in captured.err
+    assert f"resumed from {before}: step {savedir.checkpoint_step(before)}" in captured.out
+    assert newest_step(save) == target
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log, ctrl_c_not_ignored():
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "train.py"),
+             *train_flags(data_dir, save, "--print_every", 1, "--num_epochs", 1000, "--save_every", 10 ** 6)],
+            stdout=log, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_for(lambda: "\n20/" in log_path.read_text(), process, "step 20")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=SPAWN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == trainer.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err
+    printed = [int(line.split("/")[0]) for line in log_path.read_text().splitlines() if " train_loss = " in line]
+    saved = newest_step(save)  # save_every is out of reach: this checkpoint is the interrupt's
+    assert saved >= printed[-1] >= 20
+    assert f"interrupted: checkpoint written to {os.path.join(save, 'model.ckpt-' + str(saved))}" in err
+    assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", saved + 1)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # NaN: never saved, never loaded
 
 
@@ -229,6 +335,30 @@ def test_a_diverging_resume_never_saves_nan_and_keeps_the_last_good_checkpoint(t
     assert "training stopped" in line and f"the last good checkpoint, {newest}, is kept" in line
     assert models(snapshot(save)) == before  # no new checkpoint, best/ untouched
     assert savedir.weights_finite(savedir.load(save).model)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    real_make_train_step = trainer.make_train_step
+
+    def poisoned_from_step_25(model, optimizer, progress, grad_clip):
+        step = real_make_train_step(model, optimizer, progress, grad_clip)
+
+        def train_step(inputs, targets):
+            loss = step(inputs, targets)
+            if int(progress.step) >= 25:  # as if the weights had blown up
+                progress.loss_sum.assign(float("nan"))
+                return tf.constant(float("nan"))
+            return loss
+        return train_step
+
+    monkeypatch.setattr(trainer, "make_train_step", poisoned_from_step_25)
+    save = str(tmp_path / "save")
+    code = train.main(train_flags(data_dir, save, "--save_every", 20, "--max_steps", 60))
+    assert code == 1
+    line = error_line(capsys)
+    assert "nan" in line and "last good checkpoint" in line
+    assert newest_step(save) == 20
+    assert savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))["step"] == 20
 
 
 def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(tmp_path, data_dir, monkeypatch, capsys):

@@ -149,7 +149,9 @@ class Sampler:
 
     def encode(self, prime):
         """Prime text -> token ids; unknown tokens map to the unknown-word token, or are refused by name."""
-        prime = normalize_newlines(prime, self.keep_crlf)
+        return self._encode_normalized(normalize_newlines(prime, self.keep_crlf))
+
+    def _encode_normalized(self, prime):
         return encode_tokens(tokenize(prime, self.word_level), self.index, self.unk_token, self.word_level,
                              what="the prime")
 
@@ -161,7 +163,7 @@ class Sampler:
         """
         check_settings(settings)
         prime = normalize_newlines(settings.prime, self.keep_crlf)
-        ids = self.encode(prime) or [self.start_id]
+        ids = self._encode_normalized(prime) or [self.start_id]
         mode = settings.mode
         if self.word_level and mode == MODE_SAMPLE_ON_SPACES:
             mode = MODE_SAMPLE  # every word follows a space, so "sample on spaces" samples at every step

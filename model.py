@@ -51,17 +51,19 @@ class CharRNN(keras.Model):
         k = self.states_per_layer
         return list(states[i * k:(i + 1) * k])
 
-    def call(self, inputs, states, training=False):
-        """inputs [batch, time] int ids, states a flat tuple -> (logits [batch, time, vocab], new states)."""
+    def call(self, inputs, states, training=False, rows=None):
+        """inputs [batch, time] int ids, states a flat tuple -> (logits [batch, time, vocab], new states).
+
+        rows: for one replica's share of a batch, (its first row, the batch's rows); see unrolled.dropout."""
         if unrolled.applies(self, inputs):  # a short static sequence on a CPU: the same math, faster
-            x, new_states = unrolled.forward(self, inputs, states, training)
+            x, new_states = unrolled.forward(self, inputs, states, training, rows=rows)
         else:
             x = self.embedding(inputs)  # (B, T, embedding_size)
             new_states = []
             for i, layer in enumerate(self.rnn_layers):
                 x, *layer_states = layer(x, initial_state=self.layer_states(states, i), training=training)
                 new_states.extend(layer_states)
-                x = self.dropouts[i](x, training=training)  # (B, T, rnn_size)
+                x = unrolled.dropout(self.dropouts[i], x, training, rows)  # (B, T, rnn_size)
         return self.head(x), tuple(new_states)
 
     def step(self, token_ids, states, table=None):

@@ -9,6 +9,7 @@ import os
 
 DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
 CELL_TYPES = ("lstm", "gru", "rnn")
+STRATEGIES = ("auto", "one", "mirrored", "multi_worker")  # distribution.py says what each means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TrainConfig:
     learning_rate: float = 0.002
     decay_rate: float = 0.97
     seed: int | None = None
+    # Devices and machines (distribution.py)
+    strategy: str = "auto"
+    replicas: int = 0
 
 
 TRAIN_DEFAULTS = TrainConfig()

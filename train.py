@@ -4,10 +4,11 @@ usage: python train.py [--data_dir data/tinyshakespeare] [--save_dir save] [--mo
        python train.py --init_from save        # resume where the run in save/ stopped
 """
 import argparse
+import os
 import sys
 
 import cli
-from settings import CELL_TYPES, RESUMED_SETTINGS, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
+from settings import CELL_TYPES, RESUMED_SETTINGS, STRATEGIES, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
 
 DESCRIPTION = "Train a multi-layer LSTM/GRU/RNN language model over characters or words."
 
@@ -78,6 +79,15 @@ def build_parser():
                               help="per-epoch learning-rate decay: epoch e uses learning_rate * decay_rate**e")
     optimization.add_argument("--seed", type=cli.non_negative_int, default=DEFAULTS.seed,
                               help="random seed, for a repeatable run (default: a random one, saved in config)")
+
+    devices = parser.add_argument_group("devices and machines (README: Training on several devices)")
+    devices.add_argument("--strategy", default=DEFAULTS.strategy, choices=STRATEGIES,
+                         help="one: one device; mirrored: every GPU of this machine (or the CPU split into "
+                              "--replicas devices); multi_worker: the machines TF_CONFIG names; auto: multi_worker "
+                              "when TF_CONFIG names a cluster, mirrored with several GPUs or --replicas, else one")
+    devices.add_argument("--replicas", type=cli.non_negative_int, default=DEFAULTS.replicas,
+                         help="mirrored: how many GPUs to use, or without GPUs how many logical devices to split the "
+                              "CPU into (0: every GPU, or one CPU device); batch_size must divide among them")
     return parser
 
 
@@ -98,6 +108,9 @@ def main(argv=None):
     config = TrainConfig(**settings)
 
     def start():
+        if os.environ.get("TF_CONFIG") and not os.environ.get("CHAR_RNN_VERBOSE"):
+            # A worker of a cluster: a lost peer is our one line, not also TensorFlow's C++ error log.
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         cli.quiet_tensorflow(one_thread_per_op=True)
         import trainer  # after the flags: --help and flag errors stay fast
         return trainer.train(config)

@@ -9,12 +9,15 @@ import dataclasses
 import math
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 
 import tensorflow as tf
 from tensorflow import keras
 
+import distribution as distribution_module
 import savedir
 import unrolled
 from cli import EXIT_INTERRUPTED
@@ -48,22 +51,65 @@ def saved_settings(config, model_config, unk_token):
     return {**dataclasses.asdict(config), **model_config.to_dict(), "unk_token": unk_token}
 
 
-def make_train_step(model, optimizer, progress, grad_clip):
-    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced."""
-    @tf.function
-    def train_step(inputs, targets):
+class Adam(keras.optimizers.Adam):
+    """Keras' Adam for gradients that make_train_step has already summed over the replicas and clipped.
+
+    In a replica, Keras' optimizer sums the gradients over the replicas itself, after any clipping it does: clipping
+    would see one replica's gradient, not the batch's. The training step sums first and clips the sum, so the sum
+    here is skipped (each replica then applies the same update to its copy of the weights, as Keras does).
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return grads_and_vars
+
+
+def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
+    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced.
+
+    Under a tf.distribute strategy of several replicas (see distribution.py), each replica takes its contiguous
+    share of the batch's streams and of the carried state; the mean loss over the whole batch and its gradients
+    are all-reduced before clipping, and the new state is gathered whole: the math, and the checkpoint, of one
+    device. Every replica then updates its own copy of the weights alike; `progress` is not mirrored.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(inputs, targets):
+        context = tf.distribute.get_replica_context()
+        batch, steps = inputs.shape
+        rows = batch // replicas
+        first = context.replica_id_in_sync_group * rows
+        mine = lambda tensor: tf.ensure_shape(tensor[first:first + rows], [rows, steps])
         state = tf.ensure_shape(progress.state.value(), [model.num_states, None, model.rnn_size])
-        states = tuple(tf.unstack(state, num=model.num_states))
-        loss, grads, new_states = unrolled.loss_and_gradients(model, inputs, targets, states)
+        states = tuple(tf.unstack(state[:, first:first + rows], num=model.num_states))
+        loss, grads, new_states = unrolled.loss_and_gradients(
+            model, mine(inputs), mine(targets), states, rows=(first, batch) if replicas > 1 else None)
+        state = tf.stack(new_states)
+        if replicas > 1:  # the whole batch's mean loss: every replica's mean weighs 1 / replicas
+            grads = [tf.convert_to_tensor(g) / replicas for g in grads]
+            loss, grads = context.all_reduce(tf.distribute.ReduceOp.SUM, (loss / replicas, grads))
+            state = context.all_gather(state, axis=1)
         grads, _ = tf.clip_by_global_norm(grads, grad_clip)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        progress.state.assign(tf.stack(new_states))
+        return loss, state
+
+    @tf.function
+    def train_step(inputs, targets):
+        # The progress counters are the run's, not the replicas': one copy, updated once per step.
+        loss, state = (strategy.experimental_local_results(result)[0]
+                       for result in strategy.run(replica_step, args=(inputs, targets)))
+        progress.state.assign(state)
         progress.loss_sum.assign_add(tf.cast(loss, tf.float64))
         progress.loss_count.assign_add(1)
         progress.step.assign_add(1)
         progress.batch_in_epoch.assign_add(1)
         return loss
     return train_step
+
+
+# How a collective op fails when another worker is gone: unreachable, timed out, or aborted by the health check.
+WORKER_LOST = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+               tf.errors.AbortedError, tf.errors.InternalError)
 
 
 def format_duration(seconds):
@@ -76,12 +122,15 @@ class Trainer:
     """One training run over a TextLoader into an open savedir.SaveDir; model, optimizer and counters are
     created in one place."""
 
-    def __init__(self, config, loader, model_config, save_dir):
+    def __init__(self, config, loader, model_config, save_dir, distribution=None):
         self.config, self.loader, self.save_dir = config, loader, save_dir
-        self.model = CharRNN(model_config)
-        self.model.build_weights()
-        self.optimizer = keras.optimizers.Adam(config.learning_rate)
-        self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
+        self.distribution = distribution or distribution_module.one_device()
+        strategy = self.distribution.strategy
+        with strategy.scope():  # the weights and the optimizer's slots mirrored on every replica
+            self.model = CharRNN(model_config)
+            self.model.build_weights()
+            self.optimizer = Adam(config.learning_rate)
+            self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
         self.progress = Progress(self.model.num_states, config.batch_size, config.rnn_size, config.seq_length)
         # The dropout layers' random state (Keras gives one only to a rate > 0), so that a resumed run draws the
         # masks the uninterrupted run would have drawn.
@@ -91,7 +140,7 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress,
                                               dropout_rng=self.dropout_rng)
         save_dir.attach(self.checkpoint)
-        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip)
+        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy)
         self.eval_chunk = make_eval_chunk(self.model)
         self.started = time.time()
 
@@ -138,6 +187,10 @@ class Trainer:
         except KeyboardInterrupt:
             print(f"\ninterrupted: {self.save_on_interrupt()}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except WORKER_LOST as e:
+            if self.distribution.name != "multi_worker":
+                raise
+            raise ConnectionError(self.distribution.lost_worker(e, self.config.save_dir)) from None
         if int(self.progress.loss_count) or not self.save_dir.latest_checkpoint:
             self.save()
         return 0
@@ -275,6 +328,10 @@ def train(config):
 
     With init_from, settings of RESUMED_SETTINGS that are None come from the checkpoint.
     """
+    distribution = distribution_module.choose(config.strategy, config.replicas)  # before TensorFlow's devices
+    if config.batch_size % distribution.replicas:
+        raise ValueError(f"batch_size {config.batch_size} does not divide among {distribution.replicas} replicas: "
+                         f"give a batch_size that is a multiple of {distribution.replicas}")
     config = with_resume_settings(config)
     config = dataclasses.replace(config, seed=secrets.randbelow(2 ** 31) if config.seed is None else config.seed)
     keras.utils.set_random_seed(config.seed)
@@ -284,11 +341,20 @@ def train(config):
     if config.init_from:
         savedir.check_resumable(config.init_from, settings, loader.vocab)
     resuming_here = bool(config.init_from) and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)
-    with savedir.SaveDir(config.save_dir, config.log_dir) as save_dir:
-        save_dir.prepare(settings, loader.vocab, loader.unk_token, resuming_here)
-        trainer = Trainer(config, loader, model_config, save_dir)
-        if config.init_from:
-            trainer.resume(config.init_from)
-        elif vectors is not None:
-            trainer.model.embedding.embeddings.assign(vectors)
-        return trainer.run()
+    if distribution.name != "one":
+        print(distribution.describe())
+    # Only the chief writes the save dir; every other worker saves too (as tf.distribute asks of every worker),
+    # into a temporary dir that is removed when it stops.
+    path = config.save_dir if distribution.is_chief else tempfile.mkdtemp(prefix="char-rnn-worker-")
+    try:
+        with savedir.SaveDir(path, config.log_dir if distribution.is_chief else None) as save_dir:
+            save_dir.prepare(settings, loader.vocab, loader.unk_token, resuming_here and distribution.is_chief)
+            trainer = Trainer(config, loader, model_config, save_dir, distribution)
+            if config.init_from:
+                trainer.resume(config.init_from)
+            elif vectors is not None:
+                trainer.model.embedding.embeddings.assign(vectors)
+            return trainer.run()
+    finally:
+        if not distribution.is_chief:
+            shutil.rmtree(path, ignore_errors=True)

@@ -32,33 +32,36 @@ def applies(model, inputs):
     return steps is not None and steps <= UNROLL_MAX_STEPS and not has_gpu()
 
 
-def loss_and_gradients(model, inputs, targets, states):
+def loss_and_gradients(model, inputs, targets, states, rows=None):
     """One training batch from `states`: (mean next-token loss, gradients of model.trainable_variables in order,
-    new states). Unrolled with deferred gradients where that applies, else the Keras layers and the tape."""
+    new states). Unrolled with deferred gradients where that applies, else the Keras layers and the tape.
+
+    rows: for one replica's share of a larger batch, (its first row, the whole batch's rows): see `dropout`.
+    """
     with tf.GradientTape() as tape:
-        logits, new_states, deferred = training_pass(model, inputs, states, tape)
+        logits, new_states, deferred = training_pass(model, inputs, states, tape, rows)
         loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True))
     grads = deferred.gradients(loss) if deferred else tape.gradient(loss, model.trainable_variables)
     return loss, grads, new_states
 
 
-def training_pass(model, inputs, states, tape):
+def training_pass(model, inputs, states, tape, rows=None):
     """The forward pass of a training step, recorded on `tape`: (logits, new states, deferred).
 
     `deferred` is a DeferredGradients when the batch runs unrolled (then ask it for the gradients), else None
     (then ask the tape).
     """
     if not applies(model, inputs):
-        return (*model(inputs, states, training=True), None)
+        return (*model(inputs, states, training=True, rows=rows), None)
     deferred = DeferredGradients(model, tape)
-    x, new_states = forward(model, inputs, states, True, deferred)
+    x, new_states = forward(model, inputs, states, True, deferred, rows)
     return model.head(x), tuple(new_states), deferred
 
 
-def forward(model, inputs, states, training, deferred=None):
+def forward(model, inputs, states, training, deferred=None, rows=None):
     """The layers over a static-length sequence, one cell step per layer and time step (see the module doc):
     (output of the last layer [batch, time, rnn_size], new states). With `deferred`, the weights are read with
-    stop_gradient and `deferred` records what their gradients need."""
+    stop_gradient and `deferred` records what their gradients need. rows: see `dropout`."""
     batch, steps = inputs.shape
     read = (lambda variable: tf.stop_gradient(variable.value)) if deferred else (lambda variable: variable.value)
     # A token's input product in the first layer is its embedding row times the kernel: with fewer tokens in
@@ -87,10 +90,22 @@ def forward(model, inputs, states, training, deferred=None):
             x_bias, h_bias = deferred.record(i, x, h_previous, *biases) if deferred else biases
             x_product = (x if i == 0 and gathered else multiply_kernel(x)) + x_bias
             h, layer_states = cell_step(model.cell_type, cell, x_product, layer_states, multiply_recurrent, h_bias)
-            outputs.append(model.dropouts[i](h, training=training))
+            outputs.append(dropout(model.dropouts[i], h, training, rows))
         sequence = outputs
         new_states.extend(layer_states)
     return tf.stack(sequence, axis=1), new_states
+
+
+def dropout(layer, x, training, rows=None):
+    """layer(x, training): Keras' Dropout. With rows = (first row, rows of the whole batch), x is one replica's
+    share of a batch split between replicas: the mask is drawn for the whole batch, from the same seed, and x
+    gets its rows of it, so that every replica together drops exactly what one device would have dropped."""
+    if rows is None or not training or not layer.rate:
+        return layer(x, training=training)
+    first, total = rows
+    # Keras' Dropout is backend.random.dropout(x) = x / (1 - rate) * keep; the mask of ones is 1 / (1 - rate) * keep.
+    mask = keras.random.dropout(tf.ones([total, *x.shape[1:]]), layer.rate, seed=layer.seed_generator)
+    return x * mask[first:first + x.shape[0]]
 
 
 def cell_step(cell_type, cell, x_product, layer_states, multiply_recurrent, h_bias):

@@ -32,13 +32,13 @@ class Mutation:
 
 MUTATIONS = [
     # The ten breaks of the tests issue.
-    Mutation("state_not_carried", "trainer.py", "progress.state.assign(tf.stack(new_states))",
-             "progress.state.assign(state)", ("tests/test_train_loop.py", "-k", "state")),
+    Mutation("state_not_carried", "trainer.py", "progress.state.assign(state)",
+             "progress.state.assign(tf.zeros_like(state))", ("tests/test_train_loop.py", "-k", "state")),
     Mutation("no_lr_decay", "trainer.py",
              "return self.config.learning_rate * self.config.decay_rate ** int(self.progress.epoch)",
              "return self.config.learning_rate", ("tests/test_train_loop.py", "-k", "learning_rate")),
-    Mutation("dropout_off_in_model", "unrolled.py", "outputs.append(model.dropouts[i](h, training=training))",
-             "outputs.append(model.dropouts[i](h, training=False))", ("tests/test_model.py", "-k", "drops")),
+    Mutation("dropout_off_in_model", "unrolled.py", "outputs.append(dropout(model.dropouts[i], h, training, rows))",
+             "outputs.append(dropout(model.dropouts[i], h, False, rows))", ("tests/test_model.py", "-k", "drops")),
     Mutation("top_k_is_one", "sampler.py", "k = tf.minimum(top_k, tf.shape(logits)[0])", "k = 1",
              ("tests/test_sample.py", "-k", "top_k")),
     Mutation("seed_without_block_position", "sampler.py",
@@ -94,8 +94,8 @@ MUTATIONS = [
              "kept = rows", ("tests/test_faults.py", "-k", "metrics")),
     # More of the training loop, the save dir and the server.
     Mutation("grad_clip_not_passed", "trainer.py",
-             "make_train_step(self.model, self.optimizer, self.progress, config.grad_clip)",
-             "make_train_step(self.model, self.optimizer, self.progress, 5.0)",
+             "make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy)",
+             "make_train_step(self.model, self.optimizer, self.progress, 5.0, strategy)",
              ("tests/test_train_loop.py", "-k", "clipped")),
     Mutation("epoch_not_advanced", "trainer.py", "progress.epoch.assign_add(1)", "progress.epoch.assign_add(0)",
              ("tests/test_train_loop.py", "-k", "state_is_carried")),
@@ -108,6 +108,14 @@ MUTATIONS = [
              'temperature=positive_number(params, "temperature", 1.0)', ("tests/test_server.py", "-k", "flags_set")),
     Mutation("x_seed_header_wrong", "sample_server.py", 'cherrypy.response.headers["X-Seed"] = str(request.seed)',
              'cherrypy.response.headers["X-Seed"] = "0"', ("tests/test_server.py", "-k", "names_the_seed")),
+    # Training on several replicas (tests/test_distributed.py).
+    Mutation("replicas_read_the_same_streams", "trainer.py", "first = context.replica_id_in_sync_group * rows",
+             "first = 0 * rows", ("tests/test_distributed.py", "-k", "train_and_resume and 0.0")),
+    Mutation("dropout_mask_of_replica_0_everywhere", "unrolled.py", "return x * mask[first:first + x.shape[0]]",
+             "return x * mask[:x.shape[0]]", ("tests/test_distributed.py", "-k", "train_and_resume and 0.25")),
+    Mutation("clipped_in_each_replica", "trainer.py", "grads = [tf.convert_to_tensor(g) / replicas for g in grads]",
+             "grads = tf.clip_by_global_norm([tf.convert_to_tensor(g) / replicas for g in grads], grad_clip)[0]",
+             ("tests/test_distributed.py", "-k", "train_and_resume and 0.0")),
 ]
 
 

@@ -340,8 +340,8 @@ def test_a_diverging_resume_never_saves_nan_and_keeps_the_last_good_checkpoint(t
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     real_make_train_step = trainer.make_train_step
 
-    def poisoned_from_step_25(model, optimizer, progress, grad_clip):
-        step = real_make_train_step(model, optimizer, progress, grad_clip)
+    def poisoned_from_step_25(model, optimizer, progress, grad_clip, strategy=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
 
         def train_step(inputs, targets):
             loss = step(inputs, targets)
@@ -366,8 +366,8 @@ def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(tmp_path, d
     finite, and without a validation split nothing else would notice before the save."""
     real_make_train_step = trainer.make_train_step
 
-    def poisons_the_weights_at_step_10(model, optimizer, progress, grad_clip):
-        step = real_make_train_step(model, optimizer, progress, grad_clip)
+    def poisons_the_weights_at_step_10(model, optimizer, progress, grad_clip, strategy=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
 
         def train_step(inputs, targets):
             loss = step(inputs, targets)

@@ -179,8 +179,8 @@ def test_ctrl_c_saves_a_checkpoint_but_never_makes_it_best(tmp_path, monkeypatch
     save = str(tmp_path / "save")
     real_make_train_step = trainer.make_train_step
 
-    def interrupted_at_step_25(model, optimizer, progress, grad_clip):
-        step = real_make_train_step(model, optimizer, progress, grad_clip)
+    def interrupted_at_step_25(model, optimizer, progress, grad_clip, strategy=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
 
         def train_step(inputs, targets):
             if int(progress.step) == 25:

@@ -17,6 +17,8 @@ from settings import MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSet
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
 GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop
+PHILOX = 1  # tf.random.Algorithm.PHILOX, the algorithm of the raw random ops
+FLOAT32_MANTISSA_BITS = 23
 MAX_SEED = 2 ** 63 - 1
 MAX_N = 2 ** 30  # the generator counts tokens in int32
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
@@ -37,6 +39,25 @@ def keep_top_k(logits, top_k):
     return tf.cond(top_k > 0, masked, lambda: logits)
 
 
+def uniform_draw(step_seed):
+    """One uniform float32 in [0, 1) from an int64 seed pair [seed, position]: the draw the XLA-compiled
+    sampler has always made with tf.random.stateless_uniform, spelled out so that it is the same without XLA.
+
+    Why: compiled by XLA on the CPU, stateless_uniform's auto-selected algorithm keeps only the low 32 bits of
+    each seed element and turns the top 23 bits of a Philox draw into the float; TensorFlow's own kernel reads
+    all 64 bits and makes the float from other bits, so the same seed drew other numbers compiled and not. Spelled
+    out with the raw ops, the compiled Generator draws exactly what it drew before (sample.py's text for a seed
+    is unchanged) and the exported, uncompiled graph (export.py) draws the same. A consequence kept for that
+    reason: seeds that differ only above their low 32 bits draw alike.
+    """
+    low_bits = tf.bitwise.bitwise_and(step_seed, tf.constant(0xFFFFFFFF, tf.int64))
+    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=low_bits)
+    bits = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[], key=key, counter=counter, alg=PHILOX,
+                                                      dtype=tf.uint32)
+    mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint32))
+    return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
+
+
 def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id):
     """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
     # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN.
@@ -44,10 +65,11 @@ def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id)
     # Inverse CDF: one uniform draw u in [0, total) and the first token whose cumulative weight exceeds it; a
     # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
     # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the
-    # total: never one past the vocabulary, as the original's weighted_pick could be.
+    # total: never one past the vocabulary, as the original's weighted_pick could be. The draw is the same with
+    # and without XLA (see uniform_draw).
     weights = tf.exp(scaled - tf.reduce_max(scaled))
     cumulative = tf.cumsum(weights)
-    u = tf.random.stateless_uniform([], seed=step_seed) * cumulative[-1]
+    u = uniform_draw(step_seed) * cumulative[-1]
     last_possible = tf.reduce_max(tf.where(weights > 0, tf.range(tf.shape(weights)[0]), 0))
     sampled = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= u, tf.int32)), last_possible)
     greedy = tf.argmax(logits, output_type=tf.int32)
@@ -63,13 +85,16 @@ class Generator(tf.Module):
     per-token graph loop spends most of its time dispatching small ops); a graph loop runs the blocks.
     """
 
-    def __init__(self, model, space_id=-1):
+    def __init__(self, model, space_id=-1, jit_compile=True):
+        """space_id: the id of " " (mode 2 samples after it; -1 when there is none). jit_compile=False builds the
+        blocks as plain TensorFlow ops, for a graph that must run where XLA does not (export.py): the same draws,
+        and the same math up to the last bits of rounding."""
         super().__init__(name="generator")
         self.model = model
         self.space_id = tf.constant(space_id, tf.int32)
         # Set by stop() from any thread; the block loop reads it before each block (one read per block).
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
-        self._block = tf.function(self._generate_block, jit_compile=True)
+        self._block = tf.function(self._generate_block, jit_compile=jit_compile)
 
     def stop(self):
         """Make every generate() call, running or later, stop before its next block: it then returns fewer
@@ -128,11 +153,12 @@ class Generator(tf.Module):
 class Sampler:
     """A restored model and its vocabulary, ready to generate text; safe to share between threads."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, jit_compile=True):
+        """loaded: a savedir.Loaded; jit_compile=False for a generator without XLA (see Generator)."""
         self.config, self.vocab, self.unk_token = loaded.config, loaded.vocab, loaded.unk_token
         self.word_level = bool(self.config["word_level"])
         self.index = {token: i for i, token in enumerate(self.vocab)}
-        self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1))
+        self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1), jit_compile=jit_compile)
         self.start_id = self.index.get(EMPTY_PRIME_START, 0)
         self.keep_crlf = savedir.keeps_crlf(self.config, self.vocab)
 

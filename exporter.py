@@ -1,0 +1,256 @@
+"""Export for deployment: `ExportedModel`, a graph that takes text and returns text with no project code and no
+XLA, and `write_export`, which saves it as a SavedModel into an export dir without ever leaving one half-written.
+
+Inside the graph travel what sample.py does around the network: the vocabulary (a lookup table), the tokenizer
+(code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
+CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
+Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
+    serving_default = generate: prime, n, temperature, sample_mode, top_k, seed -> text, token_ids
+    step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
+An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
+`step` needs; it also marks the folder as an export, which --force may replace).
+"""
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import types
+
+import tensorflow as tf
+
+from cli import FLOAT32_MAX, FLOAT32_TINY
+from sampler import MAX_N, MAX_SEED, Sampler
+from settings import MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES
+from utils import CRLF, NEWLINE, NUM_CODE_POINTS, current_umask
+
+INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
+TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
+SAVED_MODEL_FILE = "saved_model.pb"
+SIGNATURES = ("serving_default", "generate", "step")
+MAX_UNKNOWN_SHOWN = 10  # as utils.encode_tokens: an error names at most this many unknown tokens
+# Python's \s, which utils.tokenize splits words on, is every code point for which str.isspace() holds; RE2's
+# \s is ASCII only, so the graph's tokenizer spells the class out.
+WHITESPACE = [chr(code) for code in range(NUM_CODE_POINTS) if chr(code).isspace()]
+
+
+def _re2_class(characters):
+    """An RE2 character class matching exactly these characters."""
+    return "[" + "".join(f"\\x{{{ord(c):x}}}" for c in characters) + "]"
+
+
+SEPARATOR_CLASS = _re2_class([c for c in WHITESPACE if c != NEWLINE])  # whitespace that only separates words
+ENDS_IN_WHITESPACE = "(?s).*" + _re2_class(WHITESPACE)
+
+
+class ExportedModel(tf.Module):
+    """The graph of one restored model: generate (text in, text out) and step; see the module docstring."""
+
+    def __init__(self, loaded):
+        """loaded: a savedir.Loaded."""
+        super().__init__(name="char_rnn")
+        sampler = Sampler(loaded, jit_compile=False)  # TensorFlow Serving runs no XLA on the CPU
+        # A Keras 3 model offers SavedModel a default signature traced from call(inputs) alone, which CharRNN
+        # (whose states are an argument) cannot trace: the model and the generator stay out of the saved object
+        # tree, and their variables are saved instead (as keras.export.ExportArchive does).
+        self.parts = types.SimpleNamespace(model=loaded.model, generator=sampler.generator)
+        self.saved_variables = list(loaded.model.variables) + [sampler.generator.stopped]
+        self.word_level, self.keep_crlf, self.start_id = sampler.word_level, sampler.keep_crlf, sampler.start_id
+        self.unk_id = -1 if loaded.unk_token is None else sampler.index.get(loaded.unk_token, -1)
+        self.vocabulary = tf.Variable(loaded.vocab, trainable=False, name="vocabulary")
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(loaded.vocab), tf.range(len(loaded.vocab))), -1)
+        states = tf.TensorSpec([self.parts.model.num_states, None, self.parts.model.rnn_size], tf.float32, name="states")
+        self.step = tf.function(self._step, input_signature=[tf.TensorSpec([None], tf.int32, name="token_ids"),
+                                                             states])
+
+    def signatures(self):
+        """{name: concrete function} for tf.saved_model.save."""
+        generate = self.generate.get_concrete_function()
+        return {"serving_default": generate, "generate": generate, "step": self.step.get_concrete_function()}
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([], tf.string, name="prime"),
+        tf.TensorSpec([], tf.int32, name="n"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int32, name="sample_mode"),
+        tf.TensorSpec([], tf.int32, name="top_k"),
+        tf.TensorSpec([], tf.int64, name="seed"),
+    ])
+    def generate(self, prime, n, temperature, sample_mode, top_k, seed):
+        """What sample.py prints (without its final newline) for these settings: {"text": the prime followed
+        by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
+        with tf.control_dependencies(check_settings(n, temperature, sample_mode, top_k, seed)):
+            prime = tf.identity(prime)
+        if not self.keep_crlf:
+            prime = tf.strings.regex_replace(prime, CRLF, NEWLINE)
+        ids = self.encode(prime)
+        ids = tf.cond(tf.size(ids) > 0, lambda: ids, lambda: tf.constant([self.start_id]))
+        mode = sample_mode
+        if self.word_level:  # every word follows a space, so "sample on spaces" samples at every step
+            mode = tf.where(tf.equal(mode, MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, mode)
+        generated = self.parts.generator.generate(ids, n, temperature, mode, seed, top_k)
+        return {"text": self.join(prime, tf.gather(self.vocabulary, generated)), "token_ids": generated}
+
+    def _step(self, token_ids, states):
+        """One step of the network for a batch: token_ids [batch], states [num_states, batch, rnn_size] (zeros to
+        start) -> {"logits": [batch, vocab], "states": the next states}."""
+        logits, new_states = self.parts.model.step(token_ids, tuple(tf.unstack(states, num=self.parts.model.num_states)))
+        return {"logits": logits, "states": tf.stack(new_states)}
+
+    def tokenize(self, text):
+        """A UTF-8 string scalar -> its tokens [count] (utils.tokenize); invalid UTF-8 is an error."""
+        characters = tf.strings.unicode_split(text, "UTF-8", errors="strict")
+        if not self.word_level:
+            return characters
+        with tf.control_dependencies([characters]):
+            # Separating whitespace becomes one space each and a line break gets a space either side, so the
+            # pieces between spaces are the words and the line breaks (and empty pieces, dropped).
+            spaced = tf.strings.regex_replace(text, SEPARATOR_CLASS, " ")
+            pieces = tf.strings.split(tf.strings.regex_replace(spaced, NEWLINE, f" {NEWLINE} "), sep=" ")
+        return tf.boolean_mask(pieces, tf.strings.length(pieces) > 0)
+
+    def encode(self, text):
+        """A UTF-8 string scalar -> token ids [count]; unknown tokens become <unk> where the model has one, and
+        are otherwise an error naming them (utils.encode_tokens)."""
+        tokens = self.tokenize(text)
+        ids = self.table.lookup(tokens)
+        if self.unk_id >= 0:
+            return tf.where(ids < 0, self.unk_id, ids)
+        unknown = tf.unique(tf.boolean_mask(tokens, ids < 0)).y  # in order of first appearance
+        shown = tf.strings.reduce_join("'" + unknown[:MAX_UNKNOWN_SHOWN] + "'", separator=", ")
+        more = tf.where(tf.size(unknown) > MAX_UNKNOWN_SHOWN, ", ...", "")
+        kind = "words" if self.word_level else "characters"
+        known = tf.debugging.Assert(tf.equal(tf.size(unknown), 0),
+                                    [f"the prime has {kind} the model does not know: " + shown + more])
+        with tf.control_dependencies([known]):
+            return tf.identity(ids)
+
+    def join(self, prime, tokens):
+        """The prime followed by the generated tokens [n] as one string (Sampler.join)."""
+        if not self.word_level:
+            return prime + tf.strings.reduce_join(tokens)
+        newline = tf.equal(tokens, NEWLINE)
+        after_newline = tf.concat([[True], newline], 0)[:-1]
+        # Words are joined by single spaces; line breaks stand alone (utils.join_tokens).
+        text = tf.strings.reduce_join(tf.where(newline | after_newline, "", " ") + tokens)
+        needs_space = ((tf.strings.length(prime) > 0) & (tf.strings.length(text) > 0)
+                       & ~tf.strings.regex_full_match(prime, ENDS_IN_WHITESPACE)
+                       & ~tf.strings.regex_full_match(text, f"(?s){NEWLINE}.*"))
+        return prime + tf.where(needs_space, " ", "") + text
+
+    def info(self, loaded):
+        """What assets.extra/char_rnn.json says: where the model came from, and what a client of `step` needs."""
+        return {"format": "char-rnn-tensorflow export", "version": 1,
+                "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "checkpoint": os.path.abspath(loaded.path), "signatures": list(SIGNATURES),
+                "word_level": self.word_level, "keep_crlf": self.keep_crlf, "tokens": loaded.vocab,
+                "unk_token": loaded.unk_token, "empty_prime_start_id": self.start_id,
+                "model": self.parts.model.cell_type, "num_layers": self.parts.model.num_layers, "rnn_size": self.parts.model.rnn_size,
+                "num_states": self.parts.model.num_states,
+                "states": "h, c of each LSTM layer (h of each GRU or RNN layer), first layer first"}
+
+
+def check_settings(n, temperature, mode, top_k, seed):
+    """sampler.check_settings as graph asserts: a bad setting fails the call with the same one-line reason."""
+    modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
+    tiny, largest = tf.constant(FLOAT32_TINY, tf.float32), tf.constant(FLOAT32_MAX, tf.float32)
+    return [
+        tf.debugging.Assert((n >= 0) & (n <= MAX_N), [f"n must be an integer from 0 to {MAX_N}, got", n]),
+        tf.debugging.Assert(tf.reduce_any(tf.equal(mode, list(SAMPLE_MODES))),
+                            [f"sample_mode must be one of {modes}, got", mode]),
+        tf.debugging.Assert(tf.math.is_finite(temperature) & (temperature >= tiny) & (temperature <= largest),
+                            [f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, got",
+                             temperature]),
+        tf.debugging.Assert((top_k >= 0) & (top_k <= MAX_N),
+                            [f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got", top_k]),
+        tf.debugging.Assert(seed >= 0, [f"seed must be an integer in [0, {MAX_SEED}], got", seed]),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The export dir
+
+
+def is_export(path):
+    """Whether a folder holds an export written here (a SavedModel and its char_rnn.json)."""
+    return all(os.path.isfile(os.path.join(path, name)) for name in (SAVED_MODEL_FILE, INFO_FILE))
+
+
+def check_export_dir(export_dir, force):
+    """Refuse (ValueError) an export dir whose contents would be lost; returns whether an earlier export will be
+    replaced (only with force)."""
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(f"--export_dir {export_dir} is a file; give a folder")
+    if not os.path.isdir(export_dir) or not os.listdir(export_dir):
+        return False
+    if not is_export(export_dir):
+        raise ValueError(f"--export_dir {export_dir} holds files that are not an export of export.py; "
+                         f"give a new or empty folder")
+    if not force:
+        next_version = os.path.join(os.path.dirname(os.path.normpath(export_dir)), "2")
+        raise ValueError(f"{export_dir} holds an earlier export; give --force to replace it, or another version "
+                         f"folder (e.g. --export_dir {next_version})")
+    return True
+
+
+def write_export(loaded, export_dir, tflite=False):
+    """Save the SavedModel of a savedir.Loaded (and with tflite, its step as LiteRT) into export_dir.
+
+    It is written complete into a temporary folder beside export_dir and renamed into place; an earlier export
+    there (check_export_dir decides whether one may be replaced) is set aside first and removed last.
+    """
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        exported = ExportedModel(loaded)
+        try:
+            tf.saved_model.save(exported, work, signatures=exported.signatures())
+            if tflite:
+                _write_file(os.path.join(work, TFLITE_FILE), step_to_tflite(exported))
+        except tf.errors.OpError as e:  # a full disk, a folder removed meanwhile: TensorFlow's own error types
+            raise OSError(f"could not write the export into {parent}: {e.message}") from None
+        _write_file(os.path.join(work, INFO_FILE), json.dumps(exported.info(loaded), indent=1).encode("utf-8"))
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from a server's user
+        _replace_dir(work, export_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def step_to_tflite(exported):
+    """An ExportedModel's step for one sequence (batch 1), converted to a LiteRT (TFLite) flatbuffer, as bytes:
+    inputs token_ids [1] and states [num_states, 1, rnn_size], outputs logits [1, vocab] and states."""
+    model = exported.parts.model
+    step = tf.function(exported.step.python_function).get_concrete_function(
+        tf.TensorSpec([1], tf.int32, name="token_ids"),
+        tf.TensorSpec([model.num_states, 1, model.rnn_size], tf.float32, name="states"))
+    # The step's weights alone (the vocabulary table is no LiteRT op), as TensorFlow's own variables: given
+    # Keras' variables, the converter keeps them as LiteRT variables that nothing initialises (NaN logits).
+    weights = tf.Module()
+    weights.saved_variables = [variable.value for variable in model.variables]
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([step], weights)
+    try:
+        return converter.convert()
+    except Exception as e:  # the converter's own error types, from a library that is not always installed
+        raise OSError(f"the LiteRT conversion of step failed: {str(e).splitlines()[0]}") from None
+
+
+def _write_file(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _replace_dir(new, target):
+    """Rename the folder `new` to `target`; an existing `target` (empty, or an earlier export) is set aside first
+    and removed once the new one is in place, so `target` never holds half an export."""
+    if os.path.isdir(target) and not os.listdir(target):
+        os.rmdir(target)
+    if not os.path.exists(target):
+        os.rename(new, target)
+        return
+    old = target.rstrip(os.sep) + f".old-{os.getpid()}"
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -34,10 +34,10 @@ def main(argv=None):
     export_dir = args.export_dir or os.path.join(args.save_dir, EXPORT_SUBDIR)
 
     def export():
-        import exporter
-        replacing = exporter.check_export_dir(export_dir, args.force)  # before TensorFlow loads: refused at once
         cli.quiet_tensorflow()
+        import exporter
         import savedir
+        replacing = exporter.check_export_dir(export_dir, args.force)  # before the model loads
         loaded = savedir.load(args.save_dir)
         exporter.write_export(loaded, export_dir, args.tflite)
         done = "replaced the earlier export in" if replacing else "exported to"

@@ -60,7 +60,8 @@ class ExportedModel(tf.Module):
         self.vocabulary = tf.Variable(loaded.vocab, trainable=False, name="vocabulary")
         self.table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(loaded.vocab), tf.range(len(loaded.vocab))), -1)
-        states = tf.TensorSpec([self.parts.model.num_states, None, self.parts.model.rnn_size], tf.float32, name="states")
+        model = loaded.model
+        states = tf.TensorSpec([model.num_states, None, model.rnn_size], tf.float32, name="states")
         self.step = tf.function(self._step, input_signature=[tf.TensorSpec([None], tf.int32, name="token_ids"),
                                                              states])
 
@@ -95,7 +96,8 @@ class ExportedModel(tf.Module):
     def _step(self, token_ids, states):
         """One step of the network for a batch: token_ids [batch], states [num_states, batch, rnn_size] (zeros to
         start) -> {"logits": [batch, vocab], "states": the next states}."""
-        logits, new_states = self.parts.model.step(token_ids, tuple(tf.unstack(states, num=self.parts.model.num_states)))
+        model = self.parts.model
+        logits, new_states = model.step(token_ids, tuple(tf.unstack(states, num=model.num_states)))
         return {"logits": logits, "states": tf.stack(new_states)}
 
     def tokenize(self, text):
@@ -118,7 +120,8 @@ class ExportedModel(tf.Module):
         if self.unk_id >= 0:
             return tf.where(ids < 0, self.unk_id, ids)
         unknown = tf.unique(tf.boolean_mask(tokens, ids < 0)).y  # in order of first appearance
-        shown = tf.strings.reduce_join("'" + unknown[:MAX_UNKNOWN_SHOWN] + "'", separator=", ")
+        # Quoted with curly quotes: TensorFlow escapes straight ones (and line breaks) in an assertion's message.
+        shown = tf.strings.reduce_join("\u201c" + unknown[:MAX_UNKNOWN_SHOWN] + "\u201d", separator=", ")
         more = tf.where(tf.size(unknown) > MAX_UNKNOWN_SHOWN, ", ...", "")
         kind = "words" if self.word_level else "characters"
         known = tf.debugging.Assert(tf.equal(tf.size(unknown), 0),
@@ -141,13 +144,14 @@ class ExportedModel(tf.Module):
 
     def info(self, loaded):
         """What assets.extra/char_rnn.json says: where the model came from, and what a client of `step` needs."""
+        model = self.parts.model
         return {"format": "char-rnn-tensorflow export", "version": 1,
                 "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "checkpoint": os.path.abspath(loaded.path), "signatures": list(SIGNATURES),
                 "word_level": self.word_level, "keep_crlf": self.keep_crlf, "tokens": loaded.vocab,
                 "unk_token": loaded.unk_token, "empty_prime_start_id": self.start_id,
-                "model": self.parts.model.cell_type, "num_layers": self.parts.model.num_layers, "rnn_size": self.parts.model.rnn_size,
-                "num_states": self.parts.model.num_states,
+                "model": model.cell_type, "num_layers": model.num_layers, "rnn_size": model.rnn_size,
+                "num_states": model.num_states,
                 "states": "h, c of each LSTM layer (h of each GRU or RNN layer), first layer first"}
 
 

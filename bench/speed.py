@@ -5,7 +5,8 @@ usage: python bench/speed.py --data ../shared/data/tinyshakespeare/input.txt
 
 Training: the original's default sizes (3 x 128, batch 50, seq 50) on the given text, `--steps` compiled steps
 timed after a warm-up, for each of --models. Server: requests/s and latency at n = 200 (bench/server.py).
-Sampling: chars/s of the compiled generator at n = --sample_n, and
+Sampling: chars/s of the compiled generator at n = --sample_n (and, beside it in turns, of the SavedModel that
+export.py writes, which runs without XLA), and
 seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows). Preprocessing: a
 synthetic corpus of --preprocess_mb MB (the text repeated) tokenized in a child process, with its MB/s and peak
 resident memory per input byte. With --peer_*, the PyTorch peer's speed mode runs in the same invocation: for
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -36,6 +39,8 @@ def build_parser():
     parser.add_argument("--rounds", type=cli.positive_int, default=3,
                         help="rounds of (ours, then the peer) per cell type; medians and per-round ratios reported")
     parser.add_argument("--sample_n", type=cli.positive_int, default=2000, help="tokens per timed sample")
+    parser.add_argument("--export", type=int, default=1, choices=[0, 1],
+                        help="1: also time the exported SavedModel (export.py) beside the Generator at --sample_n")
     parser.add_argument("--flat_n", default="1000,100000", help="n values for the time-per-token check")
     parser.add_argument("--preprocess_mb", type=cli.non_negative_int, default=100,
                         help="size of the synthetic preprocessing corpus in MB (0: skip)")
@@ -92,6 +97,46 @@ def sample_speed(model, n, flat_ns):
     for count in flat_ns:
         result[f"sample_s_per_token_n{count}"] = timed(count) / count
     return result
+
+
+def export_speed(model, data_dir, work, n, runs=3):
+    """chars/s at n of the exported SavedModel (export.py: no XLA, prime text in, text out) beside the compiled
+    Generator's (what sample.py runs), timed in turns so that both see the same machine state; and whether the
+    two made the same ids for the same seed."""
+    import tensorflow as tf
+    import exporter
+    import savedir
+    from sampler import Generator
+    from utils import TextLoader
+
+    vocab = TextLoader(data_dir, 50, 50, val_frac=0.0).vocab
+    loaded = savedir.Loaded({**model.model_config.to_dict(), "word_level": False}, vocab, None, model, "bench")
+    export_dir = os.path.join(work, "export", "1")
+    exporter.write_export(loaded, export_dir)
+    generate = tf.saved_model.load(export_dir).signatures["serving_default"]
+    generator = Generator(model, space_id=vocab.index(" "))
+    prime = "The"
+    prime_ids = tf.constant([vocab.index(c) for c in prime], tf.int32)
+    settings = dict(temperature=tf.constant(1.0), seed=tf.constant(7, tf.int64), top_k=tf.constant(0))
+
+    def exported():
+        return generate(prime=tf.constant(prime), n=tf.constant(n), sample_mode=tf.constant(1),
+                        **settings)["token_ids"].numpy()
+
+    def compiled():
+        return generator.generate(prime_ids, tf.constant(n), settings["temperature"], tf.constant(1),
+                                  settings["seed"], settings["top_k"]).numpy()
+
+    same = np.array_equal(exported(), compiled())  # also the warm-up of both
+    times = {"exported": [], "compiled": []}
+    for _ in range(runs):
+        for name, run in (("compiled", compiled), ("exported", exported)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {"export_n": n, "export_sample_chars_per_s": round(n / statistics.median(times["exported"]), 1),
+            "export_generator_chars_per_s": round(n / statistics.median(times["compiled"]), 1),
+            "export_same_ids_as_generator": bool(same)}
 
 
 # Peak resident memory of this process alone (VmHWM; getrusage's maxrss can carry the parent's peak).
@@ -212,6 +257,8 @@ def main(argv=None):
                   "train_tokens_per_s": {cell: round(statistics.median(runs), 1) for cell, runs in ours.items()}}
         for key in sampling[0] if sampling else ():
             result[key] = statistics.median(run[key] for run in sampling)
+        if lstm is not None and args.export:
+            result.update(export_speed(lstm, data_dir, work, args.sample_n))
         if lstm is not None and args.server_clients:
             result.update(server_speed(lstm, data_dir, work, args.server_clients, args.server_seconds))
         if args.preprocess_mb:

@@ -104,6 +104,7 @@ def assert_same_training(reference, other, steps):
                                    atol=TOLERANCE, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_two_replicas_and_two_workers_train_and_resume_as_one_device(tmp_path, dropout):
     data = make_data_dir(tmp_path / "data")
@@ -128,6 +129,7 @@ def test_two_replicas_and_two_workers_train_and_resume_as_one_device(tmp_path, d
     assert_same_training(one, workers, range(1, 31))
 
 
+@pytest.mark.slow
 def test_a_lost_worker_stops_the_others_with_one_line_and_all_resume(tmp_path):
     data = make_data_dir(tmp_path / "data")
     save = str(tmp_path / "save")
@@ -171,6 +173,7 @@ def test_a_lost_worker_stops_the_others_with_one_line_and_all_resume(tmp_path):
     assert other.strip().splitlines()[-1].startswith(f"error: worker 0 ({cluster[0]}) stopped or was lost")
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_among_the_replicas_is_refused(tmp_path):
     data = make_data_dir(tmp_path / "data")
     result = run_script("train.py", *flags(data, tmp_path / "save", "--strategy", "mirrored", "--replicas", 3))

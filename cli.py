@@ -3,6 +3,7 @@ line on stderr with an exit code."""
 import argparse
 import math
 import os
+import re
 import sys
 
 EXIT_USAGE = 2  # bad input: a flag value, a prime, an incompatible resume
@@ -37,6 +38,8 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 positive_float = _number(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+# float32 rounds numbers below 1.2e-38 to 0: the smallest top_p is the smallest normal float32.
+top_p = _number(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1]")
 
 
 def add_model_flags(parser):
@@ -45,6 +48,34 @@ def add_model_flags(parser):
                         help="save dir written by train.py (SAVE_DIR/best for the best model)")
     parser.add_argument("--word_level", action="store_true",
                         help="accepted for compatibility: word or character level comes from the saved model")
+
+
+def escaped_text(text):
+    """A command-line string with the escapes \\n, \\r, \\t and \\\\ read as a line break, a carriage return, a tab and a
+    backslash (so that --stop '\\n\\n' is a blank line); anything else is kept as it is."""
+    return re.sub(r"\\([nrt\\])", lambda match: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[match.group(1)], text)
+
+
+def use_compilation_cache():
+    """Keep XLA's compiled programs on disk between runs, so that a one-off sample.py compiles its generator once
+    per model shape, not once per run: $CHAR_RNN_XLA_CACHE, or xla/ in the user's cache dir ("off": no cache).
+    Call before TensorFlow is imported; a dir that cannot be made is skipped."""
+    directory = os.environ.get("CHAR_RNN_XLA_CACHE")
+    if directory is None:
+        import utils
+        directory = os.path.join(utils.user_cache_dir(), "xla")
+    if directory in ("", "off"):
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" not in flags:
+        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
+    if not os.environ.get("CHAR_RNN_VERBOSE"):
+        # Reading an entry, TensorFlow first tries it as text and logs an error before reading it as binary.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 ONE_THREAD_PER_OP_CPUS = 2

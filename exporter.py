@@ -5,7 +5,7 @@ Inside the graph travel what sample.py does around the network: the vocabulary (
 (code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
 Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
-    serving_default = generate: prime, n, temperature, sample_mode, top_k, seed -> text, token_ids
+    serving_default = generate: prime, n, temperature, sample_mode, top_k, top_p, seed -> text, token_ids
     step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
 An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
 `step` needs; it also marks the folder as an export, which --force may replace).
@@ -76,12 +76,13 @@ class ExportedModel(tf.Module):
         tf.TensorSpec([], tf.float32, name="temperature"),
         tf.TensorSpec([], tf.int32, name="sample_mode"),
         tf.TensorSpec([], tf.int32, name="top_k"),
+        tf.TensorSpec([], tf.float32, name="top_p"),
         tf.TensorSpec([], tf.int64, name="seed"),
     ])
-    def generate(self, prime, n, temperature, sample_mode, top_k, seed):
+    def generate(self, prime, n, temperature, sample_mode, top_k, top_p, seed):
         """What sample.py prints (without its final newline) for these settings: {"text": the prime followed
         by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
-        with tf.control_dependencies(check_settings(n, temperature, sample_mode, top_k, seed)):
+        with tf.control_dependencies(check_settings(n, temperature, sample_mode, top_k, top_p, seed)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
             prime = tf.strings.regex_replace(prime, CRLF, NEWLINE)
@@ -90,7 +91,7 @@ class ExportedModel(tf.Module):
         mode = sample_mode
         if self.word_level:  # every word follows a space, so "sample on spaces" samples at every step
             mode = tf.where(tf.equal(mode, MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, mode)
-        generated = self.parts.generator.generate(ids, n, temperature, mode, seed, top_k)
+        generated = self.parts.generator.generate(ids, n, temperature, mode, seed, top_k, top_p)
         return {"text": self.join(prime, tf.gather(self.vocabulary, generated)), "token_ids": generated}
 
     def _step(self, token_ids, states):
@@ -155,7 +156,7 @@ class ExportedModel(tf.Module):
                 "states": "h, c of each LSTM layer (h of each GRU or RNN layer), first layer first"}
 
 
-def check_settings(n, temperature, mode, top_k, seed):
+def check_settings(n, temperature, mode, top_k, top_p, seed):
     """sampler.check_settings as graph asserts: a bad setting fails the call with the same one-line reason."""
     modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
     tiny, largest = tf.constant(FLOAT32_TINY, tf.float32), tf.constant(FLOAT32_MAX, tf.float32)
@@ -168,6 +169,8 @@ def check_settings(n, temperature, mode, top_k, seed):
                              temperature]),
         tf.debugging.Assert((top_k >= 0) & (top_k <= MAX_N),
                             [f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got", top_k]),
+        tf.debugging.Assert((top_p >= tiny) & (top_p <= 1),
+                            ["top_p must be a number in (0, 1] (1 keeps every token), got", top_p]),
         tf.debugging.Assert(seed >= 0, [f"seed must be an integer in [0, {MAX_SEED}], got", seed]),
     ]
 

@@ -2,6 +2,10 @@
 
 usage: python sample.py [--save_dir save] [-n 500] [--prime The] [--sample 1] [--temperature 1.0] [--seed 1]
        python sample.py --save_dir save/best       # the model with the lowest validation loss
+       python sample.py --top_p 0.9 --stop '\\n\\n'  # nucleus sampling, ending at the first blank line
+       python sample.py --num_samples 3             # three samples of the prime, each with its seed
+       python sample.py --beam_width 8 -n 100       # the likeliest continuation beam search finds
+       python sample.py -i                          # primes from the terminal (or a pipe), the model loaded once
 """
 import argparse
 import sys
@@ -14,7 +18,7 @@ DESCRIPTION = "Generate text from a trained char-rnn model: the prime followed b
 
 
 def build_parser():
-    """The original's flags and defaults, plus --seed and --top_k."""
+    """The original's flags and defaults, plus --seed, --top_k, --top_p, --stop, --num_samples, --beam_width, -i."""
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_flags(parser)
@@ -30,21 +34,74 @@ def build_parser():
                              "float32 holds (1.2e-38 to 3.4e+38)")
     parser.add_argument("--top_k", type=cli.non_negative_int, default=DEFAULTS.top_k,
                         help="sample only among the k likeliest tokens (0: all)")
+    parser.add_argument("--top_p", type=cli.top_p, default=DEFAULTS.top_p,
+                        help="nucleus sampling: only among the fewest likeliest tokens whose probabilities add up to "
+                             "at least p (1: all); after --temperature and --top_k")
     parser.add_argument("--seed", type=cli.non_negative_int, default=DEFAULTS.seed,
                         help="random seed, for repeatable output (default: a random one)")
+    parser.add_argument("--stop", action="append", type=cli.escaped_text, default=[], metavar="TEXT",
+                        help="end the sample right before the first place its generated text contains TEXT (which is "
+                             "not printed); repeatable; \\n, \\t, \\r and \\\\ are read as escapes")
+    parser.add_argument("--num_samples", type=cli.positive_int, default=1, metavar="K",
+                        help="K samples of the prime, generated together; sample i uses seed + i - 1 and is printed "
+                             "after a line naming it and its seed")
+    parser.add_argument("--beam_width", type=cli.non_negative_int, default=0, metavar="B",
+                        help="instead of sampling, the likeliest continuation of n tokens that a beam search of width "
+                             "B finds, never less likely than argmax's (its log-probability goes to stderr); "
+                             "deterministic; 0: sample")
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="read primes in a loop (from the terminal, or one a line from a pipe) and answer each as "
+                             "it is generated; :help lists the commands that change the settings")
     return parser
+
+
+def check_combination(args):
+    """Refuse flags that do not go together, in one line."""
+    if args.beam_width and (args.num_samples > 1 or args.interactive or args.stop):
+        raise ValueError("--beam_width finds one continuation: it does not combine with --num_samples, -i or --stop")
+    if args.interactive and args.num_samples > 1:
+        raise ValueError("-i answers one sample a prime: it does not combine with --num_samples")
+
+
+def print_samples(sampler, settings, count, stops):
+    """--num_samples: each sample after a line naming it and its seed."""
+    for i, (seed, text) in enumerate(sampler.run_many(settings, count, stops), 1):
+        sys.stdout.write(f"--- sample {i} of {count}, seed {seed} ---\n{text}\n")
+
+
+def print_beam(sampler, settings, width):
+    text, log_probability = sampler.beam_search(settings.prime, settings.n, width)
+    sys.stdout.write(text + "\n")
+    print(f"log-probability {log_probability:.4f} (beam width {width})", file=sys.stderr)
+
+
+def print_stream(sampler, settings, stops):
+    """The sample as it is generated, block by block."""
+    for piece in sampler.stream(settings, stops):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    settings = SampleSettings(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k)
+    settings = SampleSettings(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k, args.top_p)
 
     def sample():
+        check_combination(args)
+        cli.use_compilation_cache()
         cli.quiet_tensorflow()
         from sampler import Sampler
         sampler = Sampler.load(args.save_dir, args.word_level)
-        text = sampler.run(settings)
-        sys.stdout.write(text + "\n")
+        if args.interactive:
+            import interactive
+            return interactive.loop(sampler, settings, args.stop)
+        if args.beam_width:
+            print_beam(sampler, settings, args.beam_width)
+        elif args.num_samples > 1:
+            print_samples(sampler, settings, args.num_samples, args.stop)
+        else:
+            print_stream(sampler, settings, args.stop)
 
     return cli.run(sample)
 

@@ -43,7 +43,7 @@ SHOWN_VALUE_CHARS = 40  # a refused value is quoted in the reason up to this len
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
 
 # Query parameters of GET / and GET /sample.json, and the original server's defaults.
-PARAMETERS = ("prime", "n", "sample_mode", "temperature", "seed", "top_k")
+PARAMETERS = ("prime", "n", "sample_mode", "temperature", "seed", "top_k", "top_p")
 DEFAULT_PRIME = "The "
 DEFAULT_N = 200
 DEFAULT_SAMPLE_MODE = MODE_SAMPLE_ON_SPACES
@@ -119,7 +119,8 @@ def parse_request(params, limits):
         temperature=positive_number(params, "temperature", limits.temperature),
         # Without a seed the server picks one, so that the answer says which seed repeats it.
         seed=secrets.randbelow(AUTO_SEED_LIMIT) if seed is None else seed,
-        top_k=integer(params, "top_k", 0, 0, None))
+        top_k=integer(params, "top_k", 0, 0, None),
+        top_p=probability(params, "top_p", 1.0))
 
 
 _DIGITS = re.compile(r"[0-9]{1,%d}" % MAX_DIGITS)
@@ -156,6 +157,17 @@ def positive_number(params, name, default):
         return cli.positive_float(text)
     except argparse.ArgumentTypeError:
         raise ValueError(f"{name} must be a finite number > 0 (1.2e-38 to 3.4e+38), got {shown(text)}") from None
+
+
+def probability(params, name, default):
+    """params[name] as a float in (0, 1], or default when absent."""
+    text = params.get(name)
+    if text is None:
+        return default
+    try:
+        return cli.top_p(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"{name} must be a number in (0, 1], got {shown(text)}") from None
 
 
 def shown(value):
@@ -271,7 +283,8 @@ class SampleService:
         """{"text": ..., and every setting used, "seed" included}; CherryPy maps /sample.json to this name."""
         request, text = self.sample(params)
         return {"text": text, "prime": request.prime, "n": request.n, "sample_mode": request.mode,
-                "temperature": request.temperature, "seed": request.seed, "top_k": request.top_k}
+                "temperature": request.temperature, "seed": request.seed, "top_k": request.top_k,
+                "top_p": request.top_p}
 
     @cherrypy.expose
     def health(self, **params):

@@ -21,6 +21,7 @@ PHILOX = 1  # tf.random.Algorithm.PHILOX, the algorithm of the raw random ops
 FLOAT32_MANTISSA_BITS = 23
 MAX_SEED = 2 ** 63 - 1
 MAX_N = 2 ** 30  # the generator counts tokens in int32
+MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
 EMPTY_PRIME_START = NEWLINE
@@ -37,6 +38,17 @@ def keep_top_k(logits, top_k):
         kth_largest = tf.gather(tf.sort(logits, direction="DESCENDING"), k - 1)
         return tf.where(logits < kth_largest, tf.constant(-float("inf"), logits.dtype), logits)
     return tf.cond(top_k > 0, masked, lambda: logits)
+
+
+def keep_top_p(logits, top_p):
+    """Mask to -inf every token outside the smallest set of the likeliest tokens whose probabilities add up to at
+    least top_p (all kept when top_p is 1). Tokens tied with the least likely one kept are kept too."""
+    def masked():
+        ordered = tf.sort(logits, direction="DESCENDING")
+        likelier = tf.cumsum(tf.nn.softmax(ordered), exclusive=True)  # the probability of the tokens before each
+        kept = tf.reduce_sum(tf.cast(likelier < top_p, tf.int32))  # at least 1: nothing is likelier than the first
+        return tf.where(logits < ordered[kept - 1], tf.constant(-float("inf"), logits.dtype), logits)
+    return tf.cond(top_p < 1.0, masked, lambda: logits)
 
 
 def uniform_draw(step_seed):
@@ -58,10 +70,11 @@ def uniform_draw(step_seed):
     return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
 
 
-def choose_next(logits, previous, step_seed, temperature, mode, top_k, space_id):
+def choose_next(logits, previous, step_seed, temperature, mode, top_k, top_p, space_id):
     """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
-    # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN.
-    scaled = keep_top_k((logits - tf.reduce_max(logits)) / temperature, top_k)
+    # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN. Then
+    # top-k, then top-p over the k kept (the order of Hugging Face's and llama.cpp's samplers).
+    scaled = keep_top_p(keep_top_k((logits - tf.reduce_max(logits)) / temperature, top_k), top_p)
     # Inverse CDF: one uniform draw u in [0, total) and the first token whose cumulative weight exceeds it; a
     # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
     # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the
@@ -94,58 +107,97 @@ class Generator(tf.Module):
         self.space_id = tf.constant(space_id, tf.int32)
         # Set by stop() from any thread; the block loop reads it before each block (one read per block).
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
-        self._block = tf.function(self._generate_block, jit_compile=jit_compile)
+        # The code spells out its loops and conditions (tf.while_loop, tf.cond): without AutoGraph's conversion,
+        # tracing takes a fifth of the time, which a one-off sample.py feels.
+        self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False)
 
     def stop(self):
         """Make every generate() call, running or later, stop before its next block: it then returns fewer
         than n ids (those of the blocks already made). For a server that is shutting down; there is no undo."""
         self.stopped.assign(True)
 
-    def _generate_block(self, position, previous, logits, states, temperature, mode, seed, top_k):
-        """GENERATE_BLOCK more tokens from (previous token, its logits, states); returns them and the new carry."""
+    def _feed_prime(self, prime):
+        """Run the prime ids through the model: (its last id, the logits after it, the states)."""
+        logits, states = self.model(prime[tf.newaxis], self.model.zero_state(1))
+        return prime[-1], logits[0, -1], states
+
+    def _generate_block(self, position, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+        """GENERATE_BLOCK more tokens for each row of (previous token [rows], its logits [rows, vocab], states),
+        row r drawing with seeds[r]; returns the tokens [rows, GENERATE_BLOCK] and the new carry."""
         tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
         # A small vocabulary's first-layer input products cost less, once per block, than one product per token.
         table = self.model.input_projection_table() if self.model.vocab_size <= GENERATE_BLOCK else None
 
+        def choose(row):
+            logits, previous, seed, step = row
+            return choose_next(logits, previous, tf.stack([seed, step]), temperature, mode, top_k, top_p,
+                               self.space_id)
+
         def body(i, previous, logits, states, tokens):
-            step_seed = tf.stack([seed, tf.cast(position + i, tf.int64)])
-            token = choose_next(logits, previous, step_seed, temperature, mode, top_k, self.space_id)
-            next_logits, next_states = self.model.step(token[tf.newaxis], states, table)
-            return i + 1, token, next_logits[0], next_states, tokens.write(i, token)
+            steps = tf.fill(tf.shape(seeds), tf.cast(position + i, tf.int64))
+            token = tf.map_fn(choose, (logits, previous, seeds, steps), fn_output_signature=tf.int32)
+            next_logits, next_states = self.model.step(token, states, table)
+            return i + 1, token, next_logits, next_states, tokens.write(i, token)
 
         _, previous, logits, states, tokens = tf.while_loop(
             lambda i, *_: i < GENERATE_BLOCK, body, (tf.constant(0), previous, logits, states, tokens))
-        return tokens.stack(), previous, logits, states
+        return tf.transpose(tokens.stack()), previous, logits, states
 
-    @tf.function(input_signature=[
+    def blocks(self, prime, n, temperature, mode, seed, top_k, top_p, rows=1):
+        """generate(), block by block as they are made: yields int32 numpy arrays of at most GENERATE_BLOCK ids,
+        n in all (fewer once stop() was called). The same ids as generate(); the loop over the blocks is Python's,
+        so nothing but one block is traced and compiled (quicker to start), and the caller sees each block at once
+        (to print it, or to stop at a stop string).
+
+        rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
+        `seed` alone); each block is then [rows, ids].
+        """
+        # The prime's pass runs eagerly: tracing the Keras layers for it took longer than running them.
+        previous, logits, states = self._feed_prime(tf.constant(prime, tf.int32))
+        previous, logits = tf.fill([rows], previous), tf.tile(logits[tf.newaxis], [rows, 1])
+        states = tuple(tf.tile(state, [rows, 1]) for state in states)
+        seeds = tf.constant([(seed + row) % (MAX_SEED + 1) for row in range(rows)], tf.int64)
+        settings = (tf.constant(temperature, tf.float32), tf.constant(mode, tf.int32), seeds,
+                    tf.constant(top_k, tf.int32), tf.constant(top_p, tf.float32))
+        for position in range(0, n, GENERATE_BLOCK):
+            if self.stopped.numpy():
+                return
+            tokens, previous, logits, states = self._block(tf.constant(position, tf.int32), previous, logits, states,
+                                                           *settings)
+            tokens = tokens.numpy()[:, :n - position]
+            yield tokens if rows > 1 else tokens[0]
+
+    @tf.function(autograph=False, input_signature=[
         tf.TensorSpec([None], tf.int32, name="prime"),
         tf.TensorSpec([], tf.int32, name="n"),
         tf.TensorSpec([], tf.float32, name="temperature"),
         tf.TensorSpec([], tf.int32, name="mode"),
         tf.TensorSpec([], tf.int64, name="seed"),
         tf.TensorSpec([], tf.int32, name="top_k"),
+        tf.TensorSpec([], tf.float32, name="top_p"),
     ])
-    def generate(self, prime, n, temperature, mode, seed, top_k):
+    def generate(self, prime, n, temperature, mode, seed, top_k, top_p):
         """Feed the prime ids (at least one), then generate n ids; returns int32 [n], or the ids of the blocks
-        made so far (fewer than n) once stop() was called.
+        made so far (fewer than n) once stop() was called. All in one graph (export.py saves it).
 
         mode: 0 argmax, 1 sample every step, 2 sample only right after a space. temperature divides the
-        logits; top_k > 0 samples among the k likeliest tokens only; seed makes the draw repeatable.
+        logits; top_k > 0 samples among the k likeliest tokens only, top_p < 1 among the likeliest whose
+        probabilities reach top_p; seed makes the draw repeatable.
         """
-        logits, states = self.model(prime[tf.newaxis], self.model.zero_state(1))
+        previous, logits, states = self._feed_prime(prime)
         num_blocks = (n + GENERATE_BLOCK - 1) // GENERATE_BLOCK
         blocks = tf.TensorArray(tf.int32, size=num_blocks, element_shape=[GENERATE_BLOCK])
 
         def body(b, previous, logits, states, blocks):
             tokens, previous, logits, states = self._block(b * GENERATE_BLOCK, previous, logits, states,
-                                                           temperature, mode, seed, top_k)
-            return b + 1, previous, logits, states, blocks.write(b, tokens)
+                                                           temperature, mode, seed[tf.newaxis], top_k, top_p)
+            return b + 1, previous, logits, states, blocks.write(b, tokens[0])
 
         def more(b, *_):
             return tf.logical_and(b < num_blocks, tf.logical_not(self.stopped.read_value()))
 
-        made, _, _, _, blocks = tf.while_loop(more, body,
-                                              (tf.constant(0), prime[-1], logits[0, -1], states, blocks))
+        made, _, _, _, blocks = tf.while_loop(
+            more, body, (tf.constant(0), previous[tf.newaxis], logits[tf.newaxis], states, blocks))
         # Blocks a stop left unmade concatenate as zeros (the element shape is fixed); the slice drops them.
         return blocks.concat()[:tf.minimum(n, made * GENERATE_BLOCK)]
 
@@ -161,6 +213,7 @@ class Sampler:
         self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1), jit_compile=jit_compile)
         self.start_id = self.index.get(EMPTY_PRIME_START, 0)
         self.keep_crlf = savedir.keeps_crlf(self.config, self.vocab)
+        self._beam = None  # a beam.BeamSearch, made at the first beam_search
 
     @classmethod
     def load(cls, save_dir, word_level_flag=False):
@@ -181,30 +234,81 @@ class Sampler:
         return encode_tokens(tokenize(prime, self.word_level), self.index, self.unk_token, self.word_level,
                              what="the prime")
 
-    def run(self, settings):
-        """The prime followed by settings.n generated tokens, as text (settings: a SampleSettings).
+    def run(self, settings, stops=()):
+        """The prime followed by settings.n generated tokens, as text (settings: a SampleSettings); with `stops`,
+        the text ends right before the first of them that the generated text contains (see stream).
 
         Bad settings raise ValueError; a stop of the generator (see Generator.stop) before the n tokens were
         made raises GenerationStopped.
         """
+        return "".join(self.stream(settings, stops))
+
+    def stream(self, settings, stops=()):
+        """run(), piece by piece as it is generated: the prime first, then the text of each block of tokens.
+
+        stops: strings that end the sample at their first occurrence in the generated text (the prime is not
+        searched); the text ends right before it, and no more blocks are generated. The last len(longest) - 1
+        characters are held back until it is clear that no stop string begins in them.
+        """
+        prime, ids, mode, seed = self._prepare(settings, stops)
+        yield prime
+        text = SampleText(self, prime, stops)
+        for block in self.generator.blocks(ids, settings.n, settings.temperature, mode, seed, settings.top_k,
+                                           settings.top_p):
+            yield text.add(block)
+            if text.stopped:
+                return
+        yield text.rest()
+        if text.made < settings.n:
+            raise GenerationStopped(f"the generation was stopped after {text.made} of {settings.n} tokens")
+
+    def run_many(self, settings, count, stops=()):
+        """`count` samples of one prime, generated together as the rows of one batch: [(seed, text)], sample i
+        drawn with settings.seed + i (a random seed when None), each text as run() makes it."""
+        prime, ids, mode, seed = self._prepare(settings, stops)
+        texts = [SampleText(self, prime, stops) for _ in range(count)]
+        pieces = [[prime] for _ in range(count)]
+        for block in self.generator.blocks(ids, settings.n, settings.temperature, mode, seed, settings.top_k,
+                                           settings.top_p, rows=count):
+            for text, row, kept in zip(texts, block, pieces):
+                if not text.stopped:
+                    kept.append(text.add(row))
+            if all(text.stopped for text in texts):
+                break
+        if any(text.made < settings.n and not text.stopped for text in texts):
+            raise GenerationStopped(f"the generation was stopped after {texts[0].made} of {settings.n} tokens")
+        return [((seed + i) % (MAX_SEED + 1), "".join(kept) + text.rest())
+                for i, (text, kept) in enumerate(zip(texts, pieces))]
+
+    def beam_search(self, prime, n, width):
+        """(the prime followed by the likeliest continuation of n tokens that a beam search of `width` finds, its
+        log-probability): see beam.BeamSearch, never less likely than argmax's."""
+        check_settings(SampleSettings(prime, n))
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"the beam width must be an integer from 1 to {MAX_BEAM_WIDTH}, got {width!r}")
+        prime = normalize_newlines(prime, self.keep_crlf)
+        ids = self._encode_normalized(prime) or [self.start_id]
+        if self._beam is None:
+            import beam
+            self._beam = beam.BeamSearch(self.generator.model)
+        found, log_probability = self._beam.search(ids, n, width)
+        return self.join(prime, [self.vocab[i] for i in found]), log_probability
+
+    def _prepare(self, settings, stops):
+        """Check the settings: (the prime with its line breaks normalized, its ids, the mode, the seed)."""
         check_settings(settings)
+        if any(not isinstance(stop, str) or not stop for stop in stops):
+            raise ValueError("a stop string must not be empty")
         prime = normalize_newlines(settings.prime, self.keep_crlf)
         ids = self._encode_normalized(prime) or [self.start_id]
         mode = settings.mode
         if self.word_level and mode == MODE_SAMPLE_ON_SPACES:
             mode = MODE_SAMPLE  # every word follows a space, so "sample on spaces" samples at every step
         seed = secrets.randbelow(MAX_SEED) if settings.seed is None else settings.seed
-        n = settings.n
-        generated = self.generator.generate(tf.constant(ids, tf.int32), tf.constant(n, tf.int32),
-                                            tf.constant(settings.temperature, tf.float32),
-                                            tf.constant(mode, tf.int32), tf.constant(seed, tf.int64),
-                                            tf.constant(settings.top_k, tf.int32))
-        if generated.shape[0] < n:
-            raise GenerationStopped(f"the generation was stopped after {generated.shape[0]} of {n} tokens")
-        return self.join(prime, [self.vocab[i] for i in generated.numpy()])
+        return prime, ids, mode, seed
 
     def sample(self, *args, **kwargs):
-        """run(SampleSettings(prime, n, mode, temperature, seed, top_k)): the settings given as arguments."""
+        """run(SampleSettings(prime, n, mode, temperature, seed, top_k, top_p)): the settings as arguments."""
         return self.run(SampleSettings(*args, **kwargs))
 
     def join(self, prime, tokens):
@@ -215,9 +319,40 @@ class Sampler:
         return prime + text
 
 
+class SampleText:
+    """The generated text of one sample, block of ids by block: joined to the prime as Sampler.join joins, and cut
+    right before the first stop string. add() returns the text that is final; rest() what was held back."""
+
+    def __init__(self, sampler, prime, stops=()):
+        self.sampler, self.prime, self.stops = sampler, prime, stops
+        self.held_back = max(map(len, stops), default=1) - 1  # a stop string may begin in the last characters
+        self.pending, self.last, self.made, self.stopped = "", None, 0, False
+
+    def add(self, ids):
+        tokens = [self.sampler.vocab[i] for i in ids]
+        if self.last is None:  # the first block: joined to the prime as join() does
+            self.pending += self.sampler.join(self.prime, tokens)[len(self.prime):]
+        else:  # join_tokens' separator before the block depends on the token before it
+            self.pending += join_tokens([self.last, *tokens], self.sampler.word_level)[len(self.last):]
+        self.last, self.made = tokens[-1], self.made + len(tokens)
+        found = [index for index in (self.pending.find(stop) for stop in self.stops) if index >= 0]
+        if found:
+            self.stopped = True
+            final, self.pending = self.pending[:min(found)], ""
+            return final
+        cut = max(len(self.pending) - self.held_back, 0)
+        final, self.pending = self.pending[:cut], self.pending[cut:]
+        return final
+
+    def rest(self):
+        rest, self.pending = self.pending, ""
+        return rest
+
+
 def check_settings(settings):
     """Raise ValueError with a one-line reason when a sampling setting is out of range."""
     n, mode, temperature, seed, top_k = settings.n, settings.mode, settings.temperature, settings.seed, settings.top_k
+    top_p = settings.top_p
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_N:
         raise ValueError(f"n must be an integer from 0 to {MAX_N}, got {n!r}")
     if mode not in SAMPLE_MODES:
@@ -230,3 +365,5 @@ def check_settings(settings):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if not 0 <= top_k <= MAX_N:  # top_k goes to the generator as int32, which would wrap larger values
         raise ValueError(f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and FLOAT32_TINY <= top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}")

@@ -94,11 +94,12 @@ SAMPLE_MODES = {MODE_ARGMAX: "argmax", MODE_SAMPLE: "sample", MODE_SAMPLE_ON_SPA
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
     """One sample: the prime, then n tokens chosen by `mode` (SAMPLE_MODES) from the logits divided by
-    `temperature`, among the top_k likeliest (0: all), repeatably for a seed (None: a random one). The defaults
-    are sample.py's."""
+    `temperature`, among the top_k likeliest (0: all) and among the likeliest whose probabilities add up to top_p
+    (1: all), repeatably for a seed (None: a random one). The defaults are sample.py's."""
     prime: str = "The"
     n: int = 500
     mode: int = MODE_SAMPLE
     temperature: float = 1.0
     seed: int | None = None
     top_k: int = 0
+    top_p: float = 1.0

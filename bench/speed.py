@@ -39,6 +39,9 @@ def build_parser():
     parser.add_argument("--rounds", type=cli.positive_int, default=3,
                         help="rounds of (ours, then the peer) per cell type; medians and per-round ratios reported")
     parser.add_argument("--sample_n", type=cli.positive_int, default=2000, help="tokens per timed sample")
+    parser.add_argument("--one_off_runs", type=cli.non_negative_int, default=5,
+                        help="runs of `python sample.py -n 500` and of `python -c 'import tensorflow'`, in turns, for "
+                             "the one-off latency (0: skip it)")
     parser.add_argument("--export", type=int, default=1, choices=[0, 1],
                         help="1: also time the exported SavedModel (export.py) beside the Generator at --sample_n")
     parser.add_argument("--flat_n", default="1000,100000", help="n values for the time-per-token check")
@@ -89,7 +92,7 @@ def sample_speed(model, n, flat_ns):
     def timed(count):
         start = time.perf_counter()
         generator.generate(tf.constant([1], tf.int32), tf.constant(count), tf.constant(1.0), tf.constant(1),
-                           tf.constant(7, tf.int64), tf.constant(0)).numpy()
+                           tf.constant(7, tf.int64), tf.constant(0), tf.constant(1.0)).numpy()
         return time.perf_counter() - start
 
     timed(10)  # warm-up
@@ -117,7 +120,8 @@ def export_speed(model, data_dir, work, n, runs=3):
     generator = Generator(model, space_id=vocab.index(" "))
     prime = "The"
     prime_ids = tf.constant([vocab.index(c) for c in prime], tf.int32)
-    settings = dict(temperature=tf.constant(1.0), seed=tf.constant(7, tf.int64), top_k=tf.constant(0))
+    settings = dict(temperature=tf.constant(1.0), seed=tf.constant(7, tf.int64), top_k=tf.constant(0),
+                    top_p=tf.constant(1.0))
 
     def exported():
         return generate(prime=tf.constant(prime), n=tf.constant(n), sample_mode=tf.constant(1),
@@ -125,7 +129,7 @@ def export_speed(model, data_dir, work, n, runs=3):
 
     def compiled():
         return generator.generate(prime_ids, tf.constant(n), settings["temperature"], tf.constant(1),
-                                  settings["seed"], settings["top_k"]).numpy()
+                                  settings["seed"], settings["top_k"], settings["top_p"]).numpy()
 
     same = np.array_equal(exported(), compiled())  # also the warm-up of both
     times = {"exported": [], "compiled": []}
@@ -174,18 +178,53 @@ def preprocess_speed(text_path, megabytes, work):
             "preprocess_python_numpy_baseline_mb": round(int(baseline.stdout) / 1e6, 1)}
 
 
-def server_speed(model, data_dir, work, clients, seconds):
-    """Requests/s and latency of sample_server.py at n = 200, serving `model` (see bench/server.py)."""
+def write_save_dir(model, data_dir, save_dir):
+    """A save dir holding `model` (untrained weights are as fast as trained ones), as sample.py and the server
+    read it."""
     import tensorflow as tf
     import savedir
     from utils import TextLoader
 
+    if os.path.isdir(save_dir):
+        return save_dir
     loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
-    save_dir = os.path.join(work, "serve")
     os.makedirs(save_dir)
     savedir.write_config(save_dir, {**model.model_config.to_dict(), "word_level": False})
     savedir.write_vocab(save_dir, loader.vocab)
     savedir.checkpoint_manager(tf.train.Checkpoint(model=model), save_dir).save(0)
+    return save_dir
+
+
+def one_off_latency(model, data_dir, work, runs, n=500):
+    """Wall time of a one-off `python sample.py -n 500` beside `python -c "import tensorflow"`, run in turns so
+    that both see the same machine state: the first sample.py with an empty compilation cache, then the medians
+    of `runs` runs of each with it filled."""
+    save_dir = write_save_dir(model, data_dir, os.path.join(work, "serve"))
+    env = dict(os.environ, CHAR_RNN_XLA_CACHE=os.path.join(work, "xla-cache"))
+    sample = [sys.executable, os.path.join(REPO, "sample.py"), "--save_dir", save_dir, "-n", str(n), "--seed", "1"]
+    just_import = [sys.executable, "-c", "import tensorflow"]
+
+    def wall(command):
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    first = wall(sample)
+    times = {"sample": [], "import": []}
+    for _ in range(runs):
+        times["sample"].append(wall(sample))
+        times["import"].append(wall(just_import))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"one_off_sample_py_n500_s": round(medians["sample"], 2),
+            "one_off_import_tensorflow_s": round(medians["import"], 2),
+            "one_off_over_import_s": round(medians["sample"] - medians["import"], 2),
+            "one_off_over_import_per_run_s": [round(a - b, 2) for a, b in zip(times["sample"], times["import"])],
+            "one_off_first_run_empty_cache_s": round(first, 2)}
+
+
+def server_speed(model, data_dir, work, clients, seconds):
+    """Requests/s and latency of sample_server.py at n = 200, serving `model` (see bench/server.py)."""
+    save_dir = write_save_dir(model, data_dir, os.path.join(work, "serve"))
     out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "server.py"), "--save_dir", save_dir,
                           "--clients", str(clients), "--seconds", str(seconds), "-n", "200"],
                          capture_output=True, text=True, check=True)
@@ -257,6 +296,8 @@ def main(argv=None):
                   "train_tokens_per_s": {cell: round(statistics.median(runs), 1) for cell, runs in ours.items()}}
         for key in sampling[0] if sampling else ():
             result[key] = statistics.median(run[key] for run in sampling)
+        if lstm is not None and args.one_off_runs:
+            result.update(one_off_latency(lstm, data_dir, work, args.one_off_runs))
         if lstm is not None and args.export:
             result.update(export_speed(lstm, data_dir, work, args.sample_n))
         if lstm is not None and args.server_clients:

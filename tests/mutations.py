@@ -42,8 +42,8 @@ MUTATIONS = [
     Mutation("top_k_is_one", "sampler.py", "k = tf.minimum(top_k, tf.shape(logits)[0])", "k = 1",
              ("tests/test_sample.py", "-k", "top_k")),
     Mutation("seed_without_block_position", "sampler.py",
-             "step_seed = tf.stack([seed, tf.cast(position + i, tf.int64)])",
-             "step_seed = tf.stack([seed, tf.cast(i, tf.int64)])", ("tests/test_sample.py", "-k", "block")),
+             "steps = tf.fill(tf.shape(seeds), tf.cast(position + i, tf.int64))",
+             "steps = tf.fill(tf.shape(seeds), tf.cast(i, tf.int64))", ("tests/test_sample.py", "-k", "block")),
     Mutation("top_k_unbounded", "sampler.py", "if not 0 <= top_k <= MAX_N:", "if not 0 <= top_k:",
              ("tests/test_sample.py", "tests/test_server.py", "-k", "limits or bad_arguments")),
     Mutation("prime_limit_off_by_one", "sample_server.py", "if len(prime) > limits.max_prime:",
@@ -116,6 +116,18 @@ MUTATIONS = [
     Mutation("clipped_in_each_replica", "trainer.py", "grads = [tf.convert_to_tensor(g) / replicas for g in grads]",
              "grads = tf.clip_by_global_norm([tf.convert_to_tensor(g) / replicas for g in grads], grad_clip)[0]",
              ("tests/test_distributed.py", "-k", "train_and_resume and 0.0")),
+    # sample.py for daily use.
+    Mutation("top_p_keeps_one_more", "sampler.py", "kept = tf.reduce_sum(tf.cast(likelier < top_p, tf.int32))",
+             "kept = tf.reduce_sum(tf.cast(likelier <= top_p, tf.int32)) + 1", ("tests/test_sample.py", "-k", "top_p")),
+    Mutation("stop_string_printed", "sampler.py", "final, self.pending = self.pending[:min(found)], \"\"",
+             "final, self.pending = self.pending, \"\"", ("tests/test_sample_features.py", "-k", "stop")),
+    Mutation("stop_string_not_held_back", "sampler.py",
+             "self.held_back = max(map(len, stops), default=1) - 1", "self.held_back = 0",
+             ("tests/test_sample_features.py", "-k", "stop_string_cuts")),
+    Mutation("samples_share_a_seed", "sampler.py",
+             "seeds = tf.constant([(seed + row) % (MAX_SEED + 1) for row in range(rows)], tf.int64)",
+             "seeds = tf.constant([seed for row in range(rows)], tf.int64)",
+             ("tests/test_sample_features.py", "-k", "several_samples")),
 ]
 
 

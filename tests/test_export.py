@@ -26,16 +26,20 @@ from sampler import GENERATE_BLOCK, Sampler
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
 ONE_EPOCH = ["--num_epochs", "1", "--print_every", "1000", "--seed", "1"]
-# (prime, n, mode, temperature, seed, top_k): every mode, an empty prime, a run past one generation block,
-# top-k, CRLF in the prime, whitespace that only Python's \s knows, a seed above 32 bits.
-CHAR_CASES = [("the ", 60, 0, 1.0, 7, 0), ("the ", 60, 1, 1.0, 7, 0), ("the ", GENERATE_BLOCK + 30, 2, 0.8, 11, 0),
-              ("", 40, 1, 1.5, 3, 0), ("the\r\ncat ", 50, 1, 1.0, 5, 3), ("on the mat", 40, 2, 1.2, 2 ** 40 + 9, 0)]
-WORD_CASES = [("the cat", 30, 0, 1.0, 5, 0), ("the cat", 30, 1, 1.0, 5, 0), ("the cat ", 30, 2, 0.9, 6, 0),
-              ("", 25, 1, 1.0, 8, 0), ("the\u00a0cat\t\tsat\x1c\r\n\n on", 30, 2, 1.3, 9, 2),
-              ("log.\n", 20, 1, 1.0, 4, 0)]
-CAPPED_CASES = [("the dog sat on the log.", 30, 1, 1.0, 12, 0), ("dog", 20, 2, 1.0, 13, 0)]  # dog, log. -> <unk>
+# (prime, n, mode, temperature, seed, top_k, top_p): every mode, an empty prime, a run past one generation
+# block, top-k, top-p, CRLF in the prime, whitespace that only Python's \s knows, a seed above 32 bits.
+CHAR_CASES = [("the ", 60, 0, 1.0, 7, 0, 1.0), ("the ", 60, 1, 1.0, 7, 0, 1.0),
+              ("the ", GENERATE_BLOCK + 30, 2, 0.8, 11, 0, 1.0), ("", 40, 1, 1.5, 3, 0, 1.0),
+              ("the\r\ncat ", 50, 1, 1.0, 5, 3, 1.0), ("on the mat", 40, 2, 1.2, 2 ** 40 + 9, 0, 1.0),
+              ("the ", 60, 1, 1.5, 8, 0, 0.7)]
+WORD_CASES = [("the cat", 30, 0, 1.0, 5, 0, 1.0), ("the cat", 30, 1, 1.0, 5, 0, 1.0),
+              ("the cat ", 30, 2, 0.9, 6, 0, 1.0), ("", 25, 1, 1.0, 8, 0, 1.0),
+              ("the\u00a0cat\t\tsat\x1c\r\n\n on", 30, 2, 1.3, 9, 2, 1.0), ("log.\n", 20, 1, 1.0, 4, 0, 0.8)]
+CAPPED_CASES = [("the dog sat on the log.", 30, 1, 1.0, 12, 0, 1.0),
+                ("dog", 20, 2, 1.0, 13, 0, 1.0)]  # dog, log. -> <unk>
 GENERATE_INPUTS = {"prime": ([], tf.string), "n": ([], tf.int32), "temperature": ([], tf.float32),
-                   "sample_mode": ([], tf.int32), "top_k": ([], tf.int32), "seed": ([], tf.int64)}
+                   "sample_mode": ([], tf.int32), "top_k": ([], tf.int32), "top_p": ([], tf.float32),
+                   "seed": ([], tf.int64)}
 GENERATE_OUTPUTS = {"text": ([], tf.string), "token_ids": ([None], tf.int32)}
 
 # Run with `python -I` from a folder outside the repository: only TensorFlow, never the project's code.
@@ -56,7 +60,7 @@ for case in json.load(sys.stdin):
         out = generate(prime=tf.constant(case["prime"]), n=tf.constant(case["n"], tf.int32),
                        temperature=tf.constant(case["temperature"], tf.float32),
                        sample_mode=tf.constant(case["mode"], tf.int32), top_k=tf.constant(case["top_k"], tf.int32),
-                       seed=tf.constant(case["seed"], tf.int64))
+                       top_p=tf.constant(case["top_p"], tf.float32), seed=tf.constant(case["seed"], tf.int64))
         results.append(out["text"].numpy().decode("utf-8"))
     except tf.errors.InvalidArgumentError as e:
         results.append("error: " + e.message)
@@ -87,11 +91,12 @@ def char_export(exports):
     return tf.saved_model.load(exports["char"][1])
 
 
-def sample_py(save_dir, prime, n, mode, temperature, seed, top_k, capsys):
+def sample_py(save_dir, prime, n, mode, temperature, seed, top_k, top_p, capsys):
     """What sample.py prints for these settings, without its final newline."""
     capsys.readouterr()
     assert sample.main(["--save_dir", save_dir, "--prime", prime, "-n", str(n), "--sample", str(mode),
-                        "--temperature", str(temperature), "--seed", str(seed), "--top_k", str(top_k)]) == 0
+                        "--temperature", str(temperature), "--seed", str(seed), "--top_k", str(top_k),
+                        "--top_p", str(top_p)]) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n")
     return out[:-1]
@@ -103,12 +108,12 @@ def test_a_fresh_python_without_the_project_gets_sample_pys_text(exports, tmp_pa
     for level, level_cases in (("char", CHAR_CASES), ("word", WORD_CASES), ("capped", CAPPED_CASES)):
         save, export_dir = exports[level]
         sampler = Sampler.load(save)  # what sample.py prints (checked against sample.py once per level below)
-        for i, (prime, n, mode, temperature, seed, top_k) in enumerate(level_cases):
+        for i, (prime, n, mode, temperature, seed, top_k, top_p) in enumerate(level_cases):
             cases.append({"export_dir": export_dir, "prime": prime, "n": n, "mode": mode,
-                          "temperature": temperature, "seed": seed, "top_k": top_k})
-            expected.append(sampler.sample(prime, n, mode, temperature, seed, top_k))
+                          "temperature": temperature, "seed": seed, "top_k": top_k, "top_p": top_p})
+            expected.append(sampler.sample(prime, n, mode, temperature, seed, top_k, top_p))
             if i == 1:
-                assert sample_py(save, prime, n, mode, temperature, seed, top_k, capsys) == expected[-1]
+                assert sample_py(save, prime, n, mode, temperature, seed, top_k, top_p, capsys) == expected[-1]
     # Refused in the graph: an unknown character, an unknown word, a bad setting.
     refusals = [(exports["char"][1], "the Zebra\u00e9", 1.0, "the prime has characters the model does not know: "
                  + ", ".join(f"\u201c{c}\u201d" for c in "Zbr\u00e9")),
@@ -117,7 +122,7 @@ def test_a_fresh_python_without_the_project_gets_sample_pys_text(exports, tmp_pa
                 (exports["char"][1], "the", 0.0, "temperature must be a number from 1.2e-38 to 3.4e+38, got")]
     for export_dir, prime, temperature, message in refusals:
         cases.append({"export_dir": export_dir, "prime": prime, "n": 10, "mode": 1, "temperature": temperature,
-                      "seed": 1, "top_k": 0})
+                      "seed": 1, "top_k": 0, "top_p": 1.0})
         expected.append(message)
     env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
     result = subprocess.run([sys.executable, "-I", "-c", CLIENT], input=json.dumps(cases), capture_output=True,
@@ -165,9 +170,11 @@ def test_the_export_holds_no_xla(exports):
 @pytest.mark.parametrize("setting, value, message", [
     ("n", -1, "n must be an integer from 0 to"), ("sample_mode", 3, "sample_mode must be one of 0 (argmax)"),
     ("temperature", float("nan"), "temperature must be a number"), ("top_k", -2, "top_k must be an integer"),
+    ("top_p", 0.0, "top_p must be a number in (0, 1]"), ("top_p", 1.5, "top_p must be a number in (0, 1]"),
     ("seed", -5, "seed must be an integer in [0, 9223372036854775807]"), ("prime", b"\xff", "Invalid")])
 def test_bad_settings_are_refused_in_the_graph(char_export, setting, value, message):
-    settings = {"prime": "the", "n": 5, "temperature": 1.0, "sample_mode": 1, "top_k": 0, "seed": 1, setting: value}
+    settings = {"prime": "the", "n": 5, "temperature": 1.0, "sample_mode": 1, "top_k": 0, "top_p": 1.0, "seed": 1,
+                setting: value}
     dtypes = {name: dtype for name, (_, dtype) in GENERATE_INPUTS.items()}
     with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
         char_export.signatures["generate"](**{name: tf.constant(v, dtypes[name]) for name, v in settings.items()})

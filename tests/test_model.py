@@ -74,7 +74,7 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
         weight.assign(weight * 3.0)
     prime = [1, 2, 3]
     generator = sampler.Generator(net)
-    generated = generator.generate(tf.constant(prime), 12, 1.0, settings.MODE_ARGMAX, 0, 0).numpy()
+    generated = generator.generate(tf.constant(prime), 12, 1.0, settings.MODE_ARGMAX, 0, 0, 1.0).numpy()
     ids = list(prime)
     for _ in range(12):
         logits, _ = net(tf.constant([ids]), net.zero_state(1))

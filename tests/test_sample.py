@@ -9,6 +9,7 @@ from scipy import stats
 import sample
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
+import sampler as sampler_module
 from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler, check_settings
 from settings import SampleSettings
 
@@ -104,7 +105,7 @@ def sampled_counts(sampler, prime_ids, temperature, draws):
     prime = tf.constant(prime_ids, tf.int32)
     for seed in range(draws):
         token = generate(prime, tf.constant(1), tf.constant(temperature, tf.float32), tf.constant(1),
-                         tf.constant(seed, tf.int64), tf.constant(0))
+                         tf.constant(seed, tf.int64), tf.constant(0), tf.constant(1.0))
         counts[int(token[0])] += 1
     return counts
 
@@ -175,8 +176,9 @@ def test_new_temperatures_lengths_and_seeds_trace_the_graph_once(trained_save_di
     sampler = Sampler.load(trained_save_dir)
     for temperature, n, seed, prime in [(0.5, 10, 1, "the"), (1.0, 25, 2, "a"), (1.7, 3, 3, "the cat"),
                                         (0.9, 40, 4, "t"), (2.5, 7, 5, "dog ")]:
-        assert len(sampler.sample(prime, n, 1, temperature, seed)) == len(prime) + n
-    assert sampler.generator.generate.experimental_get_tracing_count() == 1
+        assert len(sampler.sample(prime, n, 1, temperature, seed, 3, 0.9)) == len(prime) + n
+    # The block of tokens is traced and compiled once (the prime's pass runs eagerly).
+    assert sampler.generator._block.experimental_get_tracing_count() == 1
 
 
 def test_top_k_one_is_argmax(sampler):
@@ -232,6 +234,40 @@ def test_top_k_draws_exactly_the_k_likeliest_in_proportion(sampler, following_lo
     # The test has power: the same draws are rejected against the proportions without top_k, or of top_k + 1.
     assert chi_square_p(counts, rank_probabilities(logits, 2.0, 0)) < 1e-8
     assert chi_square_p(counts[:top_k + 1], rank_probabilities(logits, 2.0, top_k + 1)[:top_k + 1]) < 1e-8
+
+
+def test_top_p_keeps_exactly_the_smallest_set_of_likeliest_tokens_that_reaches_p():
+    # Probabilities 0.5, 0.3, 0.15, 0.05 (in shuffled token order): the fewest likeliest tokens reaching p.
+    probabilities = np.array([0.15, 0.5, 0.05, 0.3])
+    logits = tf.constant(np.log(probabilities), tf.float32)
+    by_rank = [1, 3, 0, 2]  # token ids from the likeliest
+    for top_p, kept in [(0.3, 1), (0.5, 1), (0.55, 2), (0.79, 2), (0.81, 3), (0.94, 3), (0.96, 4), (1.0, 4)]:
+        masked = sampler_module.keep_top_p(logits, tf.constant(top_p)).numpy()
+        assert sorted(np.flatnonzero(np.isfinite(masked))) == sorted(by_rank[:kept]), top_p
+        assert np.array_equal(masked[np.isfinite(masked)], logits.numpy()[np.isfinite(masked)])
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.8])
+def test_top_p_draws_only_the_nucleus_in_proportion(sampler, following_logits, top_p):
+    text = sampler.sample("the ", 3000, mode=1, temperature=2.0, seed=17, top_p=top_p)
+    logits, drawn = generated_positions(sampler, following_logits, "the ", text)
+    # Each position's nucleus: the fewest likeliest whose probabilities (at the temperature) reach top_p.
+    ordered = -np.sort(-logits, axis=1) / 2.0
+    probabilities = np.exp(ordered - ordered[:, :1])
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    likelier = np.cumsum(probabilities, axis=1) - probabilities
+    nucleus = (likelier < top_p).sum(axis=1)
+    drawn_logits = logits[np.arange(len(drawn)), drawn]
+    ranks = np.sum(logits > drawn_logits[:, np.newaxis] + RANK_TOLERANCE, axis=1)  # 0: the likeliest
+    assert (ranks < nucleus).all()  # never a token outside the nucleus of its position
+    # In proportion within it: the expected share of each rank, renormalised over each position's nucleus.
+    weights = np.where(np.arange(logits.shape[1]) < nucleus[:, np.newaxis], probabilities, 0)
+    expected = (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+    counts = np.bincount(ranks, minlength=logits.shape[1])
+    used = expected > 0
+    assert chi_square_p(counts[used], expected[used]) > 1e-4
+    # Power: the same draws are rejected against the proportions without top_p.
+    assert chi_square_p(counts, rank_probabilities(logits, 2.0, 0)) < 1e-8
 
 
 def test_frequencies_over_every_position_match_the_softmax_at_each_temperature(sampler, following_logits):

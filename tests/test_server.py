@@ -97,7 +97,7 @@ def test_readme_url_answers_what_sample_py_prints(server, save_dir):
     status, headers, body = get(f"{server.url}/sample.json?{README_QUERY}&seed=7")
     assert status == 200 and headers.get_content_type() == "application/json"
     assert json.loads(body) == {"text": expected, "prime": "The", "n": 200, "sample_mode": 2,
-                                "temperature": 0.8, "seed": 7, "top_k": 0}
+                                "temperature": 0.8, "seed": 7, "top_k": 0, "top_p": 1.0}
 
 
 def test_every_parameter_reaches_the_generator(server, save_dir):
@@ -105,12 +105,18 @@ def test_every_parameter_reaches_the_generator(server, save_dir):
     expected = sample_cli(save_dir, "--prime", "The dog", "-n", 50, "--sample", 1, "--temperature", 1.5,
                           "--seed", 3, "--top_k", 4)
     assert get(f"{server.url}/?{query}")[2] == expected
+    # top_p, as sample.py's --top_p (and not the same text as without it).
+    expected = sample_cli(save_dir, "--prime", "The dog", "-n", 50, "--sample", 1, "--temperature", 1.5,
+                          "--seed", 3, "--top_p", 0.6)
+    assert get(f"{server.url}/?prime=The%20dog&n=50&sample_mode=1&temperature=1.5&seed=3&top_p=0.6")[2] == expected
+    assert get(f"{server.url}/?prime=The%20dog&n=50&sample_mode=1&temperature=1.5&seed=3")[2] != expected
 
 
 def test_defaults_are_the_original_servers(server):
     answer = json.loads(get(f"{server.url}/sample.json?seed=1")[2])
     text = answer.pop("text")
-    assert answer == {"prime": "The ", "n": 200, "sample_mode": 2, "temperature": 0.8, "seed": 1, "top_k": 0}
+    assert answer == {"prime": "The ", "n": 200, "sample_mode": 2, "temperature": 0.8, "seed": 1, "top_k": 0,
+                      "top_p": 1.0}
     assert text.startswith("The ") and len(text) == 4 + 200
 
 
@@ -199,6 +205,9 @@ BAD_REQUESTS = [
     # Larger than int32: refused, never wrapped round (2**32 + 5 would sample with top_k 5).
     ("top_k=4294967301", "top_k must be an integer from 0 to 1073741824"),
     ("top_k=1073741825", "top_k must be an integer from 0 to 1073741824"),
+    ("top_p=0", "top_p must be a number in (0, 1]"),
+    ("top_p=1.5", "top_p must be a number in (0, 1]"),
+    ("top_p=nan", "top_p must be a number in (0, 1]"),
     ("seed=9223372036854775808", "seed must be an integer in [0, 9223372036854775807]"),
     ("n=501", "n must be an integer from 1 to 500 (--max_n)"),
     ("colour=red", "unknown parameter 'colour'"),

@@ -1,0 +1,121 @@
+"""sample.py -i: primes read in a loop, each answered as it is generated, with the model loaded once.
+
+At a terminal it prompts, shows each answer's seed, keeps a line history (readline) and takes commands that change
+the settings; Ctrl-D or Ctrl-C (or :quit) leaves. From a pipe it reads one prime a line and prints each answer on
+its own line(s), without prompts. The commands (a line starting with ":"):
+
+    :n 200   :sample 0|1|2   :temperature 0.8   :top_k 5   :top_p 0.9   :seed 7 | :seed random
+    :stop TEXT (add a stop string; \\n is a line break)   :stop (clear them)   :settings   :help   :quit
+"""
+import argparse
+import dataclasses
+import secrets
+import sys
+
+import cli
+from sampler import MAX_SEED
+from settings import SAMPLE_MODES
+
+PROMPT = "prime> "
+# Each settable field and how its value is read (the same checks as the flags; the sampler checks ranges).
+FIELDS = {"n": ("n", cli.non_negative_int), "sample": ("mode", int), "temperature": ("temperature", cli.positive_float),
+          "top_k": ("top_k", cli.non_negative_int), "top_p": ("top_p", cli.top_p), "seed": ("seed", None)}
+HELP = (":n N  :sample " + "|".join(map(str, SAMPLE_MODES)) + "  :temperature T  :top_k K  :top_p P  "
+        ":seed S|random  :stop TEXT|(none)  :settings  :help  :quit   (anything else is a prime)")
+
+
+class Session:
+    """The settings of the loop and the sampler that answers."""
+
+    def __init__(self, sampler, settings, stops, out=sys.stdout, err=sys.stderr):
+        self.sampler, self.settings, self.stops = sampler, settings, list(stops)
+        self.out, self.err = out, err
+
+    def command(self, line):
+        """Apply a ":name value" command; returns False for :quit. Bad commands are one line on stderr."""
+        name, _, value = line[1:].strip().partition(" ")
+        value = value.strip()
+        if name in ("quit", "q", "exit"):
+            return False
+        if name == "help":
+            print(HELP, file=self.err)
+        elif name == "settings":
+            print(self.describe(), file=self.err)
+        elif name == "stop":
+            self.stops = [cli.escaped_text(value)] + self.stops if value else []
+            print(f"stop strings: {self.stops!r}", file=self.err)
+        elif name in FIELDS:
+            self.set(name, value)
+        else:
+            print(f"error: unknown command :{name}; {HELP}", file=self.err)
+        return True
+
+    def set(self, name, value):
+        field, parse = FIELDS[name]
+        try:
+            if name == "seed":
+                parsed = None if value == "random" else cli.non_negative_int(value)
+            else:
+                parsed = parse(value)
+            if name == "sample" and parsed not in SAMPLE_MODES:
+                raise ValueError(f"sample mode must be one of {', '.join(map(str, SAMPLE_MODES))}")
+            self.settings = dataclasses.replace(self.settings, **{field: parsed})
+        except (ValueError, argparse.ArgumentTypeError) as e:  # one line, and the loop goes on
+            print(f"error: :{name} {value!r}: {e}", file=self.err)
+            return
+        print(self.describe(), file=self.err)
+
+    def describe(self):
+        s = self.settings
+        return (f"n {s.n}, sample {s.mode}, temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, "
+                f"seed {'random' if s.seed is None else s.seed}, stops {self.stops!r}")
+
+    def answer(self, prime, show_seed):
+        """Generate for one prime, writing the text as it comes; a bad prime or setting is one line on stderr."""
+        seed = secrets.randbelow(MAX_SEED) if self.settings.seed is None else self.settings.seed
+        settings = dataclasses.replace(self.settings, prime=prime, seed=seed)
+        try:
+            for piece in self.sampler.stream(settings, self.stops):
+                self.out.write(piece)
+                self.out.flush()
+        except ValueError as e:
+            print(f"error: {e}", file=self.err)
+            return
+        self.out.write("\n")
+        self.out.flush()
+        if show_seed:
+            print(f"[seed {seed}]", file=self.err)
+
+
+def loop(sampler, settings, stops, stdin=sys.stdin, out=sys.stdout, err=sys.stderr):
+    """Answer primes from stdin until end of input, :quit or Ctrl-C; returns the exit code (0)."""
+    session = Session(sampler, settings, stops, out, err)
+    at_terminal = stdin.isatty()
+    if at_terminal:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"model loaded: type a prime and Enter; {HELP}; Ctrl-D to leave", file=err)
+    try:
+        while True:
+            if at_terminal:
+                try:
+                    line = input(PROMPT)
+                except EOFError:
+                    out.write("\n")
+                    return 0
+            else:
+                line = stdin.readline()
+                if not line:
+                    return 0
+                line = line[:-1] if line.endswith("\n") else line
+            if line.startswith(":"):
+                if not session.command(line):
+                    return 0
+                continue
+            session.answer(line, show_seed=at_terminal)
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        return 0

@@ -116,11 +116,12 @@ def parse_request(params, limits):
         prime=prime,
         n=integer(params, "n", min(DEFAULT_N, limits.max_n), 1, limits.max_n, "--max_n"),  # never above --max_n
         mode=sample_mode(params),
-        temperature=positive_number(params, "temperature", limits.temperature),
+        temperature=number(params, "temperature", limits.temperature, cli.positive_float,
+                           "a finite number > 0 (1.2e-38 to 3.4e+38)"),
         # Without a seed the server picks one, so that the answer says which seed repeats it.
         seed=secrets.randbelow(AUTO_SEED_LIMIT) if seed is None else seed,
         top_k=integer(params, "top_k", 0, 0, None),
-        top_p=probability(params, "top_p", 1.0))
+        top_p=number(params, "top_p", SampleSettings.top_p, cli.top_p, "a number in (0, 1]"))
 
 
 _DIGITS = re.compile(r"[0-9]{1,%d}" % MAX_DIGITS)
@@ -148,26 +149,16 @@ def sample_mode(params):
     raise ValueError(f"sample_mode must be one of {modes}, got {shown(text)}")
 
 
-def positive_number(params, name, default):
-    """params[name] as a finite float > 0, or default when absent."""
+def number(params, name, default, parse, what):
+    """params[name] read by `parse` (one of cli's flag types), or default when absent; a value it refuses is a
+    ValueError saying that `name` must be `what`."""
     text = params.get(name)
     if text is None:
         return default
     try:
-        return cli.positive_float(text)
+        return parse(text)
     except argparse.ArgumentTypeError:
-        raise ValueError(f"{name} must be a finite number > 0 (1.2e-38 to 3.4e+38), got {shown(text)}") from None
-
-
-def probability(params, name, default):
-    """params[name] as a float in (0, 1], or default when absent."""
-    text = params.get(name)
-    if text is None:
-        return default
-    try:
-        return cli.top_p(text)
-    except argparse.ArgumentTypeError:
-        raise ValueError(f"{name} must be a number in (0, 1], got {shown(text)}") from None
+        raise ValueError(f"{name} must be {what}, got {shown(text)}") from None
 
 
 def shown(value):

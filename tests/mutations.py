@@ -104,8 +104,9 @@ MUTATIONS = [
     Mutation("log_dir_ignored", "savedir.py", "self.log_dir = log_dir or os.path.join(path, LOG_DIR)",
              "self.log_dir = os.path.join(path, LOG_DIR)", ("tests/test_train.py", "-k", "tensorboard")),
     Mutation("server_temperature_flag_ignored", "sample_server.py",
-             'temperature=positive_number(params, "temperature", limits.temperature)',
-             'temperature=positive_number(params, "temperature", 1.0)', ("tests/test_server.py", "-k", "flags_set")),
+             'temperature=number(params, "temperature", limits.temperature, cli.positive_float,',
+             'temperature=number(params, "temperature", 1.0, cli.positive_float,',
+             ("tests/test_server.py", "-k", "flags_set")),
     Mutation("x_seed_header_wrong", "sample_server.py", 'cherrypy.response.headers["X-Seed"] = str(request.seed)',
              'cherrypy.response.headers["X-Seed"] = "0"', ("tests/test_server.py", "-k", "names_the_seed")),
     # Training on several replicas (tests/test_distributed.py).

@@ -1,4 +1,5 @@
 """Shared fixtures: small corpora, a helper that runs a script as a user would, and a tiny trained save dir."""
+import atexit
 import contextlib
 import hashlib
 import os
@@ -6,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -15,6 +17,11 @@ sys.path.insert(0, REPO)
 # The real corpus, for the few tests that need it: the mirror CI points at, else the shared copy beside the repo.
 SHARED_CORPUS = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare", "input.txt")
 REAL_CORPUS = os.environ.get("CHAR_RNN_DATA_URL") or SHARED_CORPUS
+
+# XLA's compilation cache (cli.use_compilation_cache) goes to a folder of this test session, not the user's.
+XLA_CACHE = tempfile.mkdtemp(prefix="char-rnn-tests-xla-")
+atexit.register(shutil.rmtree, XLA_CACHE, True)
+os.environ.setdefault("CHAR_RNN_XLA_CACHE", XLA_CACHE)
 
 # A small text with a clear structure, so that a tiny model learns it within a few dozen steps.
 TINY_TEXT = ("the cat sat on the mat.\nthe dog sat on the log.\n" * 60)

@@ -51,8 +51,8 @@ def add_model_flags(parser):
 
 
 def escaped_text(text):
-    """A command-line string with the escapes \\n, \\r, \\t and \\\\ read as a line break, a carriage return, a tab and a
-    backslash (so that --stop '\\n\\n' is a blank line); anything else is kept as it is."""
+    """A command-line string with the escapes \\n, \\r, \\t and \\\\ read as a line break, a carriage return, a tab
+    and a backslash (so that --stop '\\n\\n' is a blank line); anything else is kept as it is."""
     return re.sub(r"\\([nrt\\])", lambda match: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[match.group(1)], text)
 
 

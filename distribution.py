@@ -42,15 +42,13 @@ class Distribution:
         """One line for the log: what runs where."""
         if self.name == "one":
             return "training on one device"
-        devices = ", ".join(self.strategy.extended.worker_devices)
         if self.name == "mirrored":
+            devices = ", ".join(self.strategy.extended.worker_devices)
             return f"training on {self.replicas} replicas (mirrored): {devices}"
-        role = "the chief, which writes the save dir" if self.is_chief else "not the chief: its checkpoints are temporary"
-        return (f"training on {self.replicas} replicas over {len(self.cluster_tasks())} workers (multi_worker); this "
-                f"is {self.task}, {role}")
-
-    def cluster_tasks(self):
-        return [(job, i, address) for job, addresses in self.cluster.items() for i, address in enumerate(addresses)]
+        role = ("the chief, which writes the save dir" if self.is_chief else
+                "not the chief: its checkpoints are temporary")
+        return (f"training on {self.replicas} replicas over {cluster_size(self.cluster)} workers (multi_worker); "
+                f"this is {self.task}, {role}")
 
     def lost_worker(self, error, save_dir):
         """The one line for a collective that failed because a worker went away (tf.errors.OpError)."""
@@ -99,8 +97,9 @@ def read_tf_config(environ=None):
     return config
 
 
-def _cluster_size(tf_config):
-    return sum(len(addresses) for addresses in tf_config.get("cluster", {}).values())
+def cluster_size(cluster):
+    """How many tasks (machines or processes) a TF_CONFIG cluster names."""
+    return sum(len(addresses) for addresses in cluster.values())
 
 
 def choose(name="auto", replicas=0, environ=None):
@@ -113,7 +112,7 @@ def choose(name="auto", replicas=0, environ=None):
     tf_config = read_tf_config(environ)
     gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
-        if _cluster_size(tf_config) > 1:
+        if cluster_size(tf_config.get("cluster", {})) > 1:
             name = "multi_worker"
         elif len(gpus) > 1 or replicas > 1:
             name = "mirrored"

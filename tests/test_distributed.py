@@ -122,6 +122,8 @@ def test_two_replicas_and_two_workers_train_and_resume_as_one_device(tmp_path, d
     # Only the chief wrote: the other worker's temporary save dir is gone.
     assert os.listdir(tmp_path / "logs" / "tmp") == []
 
+    if not dropout:
+        return  # the resumes below are the same without dropout, less the dropout seeds
     # The workers' save dir resumes on one device, and that one on two replicas: still the one-device run.
     assert train.main(flags(data, workers, "--init_from", workers, "--max_steps", 25, "--strategy", "one")) == 0
     result = train_ok(*flags(data, workers, "--init_from", workers, "--max_steps", 30, *MIRRORED))

@@ -85,7 +85,7 @@ MUTATIONS = [
              "    return Loaded",
              ("tests/test_faults.py", "-k", "nan_weights")),
     Mutation("ctrl_c_saves_random_weights", "trainer.py", "if int(self.progress.step) == self.save_dir.saved_step:",
-             "if False:", ("tests/test_faults.py", "-k", "ctrl_c_before")),
+             "if False:", ("tests/test_train_loop.py", "-k", "before_any_step")),
     Mutation("crlf_kept", "utils.py", "return chunks if keep_crlf else _crlf_to_lf(chunks)", "return chunks",
              ("tests/test_faults.py", "-k", "crlf")),
     Mutation("temp_files_private", "utils.py", "    os.fchmod(fd, NEW_FILE_MODE & ~current_umask())\n", "",

@@ -14,7 +14,7 @@ import settings
 import train
 import trainer
 import utils
-from conftest import TINY_TEXT, make_data_dir
+from conftest import TINY_TEXT, make_data_dir, train_flags
 
 TINY = dict(rnn_size=16, num_layers=1, batch_size=4, seq_length=10)
 
@@ -169,6 +169,20 @@ def test_validation_loss_is_the_inference_loss_over_every_held_out_token(tmp_pat
     val = {int(row[0]): float(row[3]) for row in rows if row[3]}
     assert sorted(val) == [10, 20]
     assert val[20] == pytest.approx(expected, rel=2e-5)
+
+
+def test_ctrl_c_in_the_loop_before_any_step_saves_nothing(tmp_path, data_dir, monkeypatch, capsys):
+    # Ctrl-C at the first step, in the training loop: no step was made, so no checkpoint of random weights.
+    def interrupted_at_once(model, optimizer, progress, grad_clip, strategy=None):
+        def train_step(inputs, targets):
+            raise KeyboardInterrupt
+        return train_step
+
+    monkeypatch.setattr(trainer, "make_train_step", interrupted_at_once)
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--max_steps", 5)) == trainer.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted: nothing new to save (no step was made)"
+    assert not savedir.has_checkpoint(save)
 
 
 def test_ctrl_c_saves_a_checkpoint_but_never_makes_it_best(tmp_path, monkeypatch, capsys):

@@ -20,9 +20,6 @@ import numpy as np
 import tensorflow as tf
 
 INT32_MAX = 2 ** 31 - 1  # the search indexes width x vocab candidates and counts steps in int32
-# A small vocabulary's first-layer input products are computed once for all tokens and then looked up (as
-# sampler.py's Generator does); a large one's would cost more than the products of the beam's rows.
-TABLE_MAX_VOCAB = 128
 
 
 class BeamSearch(tf.Module):
@@ -67,7 +64,7 @@ class BeamSearch(tf.Module):
         # The beam starts from one hypothesis: the other rows' -inf keeps them out until there are enough distinct
         # hypotheses to fill the beam (when vocab ** step < width, the rest stay -inf, never chosen at the end).
         scores = tf.concat([[0.0], tf.fill([width - 1], -np.inf), [0.0]], axis=0)  # (rows,)
-        table = model.input_projection_table() if model.vocab_size <= TABLE_MAX_VOCAB else None
+        table = model.step_table()
         tokens = tf.TensorArray(tf.int32, size=n, element_shape=[None])  # per step: (rows,) token ids
         parents = tf.TensorArray(tf.int32, size=n, element_shape=[None])  # per step: (rows,) the row each extends
 

@@ -13,6 +13,7 @@ import unrolled
 
 RNN_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
 STATES_PER_LAYER = {"lstm": 2, "gru": 1, "rnn": 1}
+STEP_TABLE_MAX_VOCAB = 128  # see CharRNN.step_table
 
 
 class CharRNN(keras.Model):
@@ -87,6 +88,11 @@ class CharRNN(keras.Model):
     def input_projection_table(self):
         """[vocab, gates]: every token's input product in the first layer (embedding row @ first kernel)."""
         return tf.matmul(self.embedding.embeddings.value, self.rnn_layers[0].cell.kernel.value)
+
+    def step_table(self):
+        """input_projection_table() for a loop of `step` calls when the vocabulary has at most STEP_TABLE_MAX_VOCAB
+        tokens (a small vocabulary's products cost less once per loop than once per step), else None."""
+        return self.input_projection_table() if self.vocab_size <= STEP_TABLE_MAX_VOCAB else None
 
     def build_weights(self):
         """Create every weight (Keras builds lazily) by running one tiny batch."""

@@ -125,8 +125,7 @@ class Generator(tf.Module):
         """GENERATE_BLOCK more tokens for each row of (previous token [rows], its logits [rows, vocab], states),
         row r drawing with seeds[r]; returns the tokens [rows, GENERATE_BLOCK] and the new carry."""
         tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
-        # A small vocabulary's first-layer input products cost less, once per block, than one product per token.
-        table = self.model.input_projection_table() if self.model.vocab_size <= GENERATE_BLOCK else None
+        table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
 
         def choose(row):
             logits, previous, seed, step = row

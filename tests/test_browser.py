@@ -1,0 +1,174 @@
+"""web/ui.html in a real browser: headless Chromium driven by selenium against a sample_server.py process.
+
+Needs Debian's chromium and chromium-driver (`apt-get install -y chromium chromium-driver`; .ci/run installs them
+when missing). Without them these tests fail saying so; CHAR_RNN_NO_BROWSER=1 skips them instead.
+"""
+import contextlib
+import json
+import os
+import shutil
+import urllib.request
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import REPO
+from servers import REQUEST_TIMEOUT_S, get, running_server
+
+pytestmark = pytest.mark.slow
+
+BROWSER_PROGRAMS = ("chromium", "chromedriver")  # Debian's chromium and chromium-driver, in /usr/bin
+SCREENSHOTS = os.path.join(REPO, "tests", "screenshots")
+PHONE = (390, 844)
+DESKTOP = (1200, 900)
+# The conftest model learned lower-case text only: the prime must be made of its characters.
+SETTINGS = {"prime": "the ", "n": 60, "sample_mode": 1, "temperature": 0.8, "top_k": 0, "seed": 7}
+GENERATION_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    """The server on conftest's tiny model; none without a browser (the test then fails at once in chromium())."""
+    if missing_programs():
+        yield None
+        return
+    save_dir = request.getfixturevalue("trained_save_dir")
+    log_path = str(tmp_path_factory.mktemp("browser-server") / "server.log")
+    with running_server(save_dir, log_path) as running:
+        yield running
+
+
+def missing_programs():
+    return [name for name in BROWSER_PROGRAMS if shutil.which(name) is None]
+
+
+def browser_paths():
+    """(chromium, chromedriver) as Debian installs them; fails (or skips with CHAR_RNN_NO_BROWSER=1) without them."""
+    missing = missing_programs()
+    if missing:
+        reason = (f"{' and '.join(missing)} not found: install Debian's chromium and chromium-driver "
+                  "(apt-get install -y chromium chromium-driver; .ci/run does)")
+        if os.environ.get("CHAR_RNN_NO_BROWSER") == "1":
+            pytest.skip(f"CHAR_RNN_NO_BROWSER=1: {reason}")
+        pytest.fail(f"{reason}, or set CHAR_RNN_NO_BROWSER=1 to skip the browser tests")
+    return tuple(map(shutil.which, BROWSER_PROGRAMS))
+
+
+@contextlib.contextmanager
+def chromium(width, height, phone=False):
+    """Headless Chromium; `phone` emulates a mobile screen of that size (a desktop window is at least 500 px wide,
+    and a mobile one lays the page out at the width its <meta name="viewport"> asks for)."""
+    binary, driver_path = browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        if phone:
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
+        yield driver
+    finally:
+        driver.quit()
+
+
+def open_page(driver, server):
+    status, headers, body = get(server.url + "/ui")
+    assert (status, headers.get_content_type()) == (200, "text/html"), (status, body[:200])
+    with open(os.path.join(REPO, "web", "ui.html"), encoding="utf-8") as f:
+        assert body == f.read()
+    driver.get(server.url + "/ui")
+    WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "health").text.startswith("ok: "),
+                                                   "the page did not show GET /health's answer")
+    assert state(driver) == "idle"
+
+
+def element(driver, id_):
+    return driver.find_element(By.ID, id_)
+
+
+def state(driver):
+    return driver.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+
+def fill(driver, **values):
+    for name, value in values.items():
+        field = element(driver, "seed_input" if name == "seed" else name)
+        if field.tag_name == "select":
+            field.find_element(By.CSS_SELECTOR, f"option[value='{value}']").click()
+        else:
+            field.clear()
+            field.send_keys(str(value))
+
+
+def wait_for_the_end(driver):
+    """Waits until the page says done or error; returns which."""
+    WebDriverWait(driver, GENERATION_TIMEOUT_S).until(lambda d: state(d) in ("done", "error"),
+                                                      "the page did not say done or error")
+    return state(driver)
+
+
+def post_generate(server, settings):
+    request = urllib.request.Request(server.url + "/generate", json.dumps(dict(settings, top_p=1.0)).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        return json.load(response)
+
+
+def screenshot(driver, name):
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    assert driver.save_screenshot(os.path.join(SCREENSHOTS, name))
+
+
+def test_at_phone_width_the_page_streams_what_post_generate_answers_for_the_same_seed(server):
+    with chromium(*PHONE, phone=True) as driver:
+        open_page(driver, server)
+        fill(driver, **SETTINGS)
+        element(driver, "generate").click()
+        assert wait_for_the_end(driver) == "done", element(driver, "error").text
+        expected = post_generate(server, SETTINGS)["text"]
+        # textContent: the text as streamed, whitespace and newlines included (.text would trim and reflow them).
+        assert element(driver, "output").get_attribute("textContent") == expected
+        assert element(driver, "seed").text == "seed 7"
+        assert not element(driver, "error").is_displayed()
+        assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+        # The page is laid out for the phone's width (its viewport meta tag), with nothing wider.
+        width, scroll_width = driver.execute_script(
+            "return [window.innerWidth, document.documentElement.scrollWidth]")
+        assert width == PHONE[0] and scroll_width <= width
+        button = element(driver, "generate")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+        assert button.is_displayed() and button.is_enabled()
+        assert 0 <= button.rect["x"] and button.rect["x"] + button.rect["width"] <= width
+        screenshot(driver, "ui.png")
+
+        fill(driver, seed="")
+        element(driver, "use_seed").click()
+        assert element(driver, "seed_input").get_attribute("value") == "7"
+
+
+def test_a_refused_setting_shows_the_servers_one_line_reason_and_no_text(server):
+    with chromium(*DESKTOP) as driver:
+        open_page(driver, server)
+        fill(driver, **dict(SETTINGS, temperature=-1))
+        element(driver, "generate").click()
+        assert wait_for_the_end(driver) == "error"
+        reason = element(driver, "error").text
+        assert element(driver, "error").is_displayed() and "temperature" in reason and "\n" not in reason
+        assert element(driver, "output").get_attribute("textContent") == ""
+        assert not element(driver, "result").is_displayed()
+        screenshot(driver, "ui-error.png")
+
+        # Enter in a number field generates again; the error goes once the setting is right.
+        fill(driver, temperature=0.8)
+        element(driver, "temperature").send_keys(Keys.ENTER)
+        assert wait_for_the_end(driver) == "done", element(driver, "error").text
+        assert not element(driver, "error").is_displayed()
+        assert element(driver, "output").get_attribute("textContent") == post_generate(server, SETTINGS)["text"]
+        screenshot(driver, "ui-wide.png")

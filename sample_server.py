@@ -3,20 +3,27 @@
 usage: python sample_server.py [--port 8080] [--production] [--save_dir save] [--host 127.0.0.1]
        curl 'http://127.0.0.1:8080/?prime=The&n=200&sample_mode=2'
 
-Endpoints: GET / (the text, as sample.py prints it), GET /sample.json (the text and the settings used, seed
-included), GET /health ("ok" and the model served). A bad request answers 400 with a one-line plain-text reason;
-a full queue answers 503, and so does a generation that a shutdown stopped.
+Endpoints: GET / (the text, as sample.py prints it; the web page to a browser that sends no parameters),
+GET /sample.json (the text and the settings used, seed included), GET /stream (the text as Server-Sent Events while
+it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /metrics (Prometheus),
+GET /health ("ok" and the model served). A bad request answers 400 with a one-line reason (JSON from /generate);
+a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
+
+Concurrent requests are generated together, as the rows of one batch (batching.py); --max_batch 0 generates each
+request alone on its own thread instead.
 """
 import argparse
-import contextlib
 import dataclasses
 import html
+import json
+import os
 import re
 import secrets
 import signal
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 
 import cherrypy
@@ -25,11 +32,19 @@ from cherrypy.process.plugins import SimplePlugin
 from cherrypy.process.wspbus import states
 
 import cli
+from service_metrics import ServiceMetrics
 from settings import MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
                "GET /?prime=The&n=200&sample_mode=2 answers what sample.py prints for the same settings and seed.")
 PLAIN_TEXT = "text/plain; charset=utf-8"
+JSON_TYPE = "application/json"
+EVENT_STREAM = "text/event-stream; charset=utf-8"
+WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.html")
+# The largest JSON body POST /generate reads: room for a prime of --max_prime characters each written as a
+# 12-byte escaped surrogate pair, and the other fields.
+JSON_BYTES_PER_PRIME_CHAR = 12
+JSON_BODY_OVERHEAD = 4096
 MAX_PORT = 65535
 # Worker threads beyond --threads + --queue: with every slot taken, these still answer 503 and /health at once.
 SPARE_WORKERS = 4
@@ -50,6 +65,7 @@ DEFAULT_SAMPLE_MODE = MODE_SAMPLE_ON_SPACES
 
 
 seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
+milliseconds = cli._number(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
 seconds_or_zero = cli._number(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
 
 
@@ -72,10 +88,17 @@ def build_parser():
                         help="largest n a request may ask for; above it the answer is 400")
     parser.add_argument("--max_prime", type=cli.positive_int, default=1000,
                         help="longest prime a request may give, in characters; above it the answer is 400")
+    parser.add_argument("--max_batch", type=cli.non_negative_int, default=32,
+                        help="requests generated together as the rows of one batch; one that arrives while a batch "
+                             "runs joins it at the next block of 128 tokens (0: no batching, each request generates "
+                             "alone on its own thread, --threads at once)")
+    parser.add_argument("--max_wait_ms", type=milliseconds, default=2.0,
+                        help="how long an idle server waits for more requests to start a batch with")
     parser.add_argument("--threads", type=cli.positive_int, default=4,
-                        help="requests generating text at once (each on a CherryPy worker thread)")
+                        help="with --max_batch 0: requests generating text at once, each on its own thread")
     parser.add_argument("--queue", type=cli.non_negative_int, default=32,
-                        help="requests that may wait for a generating thread; beyond them the answer is 503 at once")
+                        help="requests that may wait for a row of the batch (or a thread); beyond them the answer "
+                             "is 503 at once")
     parser.add_argument("--socket_timeout", type=seconds, default=2.0,
                         help="seconds a connection may stay silent while sending its request (or not read the "
                              "answer) before it is dropped; generating takes as long as it takes")
@@ -95,6 +118,11 @@ class Limits:
     max_n: int
     max_prime: int
     temperature: float
+
+    @property
+    def max_body(self):
+        """The largest POST /generate body, in bytes (see JSON_BYTES_PER_PRIME_CHAR)."""
+        return JSON_BYTES_PER_PRIME_CHAR * self.max_prime + JSON_BODY_OVERHEAD
 
 
 def parse_request(params, limits):
@@ -161,6 +189,43 @@ def number(params, name, default, parse, what):
         raise ValueError(f"{name} must be {what}, got {shown(text)}") from None
 
 
+def parse_json_request(body, limits):
+    """A POST /generate body (bytes: a JSON object of PARAMETERS) -> SampleSettings; the values are checked as
+    parse_request checks the query's, with the JSON types required (n an integer, temperature a number, ...).
+
+    Raises ValueError with a one-line reason for malformed JSON, an unknown field or a bad value.
+    """
+    try:
+        fields = json.loads(body, parse_constant=refuse_constant)
+    except RecursionError:
+        raise ValueError("the body is not valid JSON (nested too deeply)") from None
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"the body is not valid JSON ({error})") from None
+    if not isinstance(fields, dict):
+        raise ValueError('the body must be a JSON object, like {"prime": "The", "n": 200}')
+    params = {}
+    for name, value in fields.items():
+        if name not in PARAMETERS:
+            raise ValueError(f"unknown field {shown(name)}; the fields are {', '.join(PARAMETERS)}")
+        if name == "seed" and value is None:
+            continue  # null: the server picks one
+        kind = JSON_TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{name} must be a JSON {JSON_TYPE_NAMES[kind]}, got {shown(json.dumps(value))}")
+        params[name] = value if isinstance(value, str) else repr(value)
+    return parse_request(params, limits)
+
+
+JSON_TYPES = {"prime": str, "n": int, "sample_mode": int, "temperature": (int, float), "seed": int, "top_k": int,
+              "top_p": (int, float)}
+JSON_TYPE_NAMES = {str: "string", int: "integer", (int, float): "number"}
+
+
+def refuse_constant(name):
+    """json.loads' hook for NaN and Infinity, which JSON does not have."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def shown(value):
     """A value quoted for a one-line reason, cut short when long."""
     text = str(value)
@@ -168,37 +233,81 @@ def shown(value):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model (loaded once, by an engine plugin) and the slots that bound the work in progress
+# The model (loaded once, by an engine plugin) and the generation of requests without batching
 
 
-class RequestSlots:
-    """At most `running` requests generate at once and `waiting` more wait for a turn; any further request,
-    and every waiting one once the server stops, is answered 503 at once instead of piling up."""
+class OneAtATime:
+    """--max_batch 0: each request generates alone, on its own CherryPy worker thread, at most `running` at once;
+    `waiting` more wait for a turn. Any further request, and every waiting one once close() was called, is
+    refused at once (Busy, GenerationStopped) instead of piling up. submit() as Batcher.submit."""
 
-    def __init__(self, running, waiting):
-        self.running, self.waiting = running, waiting
+    def __init__(self, sampler, running, waiting):
+        self.sampler, self.running, self.places = sampler, running, waiting
         self.admitted = threading.BoundedSemaphore(running + waiting)
         self.generating = threading.BoundedSemaphore(running)
         self.closed = threading.Event()
+        self.rows = 0  # requests generating now (for the metrics)
+        self.on_done = None  # called with the tokens a request made, at its end
+        self.admitted_count = 0
+        self._lock = threading.Lock()
 
-    @contextlib.contextmanager
-    def hold(self):
-        """Wait for a generating slot while the body runs; raise HTTPError 503 when none can be had."""
+    @property
+    def waiting(self):
+        return self.admitted_count - self.rows
+
+    def submit(self, settings):
+        from batching import Busy
+        from sampler import GenerationStopped
+        self.sampler.prepare(settings, ())  # a bad setting is refused before taking a place
         if self.closed.is_set():
-            raise cherrypy.HTTPError(503, "the server is shutting down")
+            raise GenerationStopped("the server is shutting down")
         if not self.admitted.acquire(blocking=False):
-            raise cherrypy.HTTPError(503, f"busy: {self.running} requests are generating and {self.waiting} "
-                                          f"waiting (--threads, --queue); retry in a moment")
+            raise Busy(f"busy: {self.running} requests are generating and {self.places} waiting (--threads, "
+                       f"--queue); retry in a moment")
+        self._count("admitted_count", 1)
+        return AloneGeneration(self, settings)
+
+    def close(self):
+        self.closed.set()
+
+    def _count(self, name, change):
+        with self._lock:
+            setattr(self, name, getattr(self, name) + change)
+
+
+class AloneGeneration:
+    """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text."""
+
+    def __init__(self, slots, settings):
+        self.slots, self.settings, self.seed = slots, settings, settings.seed
+        self.made = 0
+        self._left = False
+
+    def __iter__(self):
+        from sampler import GenerationStopped
+        slots = self.slots
         try:
-            while not self.generating.acquire(timeout=SLOT_POLL_S):
-                if self.closed.is_set():
-                    raise cherrypy.HTTPError(503, "the server is shutting down")
+            while not slots.generating.acquire(timeout=SLOT_POLL_S):
+                if slots.closed.is_set():
+                    raise GenerationStopped("the server is shutting down")
+            slots._count("rows", 1)
             try:
-                yield
+                yield from slots.sampler.stream(self.settings)
+                self.made = self.settings.n
+                if slots.on_done is not None:
+                    slots.on_done(self.made)
             finally:
-                self.generating.release()
+                slots._count("rows", -1)
+                slots.generating.release()
         finally:
-            self.admitted.release()
+            self.close()
+
+    def close(self):
+        """Give back the request's place (once)."""
+        if not self._left:
+            self._left = True
+            self.slots._count("admitted_count", -1)
+            self.slots.admitted.release()
 
 
 class StartupFailed(SystemExit):
@@ -212,39 +321,50 @@ class StartupFailed(SystemExit):
 
 
 class ModelPlugin(SimplePlugin):
-    """Loads and warms up the model when the engine starts, before the HTTP server listens; closes the request
-    slots when it stops, so that waiting requests are answered at once, and stops the generations in progress
-    once `grace` seconds have passed, so that shutdown takes at most that long (plus one block) whatever n is."""
+    """Loads and warms up the model when the engine starts, before the HTTP server listens, and starts the
+    generation (a Batcher, or OneAtATime with --max_batch 0). When the engine stops, new requests are refused at
+    once, and the generations in progress are stopped once `grace` seconds have passed, so that shutdown takes at
+    most that long (plus one block) whatever n is."""
 
-    def __init__(self, bus, save_dir, word_level, slots, grace=0.0):
+    def __init__(self, bus, args, metrics):
         super().__init__(bus)
-        self.save_dir, self.word_level, self.slots, self.grace = save_dir, word_level, slots, grace
-        self.sampler = None
+        self.args, self.metrics = args, metrics
+        self.sampler = self.generation = None
         self.description = None
 
     def start(self):
         # Imported here, after serve() has imported TensorFlow quietly.
+        from batching import Batcher
         from sampler import Sampler
-        self.bus.log(f"Loading the model in {self.save_dir}")
+        args = self.args
+        self.bus.log(f"Loading the model in {args.save_dir}")
         try:
-            sampler = Sampler.load(self.save_dir, self.word_level)
+            sampler = Sampler.load(args.save_dir, args.word_level)
         except (ValueError, OSError) as error:
             raise StartupFailed(error)
         # The first call traces and compiles the generator; do it now rather than in the first request.
         sampler.sample("", 1, temperature=1.0, seed=0)
         config = sampler.config
-        self.description = (f"{self.save_dir}: {config['model']} {config['num_layers']}x{config['rnn_size']}, "
+        self.description = (f"{args.save_dir}: {config['model']} {config['num_layers']}x{config['rnn_size']}, "
                             f"{'word' if sampler.word_level else 'character'} level, {len(sampler.vocab)} tokens")
+        if args.max_batch:
+            self.generation = Batcher(sampler, args.max_batch, args.max_wait_ms / 1000, args.queue)
+            self.generation.on_block = self.metrics.observe_block
+        else:
+            self.generation = OneAtATime(sampler, args.threads, args.queue)
+            self.generation.on_done = self.metrics.tokens.inc
+        self.metrics.watch(self.generation)
         self.sampler = sampler
-        self.slots.closed.clear()
-        self.bus.log(f"Model ready: {self.description}")
+        self.bus.log(f"Model ready: {self.description}"
+                     f"{f', batches of up to {args.max_batch}' if args.max_batch else ', no batching'}")
     start.priority = 10  # first: the HTTP server (75) listens only once the model is ready
 
     def stop(self):
-        self.slots.closed.set()
+        if self.generation is not None:
+            self.generation.close()
         if self.sampler is not None:
             # A daemon timer: when nothing is generating, the process exits without waiting for it.
-            timer = threading.Timer(self.grace, self.sampler.generator.stop)
+            timer = threading.Timer(self.args.shutdown_grace, self.sampler.generator.stop)
             timer.daemon = True
             timer.start()
     stop.priority = 10  # before the HTTP server (25) waits for its worker threads
@@ -255,14 +375,18 @@ class ModelPlugin(SimplePlugin):
 
 
 class SampleService:
-    """GET / (text/plain), GET /sample.json and GET /health."""
+    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /metrics, /health and
+    POST /generate."""
 
-    def __init__(self, model, limits):
-        self.model, self.limits = model, limits
+    def __init__(self, model, limits, metrics):
+        self.model, self.limits, self.measured = model, limits, metrics
 
     @cherrypy.expose
     def index(self, **params):
-        """The prime followed by the generated text, exactly as sample.py prints it (without its final newline)."""
+        """The prime followed by the generated text, exactly as sample.py prints it (without its final newline);
+        a browser that asks for HTML and gives no parameters gets the web page."""
+        if not params and wants_html():
+            return self.ui()
         request, text = self.sample(params)
         cherrypy.response.headers["Content-Type"] = PLAIN_TEXT
         cherrypy.response.headers["X-Seed"] = str(request.seed)
@@ -273,9 +397,63 @@ class SampleService:
     def sample_json(self, **params):
         """{"text": ..., and every setting used, "seed" included}; CherryPy maps /sample.json to this name."""
         request, text = self.sample(params)
-        return {"text": text, "prime": request.prime, "n": request.n, "sample_mode": request.mode,
-                "temperature": request.temperature, "seed": request.seed, "top_k": request.top_k,
-                "top_p": request.top_p}
+        return {"text": text, **settings_json(request)}
+
+    @cherrypy.expose
+    def generate(self):
+        """POST /generate: a JSON object of settings in, {"text": ..., the settings used, "tokens"} out."""
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        body = read_body(self.limits.max_body)
+        try:
+            request = parse_json_request(body, self.limits)
+        except ValueError as error:
+            raise cherrypy.HTTPError(400, str(error))
+        request, text = self.sample(request)
+        return json.dumps({"text": text, **settings_json(request), "tokens": request.n}).encode("utf-8")
+
+    @cherrypy.expose
+    def stream(self, **params):
+        """GET /stream: the same parameters as GET /; Server-Sent Events as the text is generated: "text" events
+        ({"text": piece}, the prime first), then "done" (the settings used, seed included, and "tokens"), or
+        "error" ({"error": reason}) when a shutdown stops it. A client that leaves frees its row at the next
+        block."""
+        request = self.parsed(params)
+        generation = self.submit(request)
+        headers = cherrypy.response.headers
+        headers["Content-Type"] = EVENT_STREAM
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"  # a proxy in front should pass each event on at once
+        return self.events(request, generation)
+    stream._cp_config = {"response.stream": True}
+
+    def events(self, request, generation):
+        from sampler import GenerationStopped
+        try:
+            for piece in generation:
+                yield server_sent_event("text", {"text": piece})
+            yield server_sent_event("done", {**settings_json(request), "tokens": request.n})
+        except GenerationStopped:
+            yield server_sent_event("error", {"error": "the server is shutting down; the generation was stopped"})
+        finally:
+            generation.close()
+
+    @cherrypy.expose
+    def ui(self, **params):
+        """The web page: one static HTML file with its script and styles."""
+        if params:
+            raise cherrypy.HTTPError(400, "/ui takes no parameters")
+        cherrypy.response.headers["Content-Type"] = "text/html; charset=utf-8"
+        with open(WEB_PAGE, "rb") as page:
+            return page.read()
+
+    @cherrypy.expose
+    def metrics(self, **params):
+        """Prometheus' text format: requests by endpoint and status, latency, queue depth, batch size, tokens."""
+        if params:
+            raise cherrypy.HTTPError(400, "/metrics takes no parameters")
+        content_type, body = self.measured.exposition()
+        cherrypy.response.headers["Content-Type"] = content_type
+        return body
 
     @cherrypy.expose
     def health(self, **params):
@@ -286,19 +464,67 @@ class SampleService:
         return f"ok: {self.model.description}\n".encode("utf-8")
 
     def sample(self, params):
-        """Check the parameters, wait for a slot, generate; returns (SampleSettings, text)."""
+        """Check the parameters (a dict of query parameters, or SampleSettings already read), wait for a row,
+        generate; returns (SampleSettings, text)."""
         from sampler import GenerationStopped  # imported with TensorFlow by the model plugin
-        sampler = self.model.sampler
+        request = params if isinstance(params, SampleSettings) else self.parsed(params)
+        generation = self.submit(request)
         try:
-            request = parse_request(params, self.limits)
-            sampler.encode(request.prime)  # refuse unknown characters before waiting for a slot
-            with self.model.slots.hold():
-                text = sampler.run(request)
-        except ValueError as error:
-            raise cherrypy.HTTPError(400, str(error))
+            text = "".join(generation)
         except GenerationStopped:
             raise cherrypy.HTTPError(503, "the server is shutting down; the generation was stopped") from None
+        finally:
+            generation.close()
         return request, text
+
+    def parsed(self, params):
+        """Query parameters -> SampleSettings, or 400."""
+        try:
+            return parse_request(params, self.limits)
+        except ValueError as error:
+            raise cherrypy.HTTPError(400, str(error))
+
+    def submit(self, request):
+        """Hand the request to the generation: its Generation, or 400 (a bad prime) or 503 (full, shutting down)."""
+        from batching import Busy
+        from sampler import GenerationStopped
+        try:
+            return self.model.generation.submit(request)
+        except ValueError as error:
+            raise cherrypy.HTTPError(400, str(error))
+        except Busy as error:
+            raise cherrypy.HTTPError(503, str(error))
+        except GenerationStopped:
+            raise cherrypy.HTTPError(503, "the server is shutting down") from None
+
+
+def settings_json(request):
+    """The settings a request was generated with, as the JSON answers name them."""
+    return {"prime": request.prime, "n": request.n, "sample_mode": request.mode, "temperature": request.temperature,
+            "seed": request.seed, "top_k": request.top_k, "top_p": request.top_p}
+
+
+def server_sent_event(name, data):
+    """One Server-Sent Event: its name and one line of JSON data."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode("utf-8")
+
+
+def wants_html():
+    """Whether the client is a browser asking for a page (its Accept header names text/html)."""
+    return "text/html" in cherrypy.serving.request.headers.get("Accept", "")
+
+
+def read_body(limit):
+    """The request body (bytes), at most `limit` bytes, 413 beyond; read whatever its Content-Type says (curl -d
+    sends JSON as a form), so that anything but JSON is refused by the JSON parser with its reason."""
+    request = cherrypy.serving.request
+    length = request.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > limit:
+        raise cherrypy.HTTPError(413, f"the body is {int(length)} bytes; the limit is {limit}")
+    body = request.body.fp.read(limit + 1) if request.body.fp is not None else b""
+    if len(body) > limit:
+        raise cherrypy.HTTPError(413, f"the body is more than {limit} bytes")
+    return body
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,6 +568,27 @@ def trim_error_padding():
         response.headers["Content-Length"] = str(len(body))
 
 
+def json_error_page(status, message, traceback, version):
+    """error_page.default of POST /generate: {"error": the one-line reason}."""
+    headers = cherrypy.serving.response.headers
+    headers["Content-Type"] = JSON_TYPE
+    if status.startswith("503"):
+        headers["Retry-After"] = RETRY_AFTER_S
+    return json.dumps({"error": " ".join(html.unescape(message).splitlines())})
+
+
+def mark_arrival():
+    """Note when the request arrived (for the latency metric)."""
+    cherrypy.serving.request.arrived = time.perf_counter()
+
+
+def count_request(metrics):
+    """on_end_request (after the last byte, a stream's included): count the request and its latency."""
+    request, response = cherrypy.serving.request, cherrypy.serving.response
+    status = httputil.valid_status(response.status)[0] if response.status else 500
+    metrics.observe_request(request.path_info, status, getattr(request, "arrived", time.perf_counter()))
+
+
 def internal_error():
     """request.error_response: an unexpected exception answers 500 with one line (its traceback is logged)."""
     cherrypy.HTTPError(500, "internal error; the server log has the details").set_response()
@@ -350,6 +597,8 @@ def internal_error():
 
 cherrypy.tools.check_query_string = cherrypy.Tool("on_start_resource", check_query_string)
 cherrypy.tools.trim_error_padding = cherrypy.Tool("before_finalize", trim_error_padding)
+cherrypy.tools.mark_arrival = cherrypy.Tool("on_start_resource", mark_arrival, priority=1)
+cherrypy.tools.count_request = cherrypy.Tool("on_end_request", count_request)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,7 +610,8 @@ def server_config(args):
     config = {
         "server.socket_host": args.host,
         "server.socket_port": args.port,
-        "server.thread_pool": args.threads + args.queue + SPARE_WORKERS,
+        # Each request in progress, generating or waiting, holds a worker thread until its answer is sent.
+        "server.thread_pool": (args.max_batch or args.threads) + args.queue + SPARE_WORKERS,
         "server.socket_queue_size": LISTEN_BACKLOG,
         # cheroot's default is 10 s: with every worker thread reading from a client that sent part of a request
         # and went silent, a normal request would wait that long (or a multiple) for a free thread.
@@ -373,19 +623,30 @@ def server_config(args):
     return config
 
 
-def app_config():
-    """The application's settings, for tree.mount: GET and HEAD only, every error one line of plain text."""
-    return {"/": {
-        "tools.allow.on": True,
-        "tools.allow.methods": ["GET", "HEAD"],
-        "tools.check_query_string.on": True,
-        "tools.trim_error_padding.on": True,
-        "tools.encode.on": False,  # the handlers answer UTF-8 bytes with their own Content-Type
-        "request.show_tracebacks": False,
-        "request.show_mismatched_params": False,
-        "request.error_response": internal_error,
-        "error_page.default": plain_error_page,
-    }}
+def app_config(metrics):
+    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate), every error one line
+    of plain text (JSON from /generate), every request counted in the metrics."""
+    return {
+        "/": {
+            "tools.allow.on": True,
+            "tools.allow.methods": ["GET", "HEAD"],
+            "tools.check_query_string.on": True,
+            "tools.trim_error_padding.on": True,
+            "tools.mark_arrival.on": True,
+            "tools.count_request.on": True,
+            "tools.count_request.metrics": metrics,
+            "tools.encode.on": False,  # the handlers answer UTF-8 bytes with their own Content-Type
+            "request.show_tracebacks": False,
+            "request.show_mismatched_params": False,
+            "request.error_response": internal_error,
+            "error_page.default": plain_error_page,
+        },
+        "/generate": {
+            "tools.allow.methods": ["POST"],
+            "request.process_request_body": False,  # read_body reads it
+            "error_page.default": json_error_page,
+        },
+    }
 
 
 def check_port_free(host, port):
@@ -433,12 +694,12 @@ def serve(args):
     check_port_free(args.host, args.port)  # before the slow start, so that a busy port fails at once
     cli.quiet_tensorflow()  # the model plugin imports sampler, and with it TensorFlow
     engine = cherrypy.engine
-    slots = RequestSlots(args.threads, args.queue)
-    model = ModelPlugin(engine, args.save_dir, args.word_level, slots, args.shutdown_grace)
+    metrics = ServiceMetrics()
+    model = ModelPlugin(engine, args, metrics)
     model.subscribe()
     cherrypy.config.update(server_config(args))
-    cherrypy.tree.mount(SampleService(model, Limits(args.max_n, args.max_prime, args.temperature)), "/",
-                        app_config())
+    cherrypy.tree.mount(SampleService(model, Limits(args.max_n, args.max_prime, args.temperature), metrics), "/",
+                        app_config(metrics))
     shutdown = Shutdown(engine)
     shutdown.subscribe()
     try:

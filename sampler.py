@@ -91,6 +91,11 @@ def choose_next(logits, previous, step_seed, temperature, mode, top_k, top_p, sp
     return tf.where(sample_here, sampled, greedy)
 
 
+def per_row(value, dtype, rows):
+    """The same setting for each of `rows` rows: a [rows] tensor."""
+    return tf.fill([rows], tf.constant(value, dtype))
+
+
 class Generator(tf.Module):
     """Compiled sampling over one CharRNN; holds no Python state, so one instance serves many threads.
 
@@ -109,7 +114,10 @@ class Generator(tf.Module):
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
         # The code spells out its loops and conditions (tf.while_loop, tf.cond): without AutoGraph's conversion,
         # tracing takes a fifth of the time, which a one-off sample.py feels.
-        self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False)
+        # reduce_retracing: the batching server calls it with many row counts; one trace serves them all (XLA
+        # still compiles each shape).
+        self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False,
+                                  reduce_retracing=True)
 
     def stop(self):
         """Make every generate() call, running or later, stop before its next block: it then returns fewer
@@ -121,26 +129,42 @@ class Generator(tf.Module):
         logits, states = self.model(prime[tf.newaxis], self.model.zero_state(1))
         return prime[-1], logits[0, -1], states
 
-    def _generate_block(self, position, previous, logits, states, temperature, mode, seeds, top_k, top_p):
-        """GENERATE_BLOCK more tokens for each row of (previous token [rows], its logits [rows, vocab], states),
-        row r drawing with seeds[r]; returns the tokens [rows, GENERATE_BLOCK] and the new carry."""
+    def _generate_block(self, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+        """GENERATE_BLOCK more tokens for each row of (previous token [rows], its logits [rows, vocab], states):
+        row r is at token positions[r] of its sample and draws with seeds[r], temperature[r], mode[r], top_k[r]
+        and top_p[r] (each a vector over the rows, so that the rows of a batch may be different requests).
+        Returns the tokens [rows, GENERATE_BLOCK] and the new carry. The rows share the model's matrix products
+        only: each row's choice depends on its own logits and settings alone."""
         tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
+        positions = tf.cast(positions, tf.int64)
 
         def choose(row):
-            logits, previous, seed, step = row
+            logits, previous, seed, step, temperature, mode, top_k, top_p = row
             return choose_next(logits, previous, tf.stack([seed, step]), temperature, mode, top_k, top_p,
                                self.space_id)
 
         def body(i, previous, logits, states, tokens):
-            steps = tf.fill(tf.shape(seeds), tf.cast(position + i, tf.int64))
-            token = tf.map_fn(choose, (logits, previous, seeds, steps), fn_output_signature=tf.int32)
+            steps = positions + tf.cast(i, tf.int64)
+            token = tf.map_fn(choose, (logits, previous, seeds, steps, temperature, mode, top_k, top_p),
+                              fn_output_signature=tf.int32)
             next_logits, next_states = self.model.step(token, states, table)
             return i + 1, token, next_logits, next_states, tokens.write(i, token)
 
         _, previous, logits, states, tokens = tf.while_loop(
             lambda i, *_: i < GENERATE_BLOCK, body, (tf.constant(0), previous, logits, states, tokens))
         return tf.transpose(tokens.stack()), previous, logits, states
+
+    def block(self, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+        """One compiled block over rows that may be different requests (see _generate_block; the arguments are
+        tensors or arrays: int32 [rows] positions and previous, float32 [rows, vocab] logits, the model's states
+        [rows, size], then float32, int32, int64, int32, float32 [rows]). XLA compiles it once per row count."""
+        return self._block(positions, previous, logits, states, temperature, mode, seeds, top_k, top_p)
+
+    def feed_prime(self, prime):
+        """Run the prime ids (a list, at least one) through the model eagerly: (its last id, the logits after it
+        [vocab], the states, each [1, size])."""
+        return self._feed_prime(tf.constant(prime, tf.int32))
 
     def blocks(self, prime, n, temperature, mode, seed, top_k, top_p, rows=1):
         """generate(), block by block as they are made: yields int32 numpy arrays of at most GENERATE_BLOCK ids,
@@ -152,16 +176,16 @@ class Generator(tf.Module):
         `seed` alone); each block is then [rows, ids].
         """
         # The prime's pass runs eagerly: tracing the Keras layers for it took longer than running them.
-        previous, logits, states = self._feed_prime(tf.constant(prime, tf.int32))
+        previous, logits, states = self.feed_prime(prime)
         previous, logits = tf.fill([rows], previous), tf.tile(logits[tf.newaxis], [rows, 1])
         states = tuple(tf.tile(state, [rows, 1]) for state in states)
         seeds = tf.constant([(seed + row) % (MAX_SEED + 1) for row in range(rows)], tf.int64)
-        settings = (tf.constant(temperature, tf.float32), tf.constant(mode, tf.int32), seeds,
-                    tf.constant(top_k, tf.int32), tf.constant(top_p, tf.float32))
+        settings = (per_row(temperature, tf.float32, rows), per_row(mode, tf.int32, rows), seeds,
+                    per_row(top_k, tf.int32, rows), per_row(top_p, tf.float32, rows))
         for position in range(0, n, GENERATE_BLOCK):
             if self.stopped.numpy():
                 return
-            tokens, previous, logits, states = self._block(tf.constant(position, tf.int32), previous, logits, states,
+            tokens, previous, logits, states = self._block(tf.fill([rows], position), previous, logits, states,
                                                            *settings)
             tokens = tokens.numpy()[:, :n - position]
             yield tokens if rows > 1 else tokens[0]
@@ -188,8 +212,9 @@ class Generator(tf.Module):
         blocks = tf.TensorArray(tf.int32, size=num_blocks, element_shape=[GENERATE_BLOCK])
 
         def body(b, previous, logits, states, blocks):
-            tokens, previous, logits, states = self._block(b * GENERATE_BLOCK, previous, logits, states,
-                                                           temperature, mode, seed[tf.newaxis], top_k, top_p)
+            tokens, previous, logits, states = self._block(
+                (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, temperature[tf.newaxis],
+                mode[tf.newaxis], seed[tf.newaxis], top_k[tf.newaxis], top_p[tf.newaxis])
             return b + 1, previous, logits, states, blocks.write(b, tokens[0])
 
         def more(b, *_):
@@ -249,7 +274,7 @@ class Sampler:
         searched); the text ends right before it, and no more blocks are generated. The last len(longest) - 1
         characters are held back until it is clear that no stop string begins in them.
         """
-        prime, ids, mode, seed = self._prepare(settings, stops)
+        prime, ids, mode, seed = self.prepare(settings, stops)
         yield prime
         text = SampleText(self, prime, stops)
         for block in self.generator.blocks(ids, settings.n, settings.temperature, mode, seed, settings.top_k,
@@ -264,7 +289,7 @@ class Sampler:
     def run_many(self, settings, count, stops=()):
         """`count` samples of one prime, generated together as the rows of one batch: [(seed, text)], sample i
         drawn with settings.seed + i (a random seed when None), each text as run() makes it."""
-        prime, ids, mode, seed = self._prepare(settings, stops)
+        prime, ids, mode, seed = self.prepare(settings, stops)
         texts = [SampleText(self, prime, stops) for _ in range(count)]
         pieces = [[prime] for _ in range(count)]
         for block in self.generator.blocks(ids, settings.n, settings.temperature, mode, seed, settings.top_k,
@@ -293,7 +318,7 @@ class Sampler:
         found, log_probability = self._beam.search(ids, n, width)
         return self.join(prime, [self.vocab[i] for i in found]), log_probability
 
-    def _prepare(self, settings, stops):
+    def prepare(self, settings, stops):
         """Check the settings: (the prime with its line breaks normalized, its ids, the mode, the seed)."""
         check_settings(settings)
         if any(not isinstance(stop, str) or not stop for stop in stops):

@@ -1,6 +1,7 @@
 """Test helpers for sample_server.py processes (not tests): a free port, a server started and ended whatever
 happens, and HTTP GET. Servers listen on loopback addresses only."""
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -101,6 +102,44 @@ def get(url, timeout=REQUEST_TIMEOUT_S):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.headers, response.read().decode("utf-8")
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers, error.read().decode("utf-8")
+
+
+def post_json(url, body, timeout=REQUEST_TIMEOUT_S):
+    """POST body (an object to send as JSON, or bytes as they are) to url; returns (status, headers, the answer
+    read as JSON)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers, json.loads(error.read())
+
+
+def read_events(response):
+    """The Server-Sent Events of a text/event-stream response, as they come: (event name, data read as JSON)."""
+    name, data = None, []
+    for line in response:
+        line = line.decode("utf-8").rstrip("\n")
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            data.append(line[len("data: "):])
+        elif not line and name is not None:
+            yield name, json.loads("\n".join(data))
+            name, data = None, []
+
+
+def stream(url, timeout=REQUEST_TIMEOUT_S):
+    """GET a /stream url to its end; returns (status, headers, [(event, data), ...]), or the error's body text
+    in place of the events."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.headers, list(read_events(response))
     except urllib.error.HTTPError as error:
         with error:
             return error.code, error.headers, error.read().decode("utf-8")

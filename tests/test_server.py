@@ -1,5 +1,6 @@
 """sample_server.py as an HTTP client sees it: a real server process on a free port, spoken to with urllib."""
 import concurrent.futures
+import http.client
 import json
 import os
 import signal
@@ -17,8 +18,11 @@ import pytest
 
 import train
 from conftest import REPO, TINY_MODEL, make_data_dir, run_script
-from servers import REQUEST_TIMEOUT_S, START_TIMEOUT_S, Server, end_process, free_port, get, running_server
-from sampler import MAX_N, MAX_SEED, Sampler
+from prometheus_client.parser import text_string_to_metric_families
+from servers import (REQUEST_TIMEOUT_S, START_TIMEOUT_S, Server, end_process, free_port, get, post_json, read_events,
+                     running_server, stream)
+from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler
+from settings import SampleSettings
 
 # The README's URL asks for prime=The, so the served model must know a capital T (the shared tiny corpus has none).
 SERVED_TEXT = "The cat sat on the mat.\nThe dog sat on the log.\n" * 60
@@ -40,9 +44,10 @@ def save_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(save_dir, tmp_path_factory):
-    """One server for most tests, its queue long enough for the concurrency test's 32 clients."""
+    """One server for most tests (batching at its defaults: up to 32 rows), its queue long enough for the
+    concurrency test's 32 clients."""
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    with running_server(save_dir, log_path, "--threads", 4, "--queue", 64, "--max_n", 500) as running:
+    with running_server(save_dir, log_path, "--queue", 64, "--max_n", 500) as running:
         yield running
 
 
@@ -248,44 +253,255 @@ def test_other_paths_and_methods_get_one_line_errors(server):
 # Load
 
 
-def test_concurrent_requests_get_what_each_gets_alone(server):
-    queries = [f"prime=The&n=20&sample_mode={seed % 3}&seed={seed}" for seed in range(8)]
-    alone = {query: get(f"{server.url}/?{query}")[2] for query in queries}
-    assert len(set(alone.values())) > 1
+# Requests of the load test: lengths within a block, exactly one, just over, several; every mode; filters.
+LOAD_REQUESTS = [
+    SampleSettings("The", 20, mode=0, temperature=0.8, seed=0),
+    SampleSettings("The", GENERATE_BLOCK, mode=1, temperature=0.8, seed=1),
+    SampleSettings("The ", GENERATE_BLOCK + 1, mode=2, temperature=0.8, seed=2),
+    SampleSettings("The dog", 300, mode=1, temperature=1.2, seed=3, top_k=4),
+    SampleSettings("", 57, mode=2, temperature=0.8, seed=4),
+    SampleSettings("The cat", 200, mode=1, temperature=0.6, seed=5, top_p=0.7),
+    SampleSettings("he", 5, mode=1, temperature=0.8, seed=2 ** 40),
+    SampleSettings("The mat", 450, mode=2, temperature=1.0, seed=7),
+]
+
+
+def request_over(protocol, url, settings):
+    """Ask for `settings` over GET /, POST /generate or GET /stream: (status, text)."""
+    fields = {"prime": settings.prime, "n": settings.n, "sample_mode": settings.mode,
+              "temperature": settings.temperature, "seed": settings.seed, "top_k": settings.top_k,
+              "top_p": settings.top_p}
+    query = urllib.parse.urlencode(fields)
+    if protocol == "GET":
+        status, _, body = get(f"{url}/?{query}")
+        return status, body
+    if protocol == "POST":
+        status, _, answer = post_json(f"{url}/generate", fields)
+        return status, answer.get("text")
+    status, _, events = stream(f"{url}/stream?{query}")
+    assert events[-1] == ("done", {**fields, "tokens": settings.n}), events[-1]
+    return status, "".join(data["text"] for name, data in events if name == "text")
+
+
+def metric_samples(url):
+    """GET /metrics, read with prometheus_client's parser: {(name, labels as sorted tuples): value}."""
+    status, headers, body = get(url + "/metrics")
+    assert status == 200 and headers.get_content_type() == "text/plain"
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def test_32_clients_over_get_post_and_stream_get_what_each_gets_alone(server, local_sampler):
+    alone = [local_sampler.run(settings) for settings in LOAD_REQUESTS]
+    assert len(set(alone)) == len(alone)
+    before = metric_samples(server.url)
 
     def client(index):
         answers = []
         for i in range(20):
-            query = queries[(index + i) % len(queries)]
-            status, _, body = get(f"{server.url}/?{query}")
-            answers.append((status, body == alone[query]))
+            which = (index + i) % len(LOAD_REQUESTS)
+            status, text = request_over(("GET", "POST", "stream")[(index + i) % 3], server.url, LOAD_REQUESTS[which])
+            answers.append((status, text == alone[which]))
         return answers
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         answers = [answer for answers in pool.map(client, range(32)) for answer in answers]
     assert len(answers) == 32 * 20
     assert answers == [(200, True)] * len(answers)
+    # They were generated together: many blocks had more than one row.
+    after = metric_samples(server.url)
+    one_row = ("char_rnn_batch_rows_bucket", (("le", "1.0"),))
+    blocks = after[("char_rnn_batch_rows_count", ())] - before[("char_rnn_batch_rows_count", ())]
+    shared = blocks - (after[one_row] - before[one_row])
+    assert shared > blocks / 2, (shared, blocks)
+    tokens = after[("char_rnn_tokens_generated_total", ())] - before[("char_rnn_tokens_generated_total", ())]
+    assert tokens == 80 * sum(settings.n for settings in LOAD_REQUESTS)
+    for endpoint in ("/", "/generate", "/stream"):
+        key = ("char_rnn_requests_total", (("endpoint", endpoint), ("status", "200")))
+        assert after[key] - before.get(key, 0) >= 213
 
 
-def test_flood_beyond_the_queue_gets_quick_503s_never_500(save_dir, tmp_path):
-    flags = ["--threads", 1, "--queue", 1, "--max_n", 20_000]
+# ----------------------------------------------------------------------------------------------------------
+# Streaming, JSON, metrics, the web page
+
+
+def test_stream_sends_the_text_as_it_is_made_then_the_seed_and_token_count(server):
+    with urllib.request.urlopen(f"{server.url}/stream?prime=The&n=300&sample_mode=1&seed=11",
+                                timeout=REQUEST_TIMEOUT_S) as response:
+        assert response.status == 200 and response.headers.get_content_type() == "text/event-stream"
+        assert response.headers["Cache-Control"] == "no-cache"
+        events = list(read_events(response))
+    names = [name for name, _ in events]
+    assert names == ["text"] * (len(names) - 1) + ["done"] and len(names) >= 4  # the prime, then each block
+    assert events[0] == ("text", {"text": "The"})
+    assert "".join(data["text"] for name, data in events[:-1]) == get(f"{server.url}/?prime=The&n=300&sample_mode=1"
+                                                                      f"&seed=11")[2]
+    assert events[-1][1]["seed"] == 11 and events[-1][1]["tokens"] == 300
+    # Without a seed, the done event names the one that repeats it.
+    status, _, events = stream(f"{server.url}/stream?prime=The&n=40")
+    seed = events[-1][1]["seed"]
+    text = "".join(data["text"] for name, data in events[:-1])
+    assert get(f"{server.url}/?prime=The&n=40&seed={seed}")[2] == text
+    # A bad parameter is refused before the stream starts, with the one line of GET /.
+    status, headers, body = stream(f"{server.url}/stream?temperature=0")
+    assert status == 400 and "temperature must be a finite number > 0" in body
+    assert_one_line_of_plain_text(headers, body)
+
+
+BAD_BODIES = [
+    (b'{"prime": "The", ', 400, "the body is not valid JSON"),
+    (b"", 400, "the body is not valid JSON"),
+    (b"\xff\xfe\x00", 400, "the body is not valid JSON"),
+    (b"[1, 2]", 400, "the body must be a JSON object"),
+    (b'"The"', 400, "the body must be a JSON object"),
+    (b'{"prime": "The", "colour": "red"}', 400, "unknown field 'colour'"),
+    (b'{"n": "5"}', 400, "n must be a JSON integer"),
+    (b'{"n": 5.0}', 400, "n must be a JSON integer"),
+    (b'{"n": true}', 400, "n must be a JSON integer"),
+    (b'{"n": 501}', 400, "n must be an integer from 1 to 500 (--max_n)"),
+    (b'{"n": 0}', 400, "n must be an integer from 1 to 500"),
+    (b'{"prime": 5}', 400, "prime must be a JSON string"),
+    (b'{"prime": "The Queen!"}', 400, "the model does not know: 'Q', 'u', '!'"),
+    (b'{"temperature": NaN}', 400, "NaN is not a JSON number"),
+    (b'{"temperature": 1e999}', 400, "temperature must be a finite number > 0"),
+    (b'{"temperature": -1}', 400, "temperature must be a finite number > 0"),
+    (b'{"sample_mode": 3}', 400, "sample_mode must be one of 0"),
+    (b'{"seed": -1}', 400, "seed must be an integer >= 0"),
+    (b'{"top_k": 4294967301}', 400, "top_k must be an integer from 0 to 1073741824"),
+    (b'{"top_p": 0}', 400, "top_p must be a number in (0, 1]"),
+    (b"[" * 100_000, 413, "the limit is"),
+    (b'{"prime": "' + b"a" * 20_000 + b'"}', 413, "the limit is"),
+]
+
+
+@pytest.mark.parametrize("body, status, reason", BAD_BODIES, ids=[body[:20].decode("latin-1")
+                                                                   for body, _, _ in BAD_BODIES])
+def test_post_generate_refuses_a_bad_body_with_a_json_reason(server, body, status, reason):
+    answer_status, headers, answer = post_json(f"{server.url}/generate", body)
+    assert (answer_status, headers.get_content_type()) == (status, "application/json")
+    assert list(answer) == ["error"] and reason in answer["error"] and "\n" not in answer["error"]
+
+
+def test_post_generate_answers_the_text_and_settings_as_json(server):
+    status, headers, answer = post_json(f"{server.url}/generate", {"prime": "The", "n": 200, "sample_mode": 2,
+                                                                    "seed": 7})
+    assert status == 200 and headers.get_content_type() == "application/json"
+    assert answer == {"text": get(f"{server.url}/?{README_QUERY}&seed=7")[2], "prime": "The", "n": 200,
+                      "sample_mode": 2, "temperature": 0.8, "seed": 7, "top_k": 0, "top_p": 1.0, "tokens": 200}
+    # Every field has the default of GET /; seed null picks one and names it.
+    status, _, answer = post_json(f"{server.url}/generate", {"seed": None})
+    assert status == 200 and answer["prime"] == "The " and answer["n"] == 200 and isinstance(answer["seed"], int)
+    # Other methods are refused, in JSON too.
+    status, headers, body = get(f"{server.url}/generate")
+    assert status == 405 and headers["Allow"] == "POST" and "error" in json.loads(body)
+
+
+def test_web_page_at_ui_and_to_a_browser_at_the_root(server):
+    status, headers, page = get(server.url + "/ui")
+    assert status == 200 and headers.get_content_type() == "text/html"
+    for element in ('id="prime"', 'id="n"', 'id="sample_mode"', 'id="temperature"', 'id="top_k"',
+                    'id="seed_input"', 'id="generate"', 'id="output"', 'id="error"', 'name="viewport"'):
+        assert element in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere: it works offline
+    request = urllib.request.Request(server.url + "/", headers={"Accept": "text/html,application/xhtml+xml"})
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        assert response.read().decode("utf-8") == page
+    # With parameters, or to a client that does not ask for HTML, the root answers the text as before.
+    request = urllib.request.Request(server.url + "/?prime=The&n=5&seed=1", headers={"Accept": "text/html"})
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        assert response.read().decode("utf-8") == get(server.url + "/?prime=The&n=5&seed=1")[2]
+    assert get(server.url + "/")[1].get_content_type() == "text/plain"
+    assert get(server.url + "/ui?x=1")[0] == 400
+
+
+def test_metrics_count_requests_by_endpoint_and_status(server):
+    before = metric_samples(server.url)
+    get(server.url + "/?n=abc")
+    get(server.url + "/?prime=The&n=7")
+    post_json(server.url + "/generate", b"{")
+    get(server.url + "/nowhere/at/all")
+    after = metric_samples(server.url)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("char_rnn_requests_total", endpoint="/", status="400") == 1
+    assert grew("char_rnn_requests_total", endpoint="/", status="200") == 1
+    assert grew("char_rnn_requests_total", endpoint="/generate", status="400") == 1
+    assert grew("char_rnn_requests_total", endpoint="other", status="404") == 1
+    assert grew("char_rnn_request_seconds_count", endpoint="/") == 2
+    assert grew("char_rnn_tokens_generated_total") == 7
+    assert after[("char_rnn_queue_depth", ())] == 0 and after[("char_rnn_generating", ())] == 0
+
+
+@pytest.mark.parametrize("one_at_a_time", [["--max_batch", 1], ["--max_batch", 0, "--threads", 1]],
+                         ids=["one_row", "no_batching"])
+def test_flood_beyond_the_queue_gets_quick_503s_never_500(save_dir, tmp_path, one_at_a_time):
+    flags = [*one_at_a_time, "--queue", 1, "--max_n", 20_000]
     with running_server(save_dir, str(tmp_path / "server.log"), *flags) as server:
-        def client(_):
+        def client(index):  # GET / and POST /generate in turn
             start = time.monotonic()
+            if index % 2:
+                status, headers, answer = post_json(f"{server.url}/generate", {"prime": "The", "n": 20000, "seed": 1})
+                return "POST", status, time.monotonic() - start, headers, answer
             status, headers, body = get(f"{server.url}/?prime=The&n=20000&seed=1")
-            return status, time.monotonic() - start, headers, body
+            return "GET", status, time.monotonic() - start, headers, body
 
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             results = list(pool.map(client, range(48)))
-        assert {status for status, *_ in results} == {200, 503}, [status for status, *_ in results]
-        for status, _, headers, body in results:
-            if status == 503:
+        assert {status for _, status, *_ in results} == {200, 503}, [status for _, status, *_ in results]
+        for protocol, status, _, headers, body in results:
+            if status == 503 and protocol == "GET":
                 assert_one_line_of_plain_text(headers, body)
                 assert "busy" in body and headers["Retry-After"] == "1"
+            elif status == 503:
+                assert headers.get_content_type() == "application/json" and headers["Retry-After"] == "1"
+                assert "busy" in body["error"]
+        assert {protocol for protocol, status, *_ in results if status == 503} == {"GET", "POST"}
         # A refusal does not wait for a turn: it comes quicker than an answer.
-        seconds = {code: statistics.median(s for status, s, *_ in results if status == code) for code in (200, 503)}
+        seconds = {code: statistics.median(s for _, status, s, *_ in results if status == code) for code in (200, 503)}
         assert seconds[503] < seconds[200]
         assert get(server.url + "/health")[0] == 200
+
+
+def test_a_stream_client_that_leaves_frees_its_row_and_sigterm_under_load_exits_in_seconds(save_dir, tmp_path):
+    flags = ["--max_batch", 4, "--max_n", 100_000_000, "--shutdown_grace", 1, "--production"]
+    with running_server(save_dir, str(tmp_path / "server.log"), *flags) as server:
+        # A stream of hours at this model's speed: its client reads the first pieces, then hangs up.
+        response = urllib.request.urlopen(f"{server.url}/stream?prime=The&n=100000000", timeout=REQUEST_TIMEOUT_S)
+        events = read_events(response)
+        assert [next(events)[0] for _ in range(3)] == ["text"] * 3
+        assert metric_samples(server.url)[("char_rnn_generating", ())] == 1
+        response.close()
+        deadline = time.monotonic() + 20
+        while metric_samples(server.url)[("char_rnn_generating", ())] != 0:
+            assert time.monotonic() < deadline, "the row of the stream whose client left was not freed"
+            time.sleep(0.1)
+        tokens = metric_samples(server.url)[("char_rnn_tokens_generated_total", ())]
+        time.sleep(0.5)
+        assert metric_samples(server.url)[("char_rnn_tokens_generated_total", ())] == tokens  # nothing generates
+
+        # Under load: 12 clients over GET, POST and the stream, two of them asking for hours of text.
+        def client(index):
+            protocol = ("GET", "POST", "stream")[index % 3]
+            n = 100_000_000 if index < 2 else 300
+            try:
+                return request_over(protocol, server.url, SampleSettings("The", n, seed=index))[0]
+            except (urllib.error.URLError, ConnectionError, AssertionError, http.client.HTTPException):
+                return "cut"  # a stream's end event missing: cut by the shutdown
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = [pool.submit(client, index) for index in range(12)]
+            time.sleep(2)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = server.process.wait(timeout=30)
+            seconds = time.monotonic() - signalled
+            statuses = [answer.result() for answer in answers]
+    assert code == 0 and seconds < 6, (code, seconds)
+    assert set(statuses) <= {200, 503, "cut"} and 200 in statuses, statuses
+    assert "Traceback" not in server.log()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,7 +559,7 @@ def test_listens_on_the_host_given_only(flagged_server):
 
 
 def test_sigterm_during_a_request_exits_0_within_seconds(save_dir, tmp_path):
-    with running_server(save_dir, str(tmp_path / "server.log"), "--threads", 1, "--max_n", 10_000_000) as server:
+    with running_server(save_dir, str(tmp_path / "server.log"), "--max_batch", 1, "--max_n", 10_000_000) as server:
         # A request long enough (about two seconds here) to be in the middle of generating when SIGTERM comes.
         start = time.monotonic()
         assert get(f"{server.url}/?prime=The&n=100000&seed=1")[0] == 200
@@ -355,7 +571,7 @@ def test_sigterm_during_a_request_exits_0_within_seconds(save_dir, tmp_path):
             answers[name] = (status, time.monotonic())
 
         generating = threading.Thread(target=ask, args=("generating", n))
-        waiting = threading.Thread(target=ask, args=("waiting", 5))  # --threads 1: it waits for its turn
+        waiting = threading.Thread(target=ask, args=("waiting", 5))  # --max_batch 1: it waits for a row
         generating.start()
         time.sleep(0.2)
         waiting.start()

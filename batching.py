@@ -1,0 +1,223 @@
+"""Continuous batching for the sampling server: concurrent requests generated together, as the rows of one
+compiled block of the sampling loop.
+
+Batcher(sampler, max_batch, max_wait_s, max_waiting) runs one thread. submit(settings) checks the settings and
+returns a Generation at once; iterating it yields the request's text piece by piece (the prime, then the text of
+each block of GENERATE_BLOCK tokens) as the thread makes them. Between two blocks the thread takes the requests
+that arrived (feeding each one's prime) and drops the rows that are done or whose client left, so a short request
+never waits for a long one to end. Each row keeps its own prime, n, mode, temperature, top_k, top_p, seed and
+position in its sample, so its text is the one sample.py makes for the same settings: the rows share the matrix
+products of the model's step and nothing else.
+
+Row counts are padded up to a power of two (or max_batch), so that XLA compiles the block for a few shapes only.
+"""
+import contextlib
+import queue
+import threading
+import time
+
+import numpy as np
+
+from sampler import GENERATE_BLOCK, GenerationStopped, SampleText
+
+_DONE = object()  # the end of a Generation's pieces
+
+
+class Busy(Exception):
+    """Every row of the batch and every waiting place is taken (the server answers 503)."""
+
+
+class Generation:
+    """One request in the batcher. Iterate it for the text pieces; close() it when its client leaves early, and
+    its row is freed before the next block. seed is the seed it draws with; made counts the tokens made so far."""
+
+    def __init__(self, text, settings, ids, mode, seed):
+        self.text, self.settings, self.ids, self.mode, self.seed = text, settings, ids, mode, seed
+        self.made = 0
+        self.cancelled = False
+        self._pieces = queue.SimpleQueue()
+
+    def __iter__(self):
+        yield self.text.prime
+        while True:
+            piece = self._pieces.get()
+            if piece is _DONE:
+                return
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+
+    def close(self):
+        self.cancelled = True
+
+    def _put(self, piece):
+        if piece:
+            self._pieces.put(piece)
+
+
+class _Row:
+    """A generation's place in the batch: the carry of its sampling loop between two blocks."""
+
+    def __init__(self, generation, previous, logits, states):
+        self.generation, self.previous, self.logits, self.states = generation, previous, logits, states
+        self.position = 0
+
+
+def bucket(rows, max_batch):
+    """The row count a batch of `rows` is padded to: the next power of two, at most max_batch."""
+    return min(1 << (rows - 1).bit_length(), max_batch)
+
+
+class Batcher:
+    """The batching thread over one Sampler. At most max_batch requests generate at once and max_waiting more
+    wait for a row; beyond them submit() raises Busy. A batch starts when the first request arrives and waits up to
+    max_wait_s for others to join its first block; later arrivals join at the next block."""
+
+    def __init__(self, sampler, max_batch, max_wait_s, max_waiting):
+        self.sampler, self.max_batch, self.max_wait_s, self.max_waiting = sampler, max_batch, max_wait_s, max_waiting
+        self.generator = sampler.generator
+        self._places = threading.BoundedSemaphore(max_batch + max_waiting)
+        self._pending = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        # Read by the metrics at each scrape; written by the batching thread only.
+        self.rows = 0  # rows generating now
+        self.on_block = None  # called with (rows, tokens made) after each block
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, settings):
+        """Queue a request (a SampleSettings); raises ValueError for a bad setting, Busy when full, and
+        GenerationStopped once close() was called."""
+        prime, ids, mode, seed = self.sampler.prepare(settings, ())
+        generation = Generation(SampleText(self.sampler, prime), settings, ids, mode, seed)
+        with self._lock:  # with close(): once closed, nothing more is queued
+            if self._closed:
+                raise GenerationStopped("the server is shutting down")
+            if not self._places.acquire(blocking=False):
+                raise Busy(f"busy: {self.max_batch} requests are generating and {self.max_waiting} waiting "
+                           f"(--max_batch, --queue); retry in a moment")
+            self._pending.put(generation)
+        return generation
+
+    @property
+    def waiting(self):
+        """Requests submitted and not yet in the batch."""
+        return self._pending.qsize()
+
+    def close(self):
+        """Refuse new requests and turn away the waiting ones (GenerationStopped); the thread ends once the
+        generations in progress are done (or stopped, see Generator.stop)."""
+        with self._lock:
+            self._closed = True
+            self._pending.put(None)
+
+    # The batching thread
+
+    def _loop(self):
+        rows = []
+        while True:
+            arrivals = self._take(wait=not rows)
+            if self._closed:  # shutting down: the requests not yet started are turned away
+                for generation in arrivals + self._take(wait=False):
+                    self._finish(generation, GenerationStopped("the server is shutting down"))
+                arrivals = []
+                if not rows:
+                    return
+            for generation in arrivals:
+                row = self._start(generation)
+                if row is not None:
+                    rows.append(row)
+            rows = [row for row in rows if not self._dropped(row)]
+            if rows and self.generator.stopped.numpy():
+                for row in rows:
+                    self._finish(row.generation, GenerationStopped(
+                        f"the generation was stopped after {row.generation.made} of {row.generation.settings.n} "
+                        f"tokens"))
+                rows = []
+            self.rows = len(rows)
+            if rows:
+                self._block(rows)
+                rows = [row for row in rows if not self._done(row)]
+            self.rows = len(rows)
+
+    def _take(self, wait):
+        """The requests that arrived, up to the free rows; with wait (nothing generating), block for the first and
+        give others max_wait_s to join it. close() wakes a thread that waits."""
+        arrivals, free = [], self.max_batch - self.rows
+        deadline = None
+        while len(arrivals) < free and not self._closed:
+            try:
+                if wait and not arrivals:
+                    generation = self._pending.get()
+                    deadline = time.monotonic() + self.max_wait_s
+                elif deadline is not None:
+                    generation = self._pending.get(timeout=max(deadline - time.monotonic(), 0))
+                else:
+                    generation = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if generation is not None:  # None: close() woke the thread
+                arrivals.append(generation)
+        if self._closed:  # everything queued, whatever the free rows
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    generation = self._pending.get_nowait()
+                    if generation is not None:
+                        arrivals.append(generation)
+        return arrivals
+
+    def _start(self, generation):
+        """Feed the prime of a new request: its row, or None when it needs no block (cancelled, or n = 0)."""
+        if generation.cancelled or generation.settings.n == 0:
+            self._finish(generation)
+            return None
+        previous, logits, states = self.generator.feed_prime(generation.ids)
+        return _Row(generation, int(previous), logits.numpy(), [state.numpy()[0] for state in states])
+
+    def _dropped(self, row):
+        if row.generation.cancelled:
+            self._finish(row.generation)
+            return True
+        return False
+
+    def _block(self, rows):
+        """One compiled block over the rows (padded with copies of the first up to the bucket size)."""
+        padded = rows + [rows[0]] * (bucket(len(rows), self.max_batch) - len(rows))
+        settings = [row.generation.settings for row in padded]
+        tokens, previous, logits, states = self.generator.block(
+            np.array([row.position for row in padded], np.int32),
+            np.array([row.previous for row in padded], np.int32),
+            np.stack([row.logits for row in padded]),
+            tuple(np.stack([row.states[i] for row in padded]) for i in range(len(rows[0].states))),
+            np.array([s.temperature for s in settings], np.float32),
+            np.array([row.generation.mode for row in padded], np.int32),
+            np.array([row.generation.seed for row in padded], np.int64),
+            np.array([s.top_k for s in settings], np.int32),
+            np.array([s.top_p for s in settings], np.float32))
+        tokens, previous, logits = tokens.numpy(), previous.numpy(), logits.numpy()
+        states = [state.numpy() for state in states]
+        made = 0
+        for i, row in enumerate(rows):
+            generation = row.generation
+            ids = tokens[i, :generation.settings.n - row.position]
+            row.previous, row.logits, row.states = int(previous[i]), logits[i], [state[i] for state in states]
+            row.position += GENERATE_BLOCK
+            generation.made += len(ids)
+            made += len(ids)
+            generation._put(generation.text.add(ids))
+        if self.on_block is not None:
+            self.on_block(len(rows), made)
+
+    def _done(self, row):
+        if row.position >= row.generation.settings.n:
+            self._finish(row.generation)
+            return True
+        return False
+
+    def _finish(self, generation, error=None):
+        """The generation's last piece, then its end (or the error it ends with); frees its place."""
+        if error is None:
+            generation._put(generation.text.rest())
+        generation._pieces.put(_DONE if error is None else error)
+        self._places.release()

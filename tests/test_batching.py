@@ -1,0 +1,118 @@
+"""batching.Batcher in this process: requests generated as the rows of one batch get the text each gets alone,
+join and leave at block boundaries, and are refused or turned away when full or shutting down."""
+import threading
+
+import pytest
+
+from batching import Batcher, Busy, bucket
+from sampler import GENERATE_BLOCK, GenerationStopped, Sampler
+from settings import SampleSettings
+
+# Different primes, lengths (within one block, exactly one, just over, several), modes and filters.
+REQUESTS = [
+    SampleSettings("the", 1, mode=1, seed=1),
+    SampleSettings("the cat", GENERATE_BLOCK, mode=1, temperature=0.7, seed=2),
+    SampleSettings("", GENERATE_BLOCK + 1, mode=2, seed=3),
+    SampleSettings("dog", 3 * GENERATE_BLOCK + 5, mode=0, seed=4),
+    SampleSettings("the mat", 200, mode=1, temperature=1.3, top_k=3, seed=5),
+    SampleSettings("a", 150, mode=1, top_p=0.6, seed=2 ** 40 + 6),
+]
+
+
+@pytest.fixture(scope="module")
+def sampler(trained_save_dir):
+    return Sampler.load(trained_save_dir)
+
+
+@pytest.fixture(scope="module")
+def alone(sampler):
+    return [sampler.run(settings) for settings in REQUESTS]
+
+
+def started(batcher):
+    """Record the rows of each block the batcher runs."""
+    blocks = []
+    batcher.on_block = lambda rows, tokens: blocks.append(rows)
+    return blocks
+
+
+def test_rows_with_their_own_settings_get_what_each_gets_alone(sampler, alone):
+    batcher = Batcher(sampler, max_batch=8, max_wait_s=0.5, max_waiting=8)
+    blocks = started(batcher)
+    generations = [batcher.submit(settings) for settings in REQUESTS]
+    assert ["".join(generation) for generation in generations] == alone
+    assert blocks[0] == len(REQUESTS)  # the first block had every row; rows left as they finished
+    assert blocks == sorted(blocks, reverse=True) and blocks[-1] == 1
+    batcher.close()
+
+
+def test_a_request_that_arrives_later_joins_at_the_next_block(sampler, alone):
+    batcher = Batcher(sampler, max_batch=4, max_wait_s=0, max_waiting=4)
+    blocks = started(batcher)
+    long = batcher.submit(SampleSettings("the", 40 * GENERATE_BLOCK, mode=1, seed=9))
+    pieces = iter(long)
+    next(pieces), next(pieces)  # the prime, then its first block: it is generating
+    late = batcher.submit(REQUESTS[4])
+    assert "".join(late) == alone[4]  # done long before the long one
+    assert 2 in blocks and len(blocks) < 40
+    assert "".join([next(pieces) for _ in range(2)]) and "".join(pieces)  # the long one goes on to its end
+    assert blocks[-1] == 1
+    batcher.close()
+
+
+def test_a_closed_generation_frees_its_row_for_the_next_request(sampler, alone):
+    batcher = Batcher(sampler, max_batch=1, max_wait_s=0, max_waiting=1)
+    endless = batcher.submit(SampleSettings("the", 10 ** 8, mode=1, seed=1))  # hours at this speed
+    next(iter(endless))
+    waiting = batcher.submit(REQUESTS[1])
+    with pytest.raises(Busy, match="busy: 1 requests are generating and 1 waiting"):
+        batcher.submit(REQUESTS[2])
+    endless.close()  # its client left
+    assert "".join(waiting) == alone[1]
+    assert batcher.rows == 0 and endless.made < 10 ** 8
+    batcher.close()
+
+
+def test_close_finishes_the_rows_and_turns_away_the_waiting(sampler, alone):
+    batcher = Batcher(sampler, max_batch=1, max_wait_s=0, max_waiting=2)
+    generating = batcher.submit(REQUESTS[3])
+    pieces = iter(generating)
+    made = next(pieces) + next(pieces)  # the prime, then the first block: it is generating
+    waiting = batcher.submit(REQUESTS[4])
+    batcher.close()
+    assert made + "".join(pieces) == alone[3]
+    with pytest.raises(GenerationStopped, match="shutting down"):
+        "".join(waiting)
+    with pytest.raises(GenerationStopped, match="shutting down"):
+        batcher.submit(REQUESTS[0])
+
+
+def test_bad_settings_are_refused_before_taking_a_place(sampler):
+    batcher = Batcher(sampler, max_batch=1, max_wait_s=0, max_waiting=0)
+    with pytest.raises(ValueError, match="temperature"):
+        batcher.submit(SampleSettings("the", 5, temperature=-1.0))
+    with pytest.raises(ValueError, match="does not know"):
+        batcher.submit(SampleSettings("THE", 5))
+    assert "".join(batcher.submit(REQUESTS[0]))  # the place is still free
+    batcher.close()
+
+
+def test_many_threads_submitting_at_once_each_get_their_text(sampler, alone):
+    batcher = Batcher(sampler, max_batch=4, max_wait_s=0.001, max_waiting=16)
+    answers = [None] * 16
+
+    def client(i):
+        answers[i] = "".join(batcher.submit(REQUESTS[i % len(REQUESTS)]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == [alone[i % len(REQUESTS)] for i in range(16)]
+    batcher.close()
+
+
+def test_row_counts_are_padded_to_powers_of_two_up_to_the_largest_batch():
+    assert [bucket(rows, 32) for rows in (1, 2, 3, 5, 8, 9, 31, 32)] == [1, 2, 4, 8, 8, 16, 32, 32]
+    assert [bucket(rows, 12) for rows in (7, 9, 12)] == [8, 12, 12]

@@ -34,7 +34,8 @@ class Generation:
     def __init__(self, text, settings, ids, mode, seed):
         self.text, self.settings, self.ids, self.mode, self.seed = text, settings, ids, mode, seed
         self.made = 0
-        self.cancelled = False
+        self.cancelled = self.finished = False
+        self.row = None  # its _Row, once its prime is fed
         self._pieces = queue.SimpleQueue()
 
     def __iter__(self):
@@ -91,12 +92,22 @@ class Batcher:
         GenerationStopped once close() was called."""
         prime, ids, mode, seed = self.sampler.prepare(settings, ())
         generation = Generation(SampleText(self.sampler, prime), settings, ids, mode, seed)
-        with self._lock:  # with close(): once closed, nothing more is queued
+        with self._lock:
             if self._closed:
                 raise GenerationStopped("the server is shutting down")
             if not self._places.acquire(blocking=False):
                 raise Busy(f"busy: {self.max_batch} requests are generating and {self.max_waiting} waiting "
                            f"(--max_batch, --queue); retry in a moment")
+        try:
+            # The prime's pass runs here, on the caller's thread, beside the other callers' and the batch.
+            generation.row = self._row(generation)
+        except BaseException:
+            self._places.release()
+            raise
+        with self._lock:  # with close(): once closed, nothing more is queued
+            if self._closed:
+                self._places.release()
+                raise GenerationStopped("the server is shutting down")
             self._pending.put(generation)
         return generation
 
@@ -117,29 +128,43 @@ class Batcher:
     def _loop(self):
         rows = []
         while True:
-            arrivals = self._take(wait=not rows)
-            if self._closed:  # shutting down: the requests not yet started are turned away
-                for generation in arrivals + self._take(wait=False):
-                    self._finish(generation, GenerationStopped("the server is shutting down"))
-                arrivals = []
-                if not rows:
-                    return
-            for generation in arrivals:
-                row = self._start(generation)
-                if row is not None:
-                    rows.append(row)
-            rows = [row for row in rows if not self._dropped(row)]
-            if rows and self.generator.stopped.numpy():
+            try:
+                rows = self._turn(rows)
+            except Exception as error:  # noqa: BLE001 - whatever went wrong, no request may wait forever
                 for row in rows:
-                    self._finish(row.generation, GenerationStopped(
-                        f"the generation was stopped after {row.generation.made} of {row.generation.settings.n} "
-                        f"tokens"))
+                    self._finish(row.generation, error)
                 rows = []
-            self.rows = len(rows)
-            if rows:
-                self._block(rows)
-                rows = [row for row in rows if not self._done(row)]
-            self.rows = len(rows)
+                self.rows = 0
+            if rows is None:
+                return
+
+    def _turn(self, rows):
+        """One turn of the loop: take the arrivals, drop the rows that left, run a block. Returns the rows
+        still generating, or None when the thread should end."""
+        arrivals = self._take(wait=not rows)
+        if self._closed:  # shutting down: the requests not yet started are turned away
+            for generation in arrivals + self._take(wait=False):
+                self._finish(generation, GenerationStopped("the server is shutting down"))
+            arrivals = []
+            if not rows:
+                return None
+        for generation in arrivals:
+            row = self._start(generation)
+            if row is not None:
+                rows.append(row)
+        rows = [row for row in rows if not self._dropped(row)]
+        if rows and self.generator.stopped.numpy():
+            for row in rows:
+                self._finish(row.generation, GenerationStopped(
+                    f"the generation was stopped after {row.generation.made} of {row.generation.settings.n} "
+                    f"tokens"))
+            rows = []
+        self.rows = len(rows)
+        if rows:
+            self._block(rows)
+            rows = [row for row in rows if not self._done(row)]
+        self.rows = len(rows)
+        return rows
 
     def _take(self, wait):
         """The requests that arrived, up to the free rows; with wait (nothing generating), block for the first and
@@ -167,13 +192,17 @@ class Batcher:
                         arrivals.append(generation)
         return arrivals
 
+    def _row(self, generation):
+        """A new request's place in the batch, its prime fed."""
+        previous, logits, states = self.generator.feed_prime(generation.ids)
+        return _Row(generation, int(previous), logits.numpy(), [state.numpy()[0] for state in states])
+
     def _start(self, generation):
-        """Feed the prime of a new request: its row, or None when it needs no block (cancelled, or n = 0)."""
+        """A new request's row, or None when it needs no block (cancelled, or n = 0)."""
         if generation.cancelled or generation.settings.n == 0:
             self._finish(generation)
             return None
-        previous, logits, states = self.generator.feed_prime(generation.ids)
-        return _Row(generation, int(previous), logits.numpy(), [state.numpy()[0] for state in states])
+        return generation.row
 
     def _dropped(self, row):
         if row.generation.cancelled:
@@ -216,7 +245,10 @@ class Batcher:
         return False
 
     def _finish(self, generation, error=None):
-        """The generation's last piece, then its end (or the error it ends with); frees its place."""
+        """The generation's last piece, then its end (or the error it ends with); frees its place. Once only."""
+        if generation.finished:
+            return
+        generation.finished = True
         if error is None:
             generation._put(generation.text.rest())
         generation._pieces.put(_DONE if error is None else error)

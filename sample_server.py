@@ -641,6 +641,9 @@ def app_config(metrics):
             "request.error_response": internal_error,
             "error_page.default": plain_error_page,
         },
+        "/stream": {
+            "tools.allow.methods": ["GET"],  # a HEAD would never read the stream that holds its place
+        },
         "/generate": {
             "tools.allow.methods": ["POST"],
             "request.process_request_body": False,  # read_body reads it

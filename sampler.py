@@ -32,23 +32,27 @@ class GenerationStopped(Exception):
 
 
 def keep_top_k(logits, top_k):
-    """Mask all but the top_k largest logits to -inf (all kept when top_k is 0)."""
+    """logits [rows, vocab]: mask all but each row's top_k[r] largest logits to -inf (all kept where top_k is 0)."""
     def masked():
-        k = tf.minimum(top_k, tf.shape(logits)[0])
-        kth_largest = tf.gather(tf.sort(logits, direction="DESCENDING"), k - 1)
-        return tf.where(logits < kth_largest, tf.constant(-float("inf"), logits.dtype), logits)
-    return tf.cond(top_k > 0, masked, lambda: logits)
+        vocab = tf.shape(logits)[-1]
+        k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)  # k = vocab keeps every token
+        kth_largest = tf.gather(tf.sort(logits, direction="DESCENDING"), k - 1, batch_dims=1)
+        return tf.where(logits < kth_largest[:, tf.newaxis], tf.constant(-float("inf"), logits.dtype), logits)
+    return tf.cond(tf.reduce_any(top_k > 0), masked, lambda: logits)
 
 
 def keep_top_p(logits, top_p):
-    """Mask to -inf every token outside the smallest set of the likeliest tokens whose probabilities add up to at
-    least top_p (all kept when top_p is 1). Tokens tied with the least likely one kept are kept too."""
+    """logits [rows, vocab]: in each row, mask to -inf every token outside the smallest set of the likeliest tokens
+    whose probabilities add up to at least top_p[r] (all kept where top_p is 1). Tokens tied with the least likely
+    one kept are kept too."""
     def masked():
         ordered = tf.sort(logits, direction="DESCENDING")
-        likelier = tf.cumsum(tf.nn.softmax(ordered), exclusive=True)  # the probability of the tokens before each
-        kept = tf.reduce_sum(tf.cast(likelier < top_p, tf.int32))  # at least 1: nothing is likelier than the first
-        return tf.where(logits < ordered[kept - 1], tf.constant(-float("inf"), logits.dtype), logits)
-    return tf.cond(top_p < 1.0, masked, lambda: logits)
+        likelier = tf.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)  # the probability before each
+        kept = tf.reduce_sum(tf.cast(likelier < top_p[:, tf.newaxis], tf.int32), axis=-1)  # at least 1
+        threshold = tf.gather(ordered, kept - 1, batch_dims=1)[:, tf.newaxis]
+        cut = tf.logical_and(logits < threshold, top_p[:, tf.newaxis] < 1.0)  # top_p 1: nothing cut
+        return tf.where(cut, tf.constant(-float("inf"), logits.dtype), logits)
+    return tf.cond(tf.reduce_any(top_p < 1.0), masked, lambda: logits)
 
 
 def uniform_draw(step_seed):
@@ -70,22 +74,27 @@ def uniform_draw(step_seed):
     return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
 
 
-def choose_next(logits, previous, step_seed, temperature, mode, top_k, top_p, space_id):
-    """Pick the next token id from logits [vocab] (see Generator.generate for the arguments)."""
+def choose_next(logits, previous, seeds, steps, temperature, mode, top_k, top_p, space_id):
+    """Pick the next token id of each row from logits [rows, vocab] (see Generator.generate for the settings,
+    each a [rows] vector; row r draws with the seed pair [seeds[r], steps[r]]). The rows share no arithmetic:
+    each row's choice is what it would be alone."""
     # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN. Then
     # top-k, then top-p over the k kept (the order of Hugging Face's and llama.cpp's samplers).
-    scaled = keep_top_p(keep_top_k((logits - tf.reduce_max(logits)) / temperature, top_k), top_p)
+    scaled = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature[:, tf.newaxis]
+    scaled = keep_top_p(keep_top_k(scaled, top_k), top_p)
     # Inverse CDF: one uniform draw u in [0, total) and the first token whose cumulative weight exceeds it; a
     # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
     # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the
     # total: never one past the vocabulary, as the original's weighted_pick could be. The draw is the same with
     # and without XLA (see uniform_draw).
-    weights = tf.exp(scaled - tf.reduce_max(scaled))
-    cumulative = tf.cumsum(weights)
-    u = uniform_draw(step_seed) * cumulative[-1]
-    last_possible = tf.reduce_max(tf.where(weights > 0, tf.range(tf.shape(weights)[0]), 0))
-    sampled = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= u, tf.int32)), last_possible)
-    greedy = tf.argmax(logits, output_type=tf.int32)
+    weights = tf.exp(scaled - tf.reduce_max(scaled, axis=-1, keepdims=True))
+    cumulative = tf.cumsum(weights, axis=-1)
+    draws = tf.map_fn(uniform_draw, tf.stack([seeds, steps], axis=1), fn_output_signature=tf.float32)
+    u = draws * cumulative[:, -1]
+    vocab_ids = tf.range(tf.shape(weights)[-1])[tf.newaxis]
+    last_possible = tf.reduce_max(tf.where(weights > 0, vocab_ids, 0), axis=-1)
+    sampled = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= u[:, tf.newaxis], tf.int32), axis=-1), last_possible)
+    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     sample_here = tf.logical_or(tf.equal(mode, MODE_SAMPLE),
                                 tf.logical_and(tf.equal(mode, MODE_SAMPLE_ON_SPACES), tf.equal(previous, space_id)))
     return tf.where(sample_here, sampled, greedy)
@@ -118,6 +127,8 @@ class Generator(tf.Module):
         # still compiles each shape).
         self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False,
                                   reduce_retracing=True)
+        self._prime_pass = tf.function(self._feed_prime, autograph=False,
+                                       input_signature=[tf.TensorSpec([None], tf.int32)])
 
     def stop(self):
         """Make every generate() call, running or later, stop before its next block: it then returns fewer
@@ -125,9 +136,19 @@ class Generator(tf.Module):
         self.stopped.assign(True)
 
     def _feed_prime(self, prime):
-        """Run the prime ids through the model: (its last id, the logits after it, the states)."""
-        logits, states = self.model(prime[tf.newaxis], self.model.zero_state(1))
-        return prime[-1], logits[0, -1], states
+        """Run the prime ids through the model, one `step` at a time: (its last id, the logits after it [vocab],
+        the states, each [1, size]). A graph loop of the step that the blocks run, so that a prime's state is the
+        same whichever way it is fed (sample.py, the server, the export)."""
+        table = self.model.step_table()
+
+        def body(i, logits, states):
+            logits, states = self.model.step(prime[i][tf.newaxis], states, table)
+            return i + 1, logits, states
+
+        _, logits, states = tf.while_loop(
+            lambda i, *_: i < tf.shape(prime)[0], body,
+            (tf.constant(0), tf.zeros([1, self.model.vocab_size]), self.model.zero_state(1)))
+        return prime[-1], logits[0], states
 
     def _generate_block(self, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
         """GENERATE_BLOCK more tokens for each row of (previous token [rows], its logits [rows, vocab], states):
@@ -139,15 +160,9 @@ class Generator(tf.Module):
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
         positions = tf.cast(positions, tf.int64)
 
-        def choose(row):
-            logits, previous, seed, step, temperature, mode, top_k, top_p = row
-            return choose_next(logits, previous, tf.stack([seed, step]), temperature, mode, top_k, top_p,
-                               self.space_id)
-
         def body(i, previous, logits, states, tokens):
-            steps = positions + tf.cast(i, tf.int64)
-            token = tf.map_fn(choose, (logits, previous, seeds, steps, temperature, mode, top_k, top_p),
-                              fn_output_signature=tf.int32)
+            token = choose_next(logits, previous, seeds, positions + tf.cast(i, tf.int64), temperature, mode, top_k,
+                                top_p, self.space_id)
             next_logits, next_states = self.model.step(token, states, table)
             return i + 1, token, next_logits, next_states, tokens.write(i, token)
 
@@ -162,9 +177,10 @@ class Generator(tf.Module):
         return self._block(positions, previous, logits, states, temperature, mode, seeds, top_k, top_p)
 
     def feed_prime(self, prime):
-        """Run the prime ids (a list, at least one) through the model eagerly: (its last id, the logits after it
-        [vocab], the states, each [1, size])."""
-        return self._feed_prime(tf.constant(prime, tf.int32))
+        """Run the prime ids (a list, at least one) through the model: (its last id, the logits after it [vocab],
+        the states, each [1, size]). Traced once for every prime length; it releases the GIL while it runs, so
+        that the server's request threads feed their primes side by side."""
+        return self._prime_pass(tf.constant(prime, tf.int32))
 
     def blocks(self, prime, n, temperature, mode, seed, top_k, top_p, rows=1):
         """generate(), block by block as they are made: yields int32 numpy arrays of at most GENERATE_BLOCK ids,
@@ -175,7 +191,6 @@ class Generator(tf.Module):
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
         `seed` alone); each block is then [rows, ids].
         """
-        # The prime's pass runs eagerly: tracing the Keras layers for it took longer than running them.
         previous, logits, states = self.feed_prime(prime)
         previous, logits = tf.fill([rows], previous), tf.tile(logits[tf.newaxis], [rows, 1])
         states = tuple(tf.tile(state, [rows, 1]) for state in states)

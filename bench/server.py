@@ -1,11 +1,14 @@
-"""Serving yardstick: start sample_server.py on a save dir, let C clients request n tokens each for a while.
+"""Serving yardstick: the server with batching (its defaults) beside the same server with batching off
+(--max_batch 0: one request per thread, --threads at once), at several counts of concurrent clients, in one run.
 
-usage: python bench/server.py --save_dir save [--clients 8] [-n 200] [--seconds 10] [--threads 4]
+usage: python bench/server.py --data ../shared/data/tinyshakespeare/input.txt [--clients 1,8,32] [-n 200]
+       python bench/server.py --save_dir save ...        # a trained model instead of an untrained 3 x 128 LSTM
 
-Prints one JSON line: requests_per_s, tokens_per_s, p50_ms and p99_ms (latency of the answered requests, as
-the clients see it), the count of requests that were not answered 200, and the settings. The clients run in this
-process on the same machine and talk only to 127.0.0.1, each over one kept-alive connection; every request has
-its own seed, so no two answers are alike.
+For each client count, both servers are measured in turns (--rounds times, the order swapped each round) so that
+both see the same state of the machine. Prints one JSON line per measurement (requests_per_s, tokens_per_s,
+p50_ms and p99_ms of the answered requests as the clients see them, the count not answered 200), then one
+summary line with the ratios of batched to batching off. The clients run in this process and talk only to
+127.0.0.1, each over one kept-alive connection; every request has its own seed, so no two answers are alike.
 """
 import argparse
 import http.client
@@ -13,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -22,7 +26,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import cli  # noqa: E402
-import sample_server  # noqa: E402
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180  # importing TensorFlow, loading and warming up the model
@@ -32,18 +35,28 @@ REQUEST_TIMEOUT_S = 60
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--save_dir", required=True, help="save dir written by train.py (the model to serve)")
-    parser.add_argument("--clients", type=cli.positive_int, default=8, help="concurrent clients")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--save_dir", help="save dir written by train.py (the model to serve)")
+    model.add_argument("--data", help="a text whose vocabulary an untrained 3 x 128 LSTM (the defaults) is built "
+                                      "for (untrained weights are as fast as trained ones)")
+    parser.add_argument("--clients", type=client_counts, default=[1, 8, 32],
+                        help="comma-separated counts of concurrent clients")
     parser.add_argument("-n", type=cli.positive_int, default=200, help="tokens per request")
     parser.add_argument("--prime", default="The", help="prime of every request")
     parser.add_argument("--seconds", type=cli.positive_float, default=10.0, help="how long the clients send")
+    parser.add_argument("--rounds", type=cli.positive_int, default=2, help="measurements of each server per count")
     parser.add_argument("--max_requests", type=cli.non_negative_int, default=0,
-                        help="stop after this many requests in all (0: only --seconds limits)")
-    parser.add_argument("--threads", type=cli.positive_int, default=None,
-                        help="the server's --threads (default: its own default)")
-    parser.add_argument("--queue", type=cli.non_negative_int, default=None,
-                        help="the server's --queue (default: enough for every client)")
+                        help="stop a measurement after this many requests in all (0: only --seconds limits)")
     return parser
+
+
+def client_counts(text):
+    counts = [cli.positive_int(part) for part in text.split(",")]
+    return counts
+
+
+# The two servers compared: batching at its defaults, and batching off at the default --threads.
+SETUPS = {"batched": [], "batching_off": ["--max_batch", "0"]}
 
 
 def free_port():
@@ -52,12 +65,10 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start_server(args, port):
+def start_server(save_dir, args, port, flags):
     """sample_server.py as a subprocess (production environment: no request log); returns the Popen."""
-    flags = ["--save_dir", args.save_dir, "--host", HOST, "--port", str(port), "--production",
-             "--max_n", str(args.n), "--queue", str(args.clients if args.queue is None else args.queue)]
-    if args.threads is not None:
-        flags += ["--threads", str(args.threads)]
+    flags = ["--save_dir", save_dir, "--host", HOST, "--port", str(port), "--production", "--max_n", str(args.n),
+             "--queue", str(max(args.clients)), *flags]
     return subprocess.Popen([sys.executable, os.path.join(REPO, "sample_server.py"), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -83,6 +94,7 @@ class Client(threading.Thread):
 
     def __init__(self, index, port, args, budget, go, stop):
         super().__init__(daemon=True)
+        index += 1000 * port  # every measurement asks for other seeds
         self.index, self.args, self.budget, self.go, self.stop = index, args, budget, go, stop
         self.ready = threading.Event()
         self.latencies, self.failures, self.first_failure = [], 0, None
@@ -134,10 +146,11 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def measure(args, port):
-    """Run the clients against a ready server; returns (answered latencies, failures, first failure, seconds)."""
+def measure(args, port, clients):
+    """Run `clients` clients against a ready server; returns (answered latencies, failures, first failure,
+    seconds)."""
     budget, go, stop = Budget(args.max_requests or None), threading.Event(), threading.Event()
-    clients = [Client(i, port, args, budget, go, stop) for i in range(args.clients)]
+    clients = [Client(i, port, args, budget, go, stop) for i in range(clients)]
     for client in clients:
         client.start()
     for client in clients:
@@ -155,31 +168,82 @@ def measure(args, port):
     return latencies, sum(client.failures for client in clients), first_failure, seconds
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    port = free_port()
-    server = start_server(args, port)
-    try:
-        model = wait_until_ready(server, port)
-        latencies, failures, first_failure, seconds = measure(args, port)
-    except RuntimeError as error:
-        return cli.fail(error, cli.EXIT_FAILURE)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-    if not latencies:
-        return cli.fail(f"no request was answered 200; the first answer was: {first_failure}", cli.EXIT_FAILURE)
-    result = {"project": "char-rnn-tensorflow", "mode": "server", "model": model, "clients": args.clients,
-              "threads": args.threads or sample_server.build_parser().get_default("threads"), "n": args.n,
+def untrained_save_dir(data, work):
+    """A save dir of an untrained 3 x 128 LSTM over the vocabulary of `data`."""
+    cli.quiet_tensorflow()
+    import shutil
+    from model import CharRNN
+    from settings import ModelConfig, TRAIN_DEFAULTS as DEFAULTS
+    from speed import write_save_dir
+    from utils import TextLoader
+    data_dir = os.path.join(work, "data")
+    os.makedirs(data_dir)
+    shutil.copyfile(data, os.path.join(data_dir, "input.txt"))
+    loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
+    model = CharRNN(ModelConfig(loader.vocab_size, DEFAULTS.model, DEFAULTS.rnn_size, DEFAULTS.num_layers))
+    model.build_weights()
+    return write_save_dir(model, data_dir, os.path.join(work, "save"))
+
+
+def result_line(setup, clients, args, latencies, failures, first_failure, seconds):
+    result = {"project": "char-rnn-tensorflow", "mode": "server", "setup": setup, "clients": clients, "n": args.n,
               "requests": len(latencies), "not_200": failures, "seconds": round(seconds, 2),
               "requests_per_s": round(len(latencies) / seconds, 1),
               "tokens_per_s": round(len(latencies) * args.n / seconds),
-              "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
-              "p99_ms": round(1000 * percentile(latencies, 0.99), 1)}
+              "p50_ms": round(1000 * percentile(latencies, 0.50), 1) if latencies else None,
+              "p99_ms": round(1000 * percentile(latencies, 0.99), 1) if latencies else None}
     if first_failure:
         result["first_failure"] = first_failure
-    print(json.dumps(result))
+    return result
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import tempfile
+    work = tempfile.mkdtemp(prefix="char-rnn-bench-server-")
+    servers = {}
+    try:
+        save_dir = args.save_dir or untrained_save_dir(args.data, work)
+        for setup, flags in SETUPS.items():
+            port = free_port()
+            servers[setup] = (start_server(save_dir, args, port, flags), port)
+        model = {setup: wait_until_ready(server, port) for setup, (server, port) in servers.items()}["batched"]
+        results = {}
+        for clients in args.clients:
+            for round_ in range(args.rounds):
+                order = list(SETUPS) if round_ % 2 == 0 else list(SETUPS)[::-1]
+                for setup in order:
+                    measured = measure(args, servers[setup][1], clients)
+                    line = result_line(setup, clients, args, *measured)
+                    print(json.dumps(line), flush=True)
+                    results.setdefault((setup, clients), []).append(line)
+    except RuntimeError as error:
+        return cli.fail(error, cli.EXIT_FAILURE)
+    finally:
+        for server, _ in servers.values():
+            server.send_signal(signal.SIGTERM)
+        for server, _ in servers.values():
+            server.wait(timeout=60)
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {"project": "char-rnn-tensorflow", "mode": "server_summary", "model": model, "n": args.n,
+               "rounds": args.rounds}
+    for clients in args.clients:
+        for setup in SETUPS:
+            lines = results[(setup, clients)]
+            summary[f"{setup}_{clients}_requests_per_s"] = median(line["requests_per_s"] for line in lines)
+            summary[f"{setup}_{clients}_p50_ms"] = median(line["p50_ms"] for line in lines)
+            summary[f"{setup}_{clients}_p99_ms"] = median(line["p99_ms"] for line in lines)
+            summary[f"{setup}_{clients}_not_200"] = sum(line["not_200"] for line in lines)
+        summary[f"ratio_{clients}_clients"] = round(summary[f"batched_{clients}_requests_per_s"]
+                                                    / summary[f"batching_off_{clients}_requests_per_s"], 2)
+    print(json.dumps(summary))
     return 0
+
+
+def median(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def test_top_p_keeps_exactly_the_smallest_set_of_likeliest_tokens_that_reaches_p
     logits = tf.constant(np.log(probabilities), tf.float32)
     by_rank = [1, 3, 0, 2]  # token ids from the likeliest
     for top_p, kept in [(0.3, 1), (0.5, 1), (0.55, 2), (0.79, 2), (0.81, 3), (0.94, 3), (0.96, 4), (1.0, 4)]:
-        masked = sampler_module.keep_top_p(logits, tf.constant(top_p)).numpy()
+        masked = sampler_module.keep_top_p(logits[tf.newaxis], tf.constant([top_p]))[0].numpy()
         assert sorted(np.flatnonzero(np.isfinite(masked))) == sorted(by_rank[:kept]), top_p
         assert np.array_equal(masked[np.isfinite(masked)], logits.numpy()[np.isfinite(masked)])
 

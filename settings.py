@@ -49,9 +49,32 @@ class TrainConfig:
     # Devices and machines (distribution.py)
     strategy: str = "auto"
     replicas: int = 0
+    # The preset whose settings the run took (PRESETS), recorded in config.yaml
+    preset: str | None = None
 
 
 TRAIN_DEFAULTS = TrainConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """train.py --preset NAME: settings found by measurement for a time budget on a 2-core CPU (README: Presets).
+    Flags given beside the preset override its settings; the rest keep TrainConfig's defaults."""
+    summary: str
+    settings: dict
+
+
+PRESETS = {
+    "fast": Preset(
+        "about 2 minutes on 2 CPU cores",
+        {"num_layers": 2, "rnn_size": 256, "num_epochs": 2, "learning_rate": 0.004, "decay_rate": 0.7}),
+    "best": Preset(
+        "about 2 hours on 2 CPU cores",
+        {"num_layers": 2, "rnn_size": 512, "dropout": 0.25, "num_epochs": 28, "learning_rate": 0.002,
+         "decay_rate": 0.92}),
+}
+for _preset in PRESETS.values():  # a preset names train.py flags only
+    TrainConfig(**_preset.settings)
 
 # Settings that a resume takes from the checkpoint's config.yaml unless given on the command line: they shape
 # the weights or the vocabulary.

@@ -8,7 +8,7 @@ import os
 import sys
 
 import cli
-from settings import CELL_TYPES, RESUMED_SETTINGS, STRATEGIES, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
+from settings import CELL_TYPES, PRESETS, RESUMED_SETTINGS, STRATEGIES, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
 
 DESCRIPTION = "Train a multi-layer LSTM/GRU/RNN language model over characters or words."
 
@@ -17,6 +17,11 @@ def build_parser():
     """The command line: the original's flags, names and defaults, plus a few new ones."""
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULTS.preset,
+                        help="settings measured for a time budget, recorded in config.yaml; flags given beside it "
+                             "override its settings. " + "; ".join(
+                                 f"{name}: {preset.summary} ({preset_flags(preset)})"
+                                 for name, preset in PRESETS.items()).replace("%", "%%"))
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", default=DEFAULTS.data_dir,
                       help="directory containing input.txt (the default corpus is downloaded when missing)")
@@ -91,6 +96,11 @@ def build_parser():
     return parser
 
 
+def preset_flags(preset):
+    """A preset's settings as the flags that give them."""
+    return " ".join(f"--{name} {value}" for name, value in preset.settings.items())
+
+
 def given_flags(argv):
     """The destinations of the flags present in argv (abbreviations included), as argparse reads them."""
     parser, absent = build_parser(), object()  # not a string: argparse converts string defaults with their type
@@ -105,6 +115,8 @@ def main(argv=None):
     settings = vars(args)
     if args.init_from:  # None: take it from the checkpoint
         settings.update({name: None for name in RESUMED_SETTINGS if name not in given})
+    if args.preset:  # its settings, as if given, under the flags actually given
+        settings.update({name: value for name, value in PRESETS[args.preset].settings.items() if name not in given})
     config = TrainConfig(**settings)
 
     def start():

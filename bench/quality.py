@@ -1,6 +1,6 @@
 """Quality yardstick: train a configuration on the first 90% of a text, report the loss on the last 10%.
 
-usage: python bench/quality.py --data ../shared/data/tinyshakespeare/input.txt [--num_epochs 50] [train.py flags]
+usage: python bench/quality.py --data ../shared/data/tinyshakespeare/input.txt [--preset best] [train.py flags]
 
 Prints one JSON line: val_loss_nats (mean next-token loss over every token of the held-out tail, read as one
 sequence with the state carried, as the PyTorch peer measures it), val_bits_per_token, and the run's settings.
@@ -24,7 +24,6 @@ import cli  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="path to a UTF-8 input.txt")
-    parser.add_argument("--num_epochs", type=cli.positive_int, default=50)
     parser.add_argument("--val_frac", type=cli.fraction, default=0.1)
     parser.add_argument("--work_dir", default=None, help="where to train (default: a temporary directory)")
     args, train_flags = parser.parse_known_args(argv)
@@ -40,8 +39,8 @@ def main(argv=None):
     shutil.copyfile(args.data, os.path.join(data_dir, "input.txt"))
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # progress lines go to stderr, the JSON line alone to stdout
-        code = train.main(["--data_dir", data_dir, "--save_dir", save_dir, "--num_epochs", str(args.num_epochs),
-                           "--val_frac", str(args.val_frac), "--print_every", "100", *train_flags])
+        code = train.main(["--data_dir", data_dir, "--save_dir", save_dir, "--val_frac", str(args.val_frac),
+                           "--print_every", "100", *train_flags])
     if code:
         return code
     train_seconds = time.perf_counter() - started
@@ -51,7 +50,8 @@ def main(argv=None):
     result = {"project": "char-rnn-tensorflow", "mode": "quality", "model": loaded.config["model"],
               "rnn_size": loaded.config["rnn_size"], "num_layers": loaded.config["num_layers"],
               "batch_size": loaded.config["batch_size"], "seq_length": loaded.config["seq_length"],
-              "num_epochs": args.num_epochs, "vocab_size": loaded.config["vocab_size"],
+              "num_epochs": loaded.config["num_epochs"], "preset": loaded.config.get("preset"),
+              "dropout": loaded.config["dropout"], "vocab_size": loaded.config["vocab_size"],
               "train_seconds": round(train_seconds, 1), "val_loss_nats": round(val_loss, 4),
               "val_bits_per_token": round(val_loss / math.log(2), 4), "val_tokens": count + 1}
     print(json.dumps(result))

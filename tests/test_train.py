@@ -359,3 +359,34 @@ def test_seed_is_saved_in_config_and_the_same_seed_repeats_the_run(tmp_path, dat
     if random_seed != 7:  # another seed, another run
         weights = [key for key in first if key.startswith("model/") and "head" in key]
         assert weights and any(not np.allclose(first[key], given[key]) for key in weights)
+
+
+def test_a_preset_sets_its_settings_under_the_flags_given_and_is_recorded(tmp_path, data_dir):
+    save = str(tmp_path / "save")
+    # fast's layers, learning rate and decay; rnn_size and num_epochs given beside it win.
+    code = train.main(["--preset", "fast", "--data_dir", data_dir, "--save_dir", save, "--rnn_size", "8",
+                       "--num_epochs", "1", "--batch_size", "4", "--seq_length", "10", "--print_every", "1000"])
+    assert code == 0
+    config = savedir.read_config(save)
+    fast = settings.PRESETS["fast"].settings
+    assert config["preset"] == "fast" and config["rnn_size"] == 8 and config["num_epochs"] == 1
+    assert {name: config[name] for name in fast if name not in ("rnn_size", "num_epochs")} == \
+        {name: value for name, value in fast.items() if name not in ("rnn_size", "num_epochs")}
+    # Without a preset nothing changes: config.yaml says so, and the defaults are the original's.
+    plain = str(tmp_path / "plain")
+    assert train.main(train_flags(data_dir, plain, "--num_epochs", 1)) == 0
+    assert savedir.read_config(plain)["preset"] is None
+    assert settings.TrainConfig().num_layers == 3 and settings.TrainConfig().rnn_size == 128
+
+
+def test_every_preset_is_listed_in_help_and_readme_and_an_unknown_one_is_one_line(capsys):
+    help_text = train.build_parser().format_help()
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    for name, preset in settings.PRESETS.items():
+        assert f"{name}:" in " ".join(help_text.split())
+        assert f"`--preset {name}`" in readme
+        settings.TrainConfig(**preset.settings)  # only train.py's settings
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--preset", "fastest"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err

@@ -55,6 +55,7 @@ RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 AUTO_SEED_LIMIT = 2 ** 31
 MAX_DIGITS = 20  # longer numbers are refused before int() spends time on them
 SHOWN_VALUE_CHARS = 40  # a refused value is quoted in the reason up to this length
+MAX_BATCH = 1024  # the largest --max_batch (each row holds a worker thread)
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
 
 # Query parameters of GET / and GET /sample.json, and the original server's defaults.
@@ -65,6 +66,7 @@ DEFAULT_SAMPLE_MODE = MODE_SAMPLE_ON_SPACES
 
 
 seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
+batch_rows = cli._number(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
 milliseconds = cli._number(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
 seconds_or_zero = cli._number(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
 
@@ -88,7 +90,7 @@ def build_parser():
                         help="largest n a request may ask for; above it the answer is 400")
     parser.add_argument("--max_prime", type=cli.positive_int, default=1000,
                         help="longest prime a request may give, in characters; above it the answer is 400")
-    parser.add_argument("--max_batch", type=cli.non_negative_int, default=32,
+    parser.add_argument("--max_batch", type=batch_rows, default=32,
                         help="requests generated together as the rows of one batch; one that arrives while a batch "
                              "runs joins it at the next block of 128 tokens (0: no batching, each request generates "
                              "alone on its own thread, --threads at once)")

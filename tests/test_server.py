@@ -620,3 +620,19 @@ def test_ctrl_c_or_sigterm_while_the_model_loads_exits_0_once_started(save_dir, 
     finally:
         for server in servers.values():
             server.stop()
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--max_batch", "5000"], "--max_batch: '5000' is not an integer from 0 to 1024"),
+    (["--max_batch", "-1"], "--max_batch: '-1' is not an integer from 0 to 1024"),
+    (["--max_wait_ms", "-1"], "--max_wait_ms: '-1' is not a number of milliseconds >= 0"),
+    (["--max_wait_ms", "nan"], "--max_wait_ms: 'nan'"),
+    (["--port", "70000"], "--port: 70000 is not a port number"),
+])
+def test_bad_flags_are_one_line_and_exit_2(flags, reason, capsys):
+    import sample_server
+    with pytest.raises(SystemExit) as exited:
+        sample_server.main(flags)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument " + reason.split(":")[0] in error and reason in error, error

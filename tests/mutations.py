@@ -39,11 +39,12 @@ MUTATIONS = [
              "return self.config.learning_rate", ("tests/test_train_loop.py", "-k", "learning_rate")),
     Mutation("dropout_off_in_model", "unrolled.py", "outputs.append(dropout(model.dropouts[i], h, training, rows))",
              "outputs.append(dropout(model.dropouts[i], h, False, rows))", ("tests/test_model.py", "-k", "drops")),
-    Mutation("top_k_is_one", "sampler.py", "k = tf.minimum(top_k, tf.shape(logits)[0])", "k = 1",
+    Mutation("top_k_is_one", "sampler.py", "k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)",
+             "k = tf.where(top_k > 0, tf.ones_like(top_k), vocab)",
              ("tests/test_sample.py", "-k", "top_k")),
     Mutation("seed_without_block_position", "sampler.py",
-             "steps = tf.fill(tf.shape(seeds), tf.cast(position + i, tf.int64))",
-             "steps = tf.fill(tf.shape(seeds), tf.cast(i, tf.int64))", ("tests/test_sample.py", "-k", "block")),
+             "token = choose_next(logits, previous, seeds, positions + tf.cast(i, tf.int64),",
+             "token = choose_next(logits, previous, seeds, 0 * positions + tf.cast(i, tf.int64),", ("tests/test_sample.py", "-k", "block")),
     Mutation("top_k_unbounded", "sampler.py", "if not 0 <= top_k <= MAX_N:", "if not 0 <= top_k:",
              ("tests/test_sample.py", "tests/test_server.py", "-k", "limits or bad_arguments")),
     Mutation("prime_limit_off_by_one", "sample_server.py", "if len(prime) > limits.max_prime:",
@@ -118,8 +119,9 @@ MUTATIONS = [
              "grads = tf.clip_by_global_norm([tf.convert_to_tensor(g) / replicas for g in grads], grad_clip)[0]",
              ("tests/test_distributed.py", "-k", "train_and_resume and 0.0")),
     # sample.py for daily use.
-    Mutation("top_p_keeps_one_more", "sampler.py", "kept = tf.reduce_sum(tf.cast(likelier < top_p, tf.int32))",
-             "kept = tf.reduce_sum(tf.cast(likelier <= top_p, tf.int32)) + 1", ("tests/test_sample.py", "-k", "top_p")),
+    Mutation("top_p_keeps_one_more", "sampler.py", "kept = tf.reduce_sum(tf.cast(likelier < top_p[:, tf.newaxis], tf.int32), axis=-1)",
+             "kept = tf.minimum(tf.reduce_sum(tf.cast(likelier <= top_p[:, tf.newaxis], tf.int32), axis=-1) + 1, "
+             "tf.shape(logits)[-1])", ("tests/test_sample.py", "-k", "top_p")),
     Mutation("stop_string_printed", "sampler.py", "final, self.pending = self.pending[:min(found)], \"\"",
              "final, self.pending = self.pending, \"\"", ("tests/test_sample_features.py", "-k", "stop")),
     Mutation("stop_string_not_held_back", "sampler.py",
@@ -129,6 +131,16 @@ MUTATIONS = [
              "seeds = tf.constant([(seed + row) % (MAX_SEED + 1) for row in range(rows)], tf.int64)",
              "seeds = tf.constant([seed for row in range(rows)], tf.int64)",
              ("tests/test_sample_features.py", "-k", "several_samples")),
+    # Continuous batching and the JSON API (issue 15).
+    Mutation("rows_share_the_first_rows_temperature", "batching.py",
+             "np.array([s.temperature for s in settings], np.float32)",
+             "np.array([settings[0].temperature for s in settings], np.float32)", ("tests/test_batching.py",)),
+    Mutation("rows_restart_their_draws_each_block", "batching.py",
+             "np.array([row.position for row in padded], np.int32)", "np.zeros(len(padded), np.int32)",
+             ("tests/test_batching.py",)),
+    Mutation("json_true_is_an_integer", "sample_server.py",
+             "if isinstance(value, bool) or not isinstance(value, kind):", "if not isinstance(value, kind):",
+             ("tests/test_server.py", "-k", "post_generate_refuses")),
 ]
 
 

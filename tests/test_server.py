@@ -493,7 +493,11 @@ def test_a_stream_client_that_leaves_frees_its_row_and_sigterm_under_load_exits_
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             answers = [pool.submit(client, index) for index in range(12)]
-            time.sleep(2)
+            deadline = time.monotonic() + 60
+            while not any(answer.done() for answer in answers[2:]):  # load: the short ones come and go
+                assert time.monotonic() < deadline, "no short request was answered within 60 s"
+                time.sleep(0.05)
+            time.sleep(0.5)
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             code = server.process.wait(timeout=30)

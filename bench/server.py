@@ -243,7 +243,7 @@ def main(argv=None):
 
 def median(values):
     values = [value for value in values if value is not None]
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 1) if values else None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.h
 JSON_BYTES_PER_PRIME_CHAR = 12
 JSON_BODY_OVERHEAD = 4096
 MAX_PORT = 65535
-# Worker threads beyond --threads + --queue: with every slot taken, these still answer 503 and /health at once.
+# Worker threads beyond --max_batch (or --threads) + --queue: with every place taken, these still answer 503 and
+# /health at once.
 SPARE_WORKERS = 4
 LISTEN_BACKLOG = 128  # connections the kernel holds before CherryPy accepts them (CherryPy's default is 5)
 SLOT_POLL_S = 0.1  # how often a waiting request checks whether the server is shutting down

@@ -665,7 +665,7 @@ def test_sigterm_stops_a_huge_generation_within_seconds_and_answers_it_503(train
     import threading
     log_path = str(tmp_path / "server.log")
     answers = []
-    with serving(trained_save_dir, log_path, "--threads", 1, "--max_n", 50_000_000) as (process, url):
+    with serving(trained_save_dir, log_path, "--max_batch", 1, "--max_n", 50_000_000) as (process, url):
         # Minutes of generation (the tiny model makes about 150,000 tokens a second on 2 cores): without a bound,
         # shutdown would wait for all of it.
         asking = threading.Thread(target=lambda: answers.append(
@@ -691,7 +691,7 @@ def test_80_silent_half_open_connections_delay_a_request_by_seconds_at_most(trai
         port = int(url.rsplit(":", 1)[1])
         silent = []
         try:
-            for _ in range(80):  # twice the worker threads (--threads + --queue + 4 = 40)
+            for _ in range(80):  # more than the worker threads (--max_batch + --queue + 4 = 68)
                 client = socket.create_connection(("127.0.0.1", port), timeout=10)
                 silent.append(client)
                 client.sendall(b"GET /?prime=the&n=5 HT")  # part of a request line, then nothing

@@ -52,6 +52,7 @@ SPARE_WORKERS = 4
 LISTEN_BACKLOG = 128  # connections the kernel holds before CherryPy accepts them (CherryPy's default is 5)
 SLOT_POLL_S = 0.1  # how often a waiting request checks whether the server is shutting down
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
+STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
 # A seed the server picks for a request without one: any seed works, a short one is easy to send back.
 AUTO_SEED_LIMIT = 2 ** 31
 MAX_DIGITS = 20  # longer numbers are refused before int() spends time on them
@@ -282,8 +283,7 @@ class AloneGeneration:
     """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text."""
 
     def __init__(self, slots, settings):
-        self.slots, self.settings, self.seed = slots, settings, settings.seed
-        self.made = 0
+        self.slots, self.settings = slots, settings
         self._left = False
 
     def __iter__(self):
@@ -296,9 +296,8 @@ class AloneGeneration:
             slots._count("rows", 1)
             try:
                 yield from slots.sampler.stream(self.settings)
-                self.made = self.settings.n
                 if slots.on_done is not None:
-                    slots.on_done(self.made)
+                    slots.on_done(self.settings.n)
             finally:
                 slots._count("rows", -1)
                 slots.generating.release()
@@ -436,7 +435,7 @@ class SampleService:
                 yield server_sent_event("text", {"text": piece})
             yield server_sent_event("done", {**settings_json(request), "tokens": request.n})
         except GenerationStopped:
-            yield server_sent_event("error", {"error": "the server is shutting down; the generation was stopped"})
+            yield server_sent_event("error", {"error": STOPPED_REASON})
         finally:
             generation.close()
 
@@ -475,7 +474,7 @@ class SampleService:
         try:
             text = "".join(generation)
         except GenerationStopped:
-            raise cherrypy.HTTPError(503, "the server is shutting down; the generation was stopped") from None
+            raise cherrypy.HTTPError(503, STOPPED_REASON) from None
         finally:
             generation.close()
         return request, text

@@ -14,11 +14,13 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -171,7 +173,6 @@ def measure(args, port, clients):
 def untrained_save_dir(data, work):
     """A save dir of an untrained 3 x 128 LSTM over the vocabulary of `data`."""
     cli.quiet_tensorflow()
-    import shutil
     from model import CharRNN
     from settings import ModelConfig, TRAIN_DEFAULTS as DEFAULTS
     from speed import write_save_dir
@@ -199,7 +200,6 @@ def result_line(setup, clients, args, latencies, failures, first_failure, second
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import tempfile
     work = tempfile.mkdtemp(prefix="char-rnn-bench-server-")
     servers = {}
     try:
@@ -224,7 +224,6 @@ def main(argv=None):
             server.send_signal(signal.SIGTERM)
         for server, _ in servers.values():
             server.wait(timeout=60)
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
     summary = {"project": "char-rnn-tensorflow", "mode": "server_summary", "model": model, "n": args.n,
                "rounds": args.rounds}

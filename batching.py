@@ -10,6 +10,10 @@ position in its sample, so its text is the one sample.py makes for the same sett
 products of the model's step and nothing else.
 
 Row counts are padded up to a power of two (or max_batch), so that XLA compiles the block for a few shapes only.
+
+BatcherPool runs several Batchers over the one Sampler, each on its own thread with its share of the rows, and
+sends each request to the least loaded: XLA runs a block on one core, so one batching thread leaves the other
+cores to the requests' own work, and the second thread of a 2-core machine serves 1.5 to 2 times the requests.
 """
 import contextlib
 import queue
@@ -23,8 +27,15 @@ from sampler import GENERATE_BLOCK, GenerationStopped, SampleText
 _DONE = object()  # the end of a Generation's pieces
 
 
+MIN_ROWS_PER_BATCHER = 16  # default_batchers gives a thread no fewer rows: fewer share too little of the products
+
+
 class Busy(Exception):
     """Every row of the batch and every waiting place is taken (the server answers 503)."""
+
+    def __init__(self, generating, waiting, flags="--max_batch, --queue"):
+        super().__init__(f"busy: {generating} requests are generating and {waiting} waiting ({flags}); retry in a "
+                         f"moment")
 
 
 class Generation:
@@ -81,6 +92,8 @@ class Batcher:
         self._pending = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
+        self.load = 0  # requests submitted and not finished (BatcherPool sends a request to the least loaded)
+        self._load_lock = threading.Lock()
         # Read by the metrics at each scrape; written by the batching thread only.
         self.rows = 0  # rows generating now
         self.on_block = None  # called with (rows, tokens made) after each block
@@ -96,17 +109,18 @@ class Batcher:
             if self._closed:
                 raise GenerationStopped("the server is shutting down")
             if not self._places.acquire(blocking=False):
-                raise Busy(f"busy: {self.max_batch} requests are generating and {self.max_waiting} waiting "
-                           f"(--max_batch, --queue); retry in a moment")
+                raise Busy(self.max_batch, self.max_waiting)
+        with self._load_lock:
+            self.load += 1
         try:
             # The prime's pass runs here, on the caller's thread, beside the other callers' and the batch.
             generation.row = self._row(generation)
         except BaseException:
-            self._places.release()
+            self._release()
             raise
         with self._lock:  # with close(): once closed, nothing more is queued
             if self._closed:
-                self._places.release()
+                self._release()
                 raise GenerationStopped("the server is shutting down")
             self._pending.put(generation)
         return generation
@@ -195,7 +209,7 @@ class Batcher:
     def _row(self, generation):
         """A new request's place in the batch, its prime fed."""
         previous, logits, states = self.generator.feed_prime(generation.ids)
-        return _Row(generation, int(previous), logits.numpy(), [state.numpy()[0] for state in states])
+        return _Row(generation, previous, logits, np.concatenate([state[0] for state in states]))
 
     def _start(self, generation):
         """A new request's row, or None when it needs no block (cancelled, or n = 0)."""
@@ -214,24 +228,23 @@ class Batcher:
         """One compiled block over the rows (padded with copies of the first up to the bucket size)."""
         padded = rows + [rows[0]] * (bucket(len(rows), self.max_batch) - len(rows))
         settings = [row.generation.settings for row in padded]
-        tokens, previous, logits, states = self.generator.block(
-            np.array([row.position for row in padded], np.int32),
+        # As many steps as the row that needs most still needs, at most a block: no steps after every row is done.
+        steps = min(GENERATE_BLOCK, max(row.generation.settings.n - row.position for row in rows))
+        tokens, previous, logits, states = self.generator.batch_block(
+            steps, np.array([row.position for row in padded], np.int32),
             np.array([row.previous for row in padded], np.int32),
-            np.stack([row.logits for row in padded]),
-            tuple(np.stack([row.states[i] for row in padded]) for i in range(len(rows[0].states))),
+            np.stack([row.logits for row in padded]), np.stack([row.states for row in padded]),
             np.array([s.temperature for s in settings], np.float32),
             np.array([row.generation.mode for row in padded], np.int32),
             np.array([row.generation.seed for row in padded], np.int64),
             np.array([s.top_k for s in settings], np.int32),
             np.array([s.top_p for s in settings], np.float32))
-        tokens, previous, logits = tokens.numpy(), previous.numpy(), logits.numpy()
-        states = [state.numpy() for state in states]
         made = 0
         for i, row in enumerate(rows):
             generation = row.generation
-            ids = tokens[i, :generation.settings.n - row.position]
-            row.previous, row.logits, row.states = int(previous[i]), logits[i], [state[i] for state in states]
-            row.position += GENERATE_BLOCK
+            ids = tokens[i, :min(generation.settings.n - row.position, steps)]
+            row.previous, row.logits, row.states = int(previous[i]), logits[i], states[i]
+            row.position += steps
             generation.made += len(ids)
             made += len(ids)
             generation._put(generation.text.add(ids))
@@ -252,4 +265,55 @@ class Batcher:
         if error is None:
             generation._put(generation.text.rest())
         generation._pieces.put(_DONE if error is None else error)
+        self._release()
+
+    def _release(self):
+        with self._load_lock:
+            self.load -= 1
         self._places.release()
+
+
+def default_batchers(max_batch, cores):
+    """The batching threads for max_batch rows on `cores` cores: one per core, each with MIN_ROWS_PER_BATCHER rows
+    or more (at least one thread)."""
+    return max(1, min(cores, max_batch // MIN_ROWS_PER_BATCHER))
+
+
+def split(total, parts):
+    """`total` in `parts` whole shares as even as can be, largest first: split(33, 2) == [17, 16]."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+class BatcherPool:
+    """`count` Batchers over one Sampler, max_batch rows and max_waiting waiting places split between them; a
+    request goes to the least loaded. The same interface as a Batcher (submit, close, rows, waiting); on_block is
+    called from every batching thread."""
+
+    def __init__(self, sampler, max_batch, max_wait_s, max_waiting, count, on_block=None):
+        if not 1 <= count <= max_batch:
+            raise ValueError(f"the batching threads must be from 1 to max_batch ({max_batch}), got {count}")
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.batchers = [Batcher(sampler, rows, max_wait_s, waiting)
+                         for rows, waiting in zip(split(max_batch, count), split(max_waiting, count))]
+        for batcher in self.batchers:
+            batcher.on_block = on_block
+
+    def submit(self, settings):
+        """Batcher.submit on the batcher with the most free places (Busy names the pool's totals)."""
+        batcher = max(self.batchers, key=lambda batcher: batcher.max_batch + batcher.max_waiting - batcher.load)
+        try:
+            return batcher.submit(settings)
+        except Busy:
+            raise Busy(self.max_batch, self.max_waiting) from None
+
+    @property
+    def rows(self):
+        return sum(batcher.rows for batcher in self.batchers)
+
+    @property
+    def waiting(self):
+        return sum(batcher.waiting for batcher in self.batchers)
+
+    def close(self):
+        for batcher in self.batchers:
+            batcher.close()

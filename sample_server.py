@@ -96,6 +96,9 @@ def build_parser():
                         help="requests generated together as the rows of one batch; one that arrives while a batch "
                              "runs joins it at the next block of 128 tokens (0: no batching, each request generates "
                              "alone on its own thread, --threads at once)")
+    parser.add_argument("--batchers", type=cli.non_negative_int, default=0,
+                        help="threads that run batches, each with its share of the --max_batch rows; a request "
+                             "goes to the least loaded (0: one per CPU core, each with 16 rows or more)")
     parser.add_argument("--max_wait_ms", type=milliseconds, default=2.0,
                         help="how long an idle server waits for more requests to start a batch with")
     parser.add_argument("--threads", type=cli.positive_int, default=4,
@@ -266,8 +269,7 @@ class OneAtATime:
         if self.closed.is_set():
             raise GenerationStopped("the server is shutting down")
         if not self.admitted.acquire(blocking=False):
-            raise Busy(f"busy: {self.running} requests are generating and {self.places} waiting (--threads, "
-                       f"--queue); retry in a moment")
+            raise Busy(self.running, self.places, "--threads, --queue")
         self._count("admitted_count", 1)
         return AloneGeneration(self, settings)
 
@@ -336,7 +338,7 @@ class ModelPlugin(SimplePlugin):
 
     def start(self):
         # Imported here, after serve() has imported TensorFlow quietly.
-        from batching import Batcher
+        from batching import BatcherPool, default_batchers
         from sampler import Sampler
         args = self.args
         self.bus.log(f"Loading the model in {args.save_dir}")
@@ -350,15 +352,17 @@ class ModelPlugin(SimplePlugin):
         self.description = (f"{args.save_dir}: {config['model']} {config['num_layers']}x{config['rnn_size']}, "
                             f"{'word' if sampler.word_level else 'character'} level, {len(sampler.vocab)} tokens")
         if args.max_batch:
-            self.generation = Batcher(sampler, args.max_batch, args.max_wait_ms / 1000, args.queue)
-            self.generation.on_block = self.metrics.observe_block
+            batchers = args.batchers or default_batchers(args.max_batch, len(os.sched_getaffinity(0)))
+            self.generation = BatcherPool(sampler, args.max_batch, args.max_wait_ms / 1000, args.queue, batchers,
+                                          on_block=self.metrics.observe_block)
+            how = f"batches of up to {args.max_batch} rows on {batchers} thread{'s' * (batchers > 1)}"
         else:
             self.generation = OneAtATime(sampler, args.threads, args.queue)
             self.generation.on_done = self.metrics.tokens.inc
+            how = "no batching"
         self.metrics.watch(self.generation)
         self.sampler = sampler
-        self.bus.log(f"Model ready: {self.description}"
-                     f"{f', batches of up to {args.max_batch}' if args.max_batch else ', no batching'}")
+        self.bus.log(f"Model ready: {self.description}, {how}")
     start.priority = 10  # first: the HTTP server (75) listens only once the model is ready
 
     def stop(self):
@@ -725,6 +729,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.port > MAX_PORT:
         parser.error(f"argument --port: {args.port} is not a port number (1 to {MAX_PORT})")
+    if args.batchers > max(args.max_batch, 1):
+        parser.error(f"argument --batchers: {args.batchers} threads cannot share {args.max_batch} rows "
+                     f"(--max_batch); give at most {max(args.max_batch, 1)}")
     return cli.run(lambda: serve(args))
 
 

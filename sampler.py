@@ -6,7 +6,9 @@ Sampler.load(save_dir) restores a save dir; sampler.run(SampleSettings(...)) che
 into ids (refusing unknown tokens by name), runs the generator and returns the prime followed by the generated
 text; sampler.sample(prime, n, ...) is the same with the settings as arguments.
 """
+import collections
 import secrets
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +24,7 @@ FLOAT32_MANTISSA_BITS = 23
 MAX_SEED = 2 ** 63 - 1
 MAX_N = 2 ** 30  # the generator counts tokens in int32
 MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
+PRIMES_KEPT = 256  # how many primes' states feed_prime keeps (the most recently used)
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
 EMPTY_PRIME_START = NEWLINE
@@ -105,8 +108,33 @@ def per_row(value, dtype, rows):
     return tf.fill([rows], tf.constant(value, dtype))
 
 
+class PrimeStates:
+    """The states after the most recently used primes (at most `size`), by prime: a server's clients often send
+    the same prime, and its state is the same state each time. Safe between threads. A plain object, so that
+    TensorFlow does not track it as part of the Generator (and an export does not save it)."""
+
+    def __init__(self, size):
+        self.size, self._kept, self._lock = size, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        """What put() kept for key, or None."""
+        with self._lock:
+            fed = self._kept.get(key)
+            if fed is not None:
+                self._kept.move_to_end(key)
+            return fed
+
+    def put(self, key, fed):
+        with self._lock:
+            self._kept[key] = fed
+            self._kept.move_to_end(key)
+            if len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+
 class Generator(tf.Module):
-    """Compiled sampling over one CharRNN; holds no Python state, so one instance serves many threads.
+    """Compiled sampling over one CharRNN; one instance serves many threads (its only Python state, the primes'
+    states it keeps, is locked).
 
     The token loop runs in blocks of GENERATE_BLOCK steps, each compiled by XLA into one fused program (a
     per-token graph loop spends most of its time dispatching small ops); a graph loop runs the blocks.
@@ -123,12 +151,16 @@ class Generator(tf.Module):
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
         # The code spells out its loops and conditions (tf.while_loop, tf.cond): without AutoGraph's conversion,
         # tracing takes a fifth of the time, which a one-off sample.py feels.
-        # reduce_retracing: the batching server calls it with many row counts; one trace serves them all (XLA
-        # still compiles each shape).
+        # reduce_retracing: run_many calls it with many row counts; one trace serves them all (XLA still compiles
+        # each shape).
         self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False,
                                   reduce_retracing=True)
         self._prime_pass = tf.function(self._feed_prime, autograph=False,
                                        input_signature=[tf.TensorSpec([None], tf.int32)])
+        self._primes = PrimeStates(PRIMES_KEPT)
+        self._packed_block = tf.function(self._generate_packed_block, jit_compile=jit_compile, autograph=False)
+        self._packed_block_call = None  # its concrete function, made at the first batch_block
+        self._packed_block_lock = threading.Lock()
 
     def stop(self):
         """Make every generate() call, running or later, stop before its next block: it then returns fewer
@@ -150,8 +182,8 @@ class Generator(tf.Module):
             (tf.constant(0), tf.zeros([1, self.model.vocab_size]), self.model.zero_state(1)))
         return prime[-1], logits[0], states
 
-    def _generate_block(self, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
-        """GENERATE_BLOCK more tokens for each row of (previous token [rows], its logits [rows, vocab], states):
+    def _generate_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+        """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits [rows, vocab], states):
         row r is at token positions[r] of its sample and draws with seeds[r], temperature[r], mode[r], top_k[r]
         and top_p[r] (each a vector over the rows, so that the rows of a batch may be different requests).
         Returns the tokens [rows, GENERATE_BLOCK] and the new carry. The rows share the model's matrix products
@@ -167,20 +199,55 @@ class Generator(tf.Module):
             return i + 1, token, next_logits, next_states, tokens.write(i, token)
 
         _, previous, logits, states, tokens = tf.while_loop(
-            lambda i, *_: i < GENERATE_BLOCK, body, (tf.constant(0), previous, logits, states, tokens))
+            lambda i, *_: i < steps, body, (tf.constant(0), previous, logits, states, tokens))
         return tf.transpose(tokens.stack()), previous, logits, states
 
-    def block(self, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
-        """One compiled block over rows that may be different requests (see _generate_block; the arguments are
-        tensors or arrays: int32 [rows] positions and previous, float32 [rows, vocab] logits, the model's states
-        [rows, size], then float32, int32, int64, int32, float32 [rows]). XLA compiles it once per row count."""
-        return self._block(positions, previous, logits, states, temperature, mode, seeds, top_k, top_p)
+    def _generate_packed_block(self, steps, positions, previous, logits, states, *settings):
+        """_generate_block with the states side by side in one [rows, num_states x size] tensor, in and out."""
+        states = tuple(tf.split(states, self.model.num_states, axis=1))
+        tokens, previous, logits, states = self._generate_block(steps, positions, previous, logits, states, *settings)
+        return tokens, previous, logits, tf.concat(states, axis=1)
+
+    def batch_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+        """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
+        for the batching server: numpy in and out, and the states side by side in one array. The arguments: int32
+        [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x size] states, then
+        the rows' float32 temperature, int32 mode, int64 seeds, int32 top_k, float32 top_p. Returns (tokens
+        [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits, states). XLA
+        compiles it once per row count.
+
+        Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
+        takes it back, and while the server's request threads run Python, each taking back waits for them (up to
+        the interpreter's switch interval). A block made of fewer such calls runs at its speed on a busy server
+        (five times as fast, measured beside three threads running Python)."""
+        with self._packed_block_lock:
+            if self._packed_block_call is None:
+                rows = [None]
+                self._packed_block_call = self._packed_block.get_concrete_function(
+                    tf.TensorSpec([], tf.int32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int32),
+                    tf.TensorSpec(rows + [self.model.vocab_size], tf.float32),
+                    tf.TensorSpec(rows + [self.model.num_states * self.model.rnn_size], tf.float32),
+                    tf.TensorSpec(rows, tf.float32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int64),
+                    tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.float32))
+        outputs = self._packed_block_call(
+            tf.constant(steps, tf.int32), *(tf.constant(value) for value in (
+                positions, previous, logits, states, temperature, mode, seeds, top_k, top_p)))
+        return tuple(output.numpy() for output in outputs)
 
     def feed_prime(self, prime):
         """Run the prime ids (a list, at least one) through the model: (its last id, the logits after it [vocab],
-        the states, each [1, size]). Traced once for every prime length; it releases the GIL while it runs, so
-        that the server's request threads feed their primes side by side."""
-        return self._prime_pass(tf.constant(prime, tf.int32))
+        the states, each [1, size]), as an int and read-only float32 numpy arrays. Traced once for all prime
+        lengths; it releases the GIL while it runs, so that the server's request threads feed their primes side by
+        side. The results for the PRIMES_KEPT primes fed last are kept, and given again for the same prime."""
+        key = np.asarray(prime, np.int32).tobytes()
+        fed = self._primes.get(key)
+        if fed is None:
+            previous, logits, states = self._prime_pass(tf.constant(prime, tf.int32))
+            fed = int(previous), logits.numpy(), tuple(state.numpy() for state in states)
+            for array in (fed[1], *fed[2]):
+                array.setflags(write=False)
+            self._primes.put(key, fed)
+        return fed
 
     def blocks(self, prime, n, temperature, mode, seed, top_k, top_p, rows=1):
         """generate(), block by block as they are made: yields int32 numpy arrays of at most GENERATE_BLOCK ids,
@@ -200,8 +267,8 @@ class Generator(tf.Module):
         for position in range(0, n, GENERATE_BLOCK):
             if self.stopped.numpy():
                 return
-            tokens, previous, logits, states = self._block(tf.fill([rows], position), previous, logits, states,
-                                                           *settings)
+            tokens, previous, logits, states = self._block(tf.constant(GENERATE_BLOCK), tf.fill([rows], position),
+                                                           previous, logits, states, *settings)
             tokens = tokens.numpy()[:, :n - position]
             yield tokens if rows > 1 else tokens[0]
 
@@ -228,7 +295,7 @@ class Generator(tf.Module):
 
         def body(b, previous, logits, states, blocks):
             tokens, previous, logits, states = self._block(
-                (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, temperature[tf.newaxis],
+                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, temperature[tf.newaxis],
                 mode[tf.newaxis], seed[tf.newaxis], top_k[tf.newaxis], top_p[tf.newaxis])
             return b + 1, previous, logits, states, blocks.write(b, tokens[0])
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from batching import Batcher, Busy, bucket
+from batching import Batcher, BatcherPool, Busy, bucket, default_batchers, split
 from sampler import GENERATE_BLOCK, GenerationStopped, Sampler
 from settings import SampleSettings
 
@@ -116,3 +116,36 @@ def test_many_threads_submitting_at_once_each_get_their_text(sampler, alone):
 def test_row_counts_are_padded_to_powers_of_two_up_to_the_largest_batch():
     assert [bucket(rows, 32) for rows in (1, 2, 3, 5, 8, 9, 31, 32)] == [1, 2, 4, 8, 8, 16, 32, 32]
     assert [bucket(rows, 12) for rows in (7, 9, 12)] == [8, 12, 12]
+
+
+def test_a_pool_sends_requests_to_the_least_loaded_batcher_and_each_gets_its_text(sampler, alone):
+    blocks = []
+    pool = BatcherPool(sampler, max_batch=4, max_wait_s=0.2, max_waiting=2, count=2,
+                       on_block=lambda rows, tokens: blocks.append((threading.current_thread().ident, rows)))
+    generations = [pool.submit(settings) for settings in REQUESTS[:4]]
+    assert [batcher.load for batcher in pool.batchers] == [2, 2]
+    assert pool.rows + pool.waiting <= 4
+    assert ["".join(generation) for generation in generations] == alone[:4]
+    assert len({thread for thread, _ in blocks}) == 2  # both batching threads ran blocks
+    assert max(rows for _, rows in blocks) == 2  # each with its share of the 4 rows
+    assert [batcher.load for batcher in pool.batchers] == [0, 0] and pool.rows == 0
+    pool.close()
+
+
+def test_a_full_pool_is_busy_with_its_totals(sampler):
+    pool = BatcherPool(sampler, max_batch=2, max_wait_s=0, max_waiting=0, count=2)
+    endless = [pool.submit(SampleSettings("the", 10 ** 8, mode=1, seed=seed)) for seed in (1, 2)]
+    with pytest.raises(Busy, match="busy: 2 requests are generating and 0 waiting"):
+        pool.submit(REQUESTS[0])
+    for generation in endless:
+        generation.close()
+    pool.close()
+
+
+def test_the_rows_are_split_between_one_batching_thread_per_core_with_16_rows_or_more():
+    assert split(33, 2) == [17, 16] and split(4, 4) == [1, 1, 1, 1] and split(0, 2) == [0, 0]
+    assert default_batchers(32, cores=2) == 2 and default_batchers(32, cores=16) == 2
+    assert default_batchers(8, cores=4) == 1 and default_batchers(256, cores=4) == 4
+    assert default_batchers(1, cores=1) == 1
+    with pytest.raises(ValueError, match="from 1 to max_batch"):
+        BatcherPool(None, max_batch=2, max_wait_s=0, max_waiting=0, count=3)

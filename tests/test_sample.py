@@ -10,7 +10,7 @@ import sample
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
 import sampler as sampler_module
-from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler, check_settings
+from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, PrimeStates, Sampler, check_settings
 from settings import SampleSettings
 
 WORD_TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 40
@@ -179,6 +179,23 @@ def test_new_temperatures_lengths_and_seeds_trace_the_graph_once(trained_save_di
         assert len(sampler.sample(prime, n, 1, temperature, seed, 3, 0.9)) == len(prime) + n
     # The block of tokens is traced and compiled once (the prime's pass runs eagerly).
     assert sampler.generator._block.experimental_get_tracing_count() == 1
+
+
+def test_a_prime_fed_again_gives_its_kept_state_and_the_oldest_kept_leaves_first(trained_save_dir):
+    sampler = Sampler.load(trained_save_dir)
+    generator = sampler.generator
+    the, cat = sampler.encode("the"), sampler.encode("the cat")
+    first = generator.feed_prime(the)
+    assert generator.feed_prime(the) is first  # kept: the same state, not fed again
+    previous, logits, states = first
+    assert previous == the[-1] and not logits.flags.writeable and not states[0].flags.writeable
+    generator._primes = PrimeStates(2)
+    kept_the = generator.feed_prime(the)
+    generator.feed_prime(cat)
+    generator.feed_prime(the)  # used last: "the cat" is now the oldest
+    generator.feed_prime(sampler.encode("a"))
+    assert generator.feed_prime(the) is kept_the and generator._primes.get(np.int32(cat).tobytes()) is None
+    assert sampler.sample("the", 60, 1, 1.0, 7) == Sampler.load(trained_save_dir).sample("the", 60, 1, 1.0, 7)
 
 
 def test_top_k_one_is_argmax(sampler):

@@ -632,6 +632,10 @@ def test_ctrl_c_or_sigterm_while_the_model_loads_exits_0_once_started(save_dir, 
     (["--max_wait_ms", "-1"], "--max_wait_ms: '-1' is not a number of milliseconds >= 0"),
     (["--max_wait_ms", "nan"], "--max_wait_ms: 'nan'"),
     (["--port", "70000"], "--port: 70000 is not a port number"),
+    (["--batchers", "-1"], "--batchers: '-1'"),
+    (["--batchers", "two"], "--batchers: 'two'"),
+    (["--batchers", "5", "--max_batch", "4"], "--batchers: 5 threads cannot share 4 rows (--max_batch); give at "
+                                               "most 4"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, reason, capsys):
     import sample_server

@@ -13,7 +13,8 @@ Row counts are padded up to a power of two (or max_batch), so that XLA compiles 
 
 BatcherPool runs several Batchers over the one Sampler, each on its own thread with its share of the rows, and
 sends each request to the least loaded: XLA runs a block on one core, so one batching thread leaves the other
-cores to the requests' own work, and the second thread of a 2-core machine serves 1.5 to 2 times the requests.
+cores to the requests' own work (at 32 clients on 2 cores, two threads served 172 to 229 requests/s where one
+served 147 to 158).
 """
 import contextlib
 import queue

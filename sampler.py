@@ -183,11 +183,12 @@ class Generator(tf.Module):
         return prime[-1], logits[0], states
 
     def _generate_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
-        """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits [rows, vocab], states):
-        row r is at token positions[r] of its sample and draws with seeds[r], temperature[r], mode[r], top_k[r]
-        and top_p[r] (each a vector over the rows, so that the rows of a batch may be different requests).
-        Returns the tokens [rows, GENERATE_BLOCK] and the new carry. The rows share the model's matrix products
-        only: each row's choice depends on its own logits and settings alone."""
+        """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits
+        [rows, vocab], states): row r is at token positions[r] of its sample and draws with seeds[r],
+        temperature[r], mode[r], top_k[r] and top_p[r] (each a vector over the rows, so that the rows of a batch
+        may be different requests). Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the
+        rest zeros) and the new carry. The rows share the model's matrix products only: each row's choice depends
+        on its own logits and settings alone."""
         tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
         positions = tf.cast(positions, tf.int64)
@@ -218,8 +219,8 @@ class Generator(tf.Module):
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
         takes it back, and while the server's request threads run Python, each taking back waits for them (up to
-        the interpreter's switch interval). A block made of fewer such calls runs at its speed on a busy server
-        (five times as fast, measured beside three threads running Python)."""
+        the interpreter's switch interval). Beside three threads running Python, a block of 16 rows took 316 to
+        373 ms called the plain way and 45 to 49 ms this way (32 to 36 ms with nothing beside it)."""
         with self._packed_block_lock:
             if self._packed_block_call is None:
                 rows = [None]
@@ -295,8 +296,8 @@ class Generator(tf.Module):
 
         def body(b, previous, logits, states, blocks):
             tokens, previous, logits, states = self._block(
-                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, temperature[tf.newaxis],
-                mode[tf.newaxis], seed[tf.newaxis], top_k[tf.newaxis], top_p[tf.newaxis])
+                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states,
+                temperature[tf.newaxis], mode[tf.newaxis], seed[tf.newaxis], top_k[tf.newaxis], top_p[tf.newaxis])
             return b + 1, previous, logits, states, blocks.write(b, tokens[0])
 
         def more(b, *_):

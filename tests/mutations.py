@@ -142,7 +142,7 @@ MUTATIONS = [
              "batcher = max(self.batchers, key=lambda batcher: batcher.max_batch + batcher.max_waiting - batcher.load)",
              "batcher = self.batchers[0]", ("tests/test_batching.py", "-k", "pool")),
     Mutation("kept_primes_ignore_the_prime", "sampler.py", "key = np.asarray(prime, np.int32).tobytes()",
-             "key = b''", ("tests/test_batching.py",)),
+             "key = b''", ("tests/test_sample.py", "-k", "prime_fed_again")),
     Mutation("packed_states_come_back_reversed", "sampler.py",
              "return tokens, previous, logits, tf.concat(states, axis=1)",
              "return tokens, previous, logits, tf.concat(states[::-1], axis=1)", ("tests/test_batching.py",)),

@@ -195,7 +195,11 @@ def test_a_prime_fed_again_gives_its_kept_state_and_the_oldest_kept_leaves_first
     generator.feed_prime(the)  # used last: "the cat" is now the oldest
     generator.feed_prime(sampler.encode("a"))
     assert generator.feed_prime(the) is kept_the and generator._primes.get(np.int32(cat).tobytes()) is None
-    assert sampler.sample("the", 60, 1, 1.0, 7) == Sampler.load(trained_save_dir).sample("the", 60, 1, 1.0, 7)
+    for ids in (the, cat, sampler.encode("a")):  # each prime's own state, whichever was kept
+        previous, logits, states = generator._prime_pass(tf.constant(ids, tf.int32))
+        fed = generator.feed_prime(ids)
+        assert fed[0] == int(previous) and np.array_equal(fed[1], logits.numpy())
+        assert all(np.array_equal(kept, state.numpy()) for kept, state in zip(fed[2], states))
 
 
 def test_top_k_one_is_argmax(sampler):

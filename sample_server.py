@@ -729,9 +729,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.port > MAX_PORT:
         parser.error(f"argument --port: {args.port} is not a port number (1 to {MAX_PORT})")
-    if args.batchers > max(args.max_batch, 1):
+    if args.batchers and not args.max_batch:
+        parser.error("argument --batchers: there are no batches with --max_batch 0; leave --batchers out")
+    if args.batchers > args.max_batch:
         parser.error(f"argument --batchers: {args.batchers} threads cannot share {args.max_batch} rows "
-                     f"(--max_batch); give at most {max(args.max_batch, 1)}")
+                     f"(--max_batch); give at most {args.max_batch}")
     return cli.run(lambda: serve(args))
 
 

@@ -636,6 +636,7 @@ def test_ctrl_c_or_sigterm_while_the_model_loads_exits_0_once_started(save_dir, 
     (["--batchers", "two"], "--batchers: 'two'"),
     (["--batchers", "5", "--max_batch", "4"], "--batchers: 5 threads cannot share 4 rows (--max_batch); give at "
                                                "most 4"),
+    (["--batchers", "1", "--max_batch", "0"], "--batchers: there are no batches with --max_batch 0"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, reason, capsys):
     import sample_server

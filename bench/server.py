@@ -7,7 +7,8 @@ usage: python bench/server.py --data ../shared/data/tinyshakespeare/input.txt [-
 For each client count, both servers are measured in turns (--rounds times, the order swapped each round) so that
 both see the same state of the machine. Prints one JSON line per measurement (requests_per_s, tokens_per_s,
 p50_ms and p99_ms of the answered requests as the clients see them, the count not answered 200), then one
-summary line with the ratios of batched to batching off. The clients run in this process and talk only to
+summary line with the ratios of batched to batching off. On Linux each line also gives the CPU the server used
+(cores, and milliseconds per answered request), read from /proc. The clients run in this process and talk only to
 127.0.0.1, each over one kept-alive connection; every request has its own seed, so no two answers are alike.
 """
 import argparse
@@ -148,26 +149,37 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def measure(args, port, clients):
-    """Run `clients` clients against a ready server; returns (answered latencies, failures, first failure,
-    seconds)."""
+def cpu_seconds(pid):
+    """CPU seconds (user and system) the process has used so far, or None where /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime, in clock ticks
+
+
+def measure(args, port, clients, pid):
+    """Run `clients` clients against a ready server (process `pid`); returns (answered latencies, failures,
+    first failure, seconds, the server's CPU seconds or None)."""
     budget, go, stop = Budget(args.max_requests or None), threading.Event(), threading.Event()
     clients = [Client(i, port, args, budget, go, stop) for i in range(clients)]
     for client in clients:
         client.start()
     for client in clients:
         client.ready.wait()
-    start = time.perf_counter()
+    cpu_start, start = cpu_seconds(pid), time.perf_counter()
     go.set()
     timer = threading.Timer(args.seconds, stop.set)
     timer.start()
     for client in clients:
         client.join()
-    seconds = time.perf_counter() - start
+    seconds, cpu_end = time.perf_counter() - start, cpu_seconds(pid)
     timer.cancel()
     latencies = [s for client in clients for s in client.latencies]
     first_failure = next((client.first_failure for client in clients if client.first_failure), None)
-    return latencies, sum(client.failures for client in clients), first_failure, seconds
+    cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
+    return latencies, sum(client.failures for client in clients), first_failure, seconds, cpu
 
 
 def untrained_save_dir(data, work):
@@ -186,13 +198,16 @@ def untrained_save_dir(data, work):
     return write_save_dir(model, data_dir, os.path.join(work, "save"))
 
 
-def result_line(setup, clients, args, latencies, failures, first_failure, seconds):
+def result_line(setup, clients, args, latencies, failures, first_failure, seconds, cpu):
     result = {"project": "char-rnn-tensorflow", "mode": "server", "setup": setup, "clients": clients, "n": args.n,
               "requests": len(latencies), "not_200": failures, "seconds": round(seconds, 2),
               "requests_per_s": round(len(latencies) / seconds, 1),
               "tokens_per_s": round(len(latencies) * args.n / seconds),
               "p50_ms": round(1000 * percentile(latencies, 0.50), 1) if latencies else None,
               "p99_ms": round(1000 * percentile(latencies, 0.99), 1) if latencies else None}
+    if cpu is not None and latencies:
+        result["server_cpu_cores"] = round(cpu / seconds, 2)
+        result["server_cpu_ms_per_request"] = round(1000 * cpu / len(latencies), 2)
     if first_failure:
         result["first_failure"] = first_failure
     return result
@@ -213,7 +228,8 @@ def main(argv=None):
             for round_ in range(args.rounds):
                 order = list(SETUPS) if round_ % 2 == 0 else list(SETUPS)[::-1]
                 for setup in order:
-                    measured = measure(args, servers[setup][1], clients)
+                    server, port = servers[setup]
+                    measured = measure(args, port, clients, server.pid)
                     line = result_line(setup, clients, args, *measured)
                     print(json.dumps(line), flush=True)
                     results.setdefault((setup, clients), []).append(line)
@@ -234,6 +250,8 @@ def main(argv=None):
             summary[f"{setup}_{clients}_p50_ms"] = median(line["p50_ms"] for line in lines)
             summary[f"{setup}_{clients}_p99_ms"] = median(line["p99_ms"] for line in lines)
             summary[f"{setup}_{clients}_not_200"] = sum(line["not_200"] for line in lines)
+            summary[f"{setup}_{clients}_server_cpu_ms_per_request"] = median(
+                line.get("server_cpu_ms_per_request") for line in lines)
         summary[f"ratio_{clients}_clients"] = round(summary[f"batched_{clients}_requests_per_s"]
                                                     / summary[f"batching_off_{clients}_requests_per_s"], 2)
     print(json.dumps(summary))

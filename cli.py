@@ -110,6 +110,11 @@ def quiet_tensorflow(one_thread_per_op=False):
         set_one_thread_per_op(tf)
 
 
+def usable_cores():
+    """The processors this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def set_one_thread_per_op(tf):
     """For training on a machine of at most ONE_THREAD_PER_OP_CPUS processors: run each op on one thread.
 
@@ -119,7 +124,7 @@ def set_one_thread_per_op(tf):
     server, with its concurrent requests, loses about a tenth, so only training asks for it.
     TF_NUM_INTRAOP_THREADS overrides it.
     """
-    if "TF_NUM_INTRAOP_THREADS" in os.environ or len(os.sched_getaffinity(0)) > ONE_THREAD_PER_OP_CPUS:
+    if "TF_NUM_INTRAOP_THREADS" in os.environ or usable_cores() > ONE_THREAD_PER_OP_CPUS:
         return
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)

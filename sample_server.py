@@ -352,7 +352,7 @@ class ModelPlugin(SimplePlugin):
         self.description = (f"{args.save_dir}: {config['model']} {config['num_layers']}x{config['rnn_size']}, "
                             f"{'word' if sampler.word_level else 'character'} level, {len(sampler.vocab)} tokens")
         if args.max_batch:
-            batchers = args.batchers or default_batchers(args.max_batch, len(os.sched_getaffinity(0)))
+            batchers = args.batchers or default_batchers(args.max_batch, cli.usable_cores())
             self.generation = BatcherPool(sampler, args.max_batch, args.max_wait_ms / 1000, args.queue, batchers,
                                           on_block=self.metrics.observe_block)
             how = f"batches of up to {args.max_batch} rows on {batchers} thread{'s' * (batchers > 1)}"

@@ -10,11 +10,22 @@ p50_ms and p99_ms of the answered requests as the clients see them, the count no
 summary line with the ratios of batched to batching off. On Linux each line also gives the CPU the server used
 (cores, and milliseconds per answered request), read from /proc. The clients run in this process and talk only to
 127.0.0.1, each over one kept-alive connection; every request has its own seed, so no two answers are alike.
+
+The ceiling (on Linux, unless --ceiling 0): the requests/s that batching could reach on this machine at the largest
+client count if every row of every block were filled and no core ever waited. It adds, per request, the CPU of a
+request for one token (the batched server's and the clients': HTTP, the checks, the hand-offs, everything but the
+tokens) and n times the CPU per token of blocks whose rows are all filled (timed in this process once the servers
+have stopped, with every core busy, for the server's rows per batching thread and for all its rows on each thread;
+the cheaper counts). The usable cores divided by that sum is the ceiling, and the ceiling over batching off's
+requests/s is the best ratio this machine allows. GET /health's CPU per request is given beside it: what CherryPy
+spends on a request that does nothing.
 """
 import argparse
 import http.client
 import json
+import copy
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -50,6 +61,8 @@ def build_parser():
     parser.add_argument("--rounds", type=cli.positive_int, default=2, help="measurements of each server per count")
     parser.add_argument("--max_requests", type=cli.non_negative_int, default=0,
                         help="stop a measurement after this many requests in all (0: only --seconds limits)")
+    parser.add_argument("--ceiling", type=int, default=1, choices=[0, 1],
+                        help="1: also measure the ceiling of batching on this machine (see above; about 20 s more)")
     return parser
 
 
@@ -95,8 +108,9 @@ class Client(threading.Thread):
     """Warms up, sets `ready`, waits for `go`, then sends requests over one connection until `stop` is set or the
     budget is spent; keeps the latency of every 200 and counts the rest."""
 
-    def __init__(self, index, port, args, budget, go, stop):
+    def __init__(self, index, port, args, budget, go, stop, path=None):
         super().__init__(daemon=True)
+        self.path = path  # None: a sample request of --prime and n
         index += 1000 * port  # every measurement asks for other seeds
         self.index, self.args, self.budget, self.go, self.stop = index, args, budget, go, stop
         self.ready = threading.Event()
@@ -105,7 +119,8 @@ class Client(threading.Thread):
 
     def request(self, number):
         seed = self.index * 10 ** 9 + number
-        self.connection.request("GET", f"/?prime={self.args.prime}&n={self.args.n}&sample_mode=1&seed={seed}")
+        path = self.path or f"/?prime={self.args.prime}&n={self.args.n}&sample_mode=1&seed={seed}"
+        self.connection.request("GET", path)
         response = self.connection.getresponse()
         body = response.read()
         if response.will_close:
@@ -159,27 +174,34 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime, in clock ticks
 
 
-def measure(args, port, clients, pid):
-    """Run `clients` clients against a ready server (process `pid`); returns (answered latencies, failures,
-    first failure, seconds, the server's CPU seconds or None)."""
+def measure(args, port, clients, pid, path=None):
+    """Run `clients` clients against a ready server (process `pid`), each asking for `path` (None: samples of
+    args.n tokens); returns (answered latencies, failures,
+    first failure, seconds, the server's CPU seconds or None, the clients' CPU seconds)."""
     budget, go, stop = Budget(args.max_requests or None), threading.Event(), threading.Event()
-    clients = [Client(i, port, args, budget, go, stop) for i in range(clients)]
+    clients = [Client(i, port, args, budget, go, stop, path) for i in range(clients)]
     for client in clients:
         client.start()
     for client in clients:
         client.ready.wait()
-    cpu_start, start = cpu_seconds(pid), time.perf_counter()
+    cpu_start, start, clients_start = cpu_seconds(pid), time.perf_counter(), own_cpu_seconds()
     go.set()
     timer = threading.Timer(args.seconds, stop.set)
     timer.start()
     for client in clients:
         client.join()
-    seconds, cpu_end = time.perf_counter() - start, cpu_seconds(pid)
+    seconds, cpu_end, clients_cpu = time.perf_counter() - start, cpu_seconds(pid), own_cpu_seconds() - clients_start
     timer.cancel()
     latencies = [s for client in clients for s in client.latencies]
     first_failure = next((client.first_failure for client in clients if client.first_failure), None)
     cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
-    return latencies, sum(client.failures for client in clients), first_failure, seconds, cpu
+    return latencies, sum(client.failures for client in clients), first_failure, seconds, cpu, clients_cpu
+
+
+def own_cpu_seconds():
+    """CPU seconds (user and system) this process has used so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def untrained_save_dir(data, work):
@@ -198,7 +220,7 @@ def untrained_save_dir(data, work):
     return write_save_dir(model, data_dir, os.path.join(work, "save"))
 
 
-def result_line(setup, clients, args, latencies, failures, first_failure, seconds, cpu):
+def result_line(setup, clients, args, latencies, failures, first_failure, seconds, cpu, clients_cpu):
     result = {"project": "char-rnn-tensorflow", "mode": "server", "setup": setup, "clients": clients, "n": args.n,
               "requests": len(latencies), "not_200": failures, "seconds": round(seconds, 2),
               "requests_per_s": round(len(latencies) / seconds, 1),
@@ -208,6 +230,8 @@ def result_line(setup, clients, args, latencies, failures, first_failure, second
     if cpu is not None and latencies:
         result["server_cpu_cores"] = round(cpu / seconds, 2)
         result["server_cpu_ms_per_request"] = round(1000 * cpu / len(latencies), 2)
+    if latencies:
+        result["clients_cpu_ms_per_request"] = round(1000 * clients_cpu / len(latencies), 2)
     if first_failure:
         result["first_failure"] = first_failure
     return result
@@ -233,13 +257,15 @@ def main(argv=None):
                     line = result_line(setup, clients, args, *measured)
                     print(json.dumps(line), flush=True)
                     results.setdefault((setup, clients), []).append(line)
+        floors = None
+        if args.ceiling and cpu_seconds(os.getpid()) is not None:
+            floors = request_floors(args, *servers["batched"])
+        stop_servers(servers)
+        token_ms = block_cpu_ms_per_token(save_dir, args) if floors else None
     except RuntimeError as error:
         return cli.fail(error, cli.EXIT_FAILURE)
     finally:
-        for server, _ in servers.values():
-            server.send_signal(signal.SIGTERM)
-        for server, _ in servers.values():
-            server.wait(timeout=60)
+        stop_servers(servers)
         shutil.rmtree(work, ignore_errors=True)
     summary = {"project": "char-rnn-tensorflow", "mode": "server_summary", "model": model, "n": args.n,
                "rounds": args.rounds}
@@ -254,8 +280,78 @@ def main(argv=None):
                 line.get("server_cpu_ms_per_request") for line in lines)
         summary[f"ratio_{clients}_clients"] = round(summary[f"batched_{clients}_requests_per_s"]
                                                     / summary[f"batching_off_{clients}_requests_per_s"], 2)
+    if floors:
+        summary |= ceiling(args, floors, token_ms, summary)
     print(json.dumps(summary))
     return 0
+
+
+def stop_servers(servers):
+    """SIGTERM the servers and wait for them; empties `servers`."""
+    for server, _ in servers.values():
+        server.send_signal(signal.SIGTERM)
+    for server, _ in servers.values():
+        server.wait(timeout=60)
+    servers.clear()
+
+
+def request_floors(args, server, port):
+    """The batched server's CPU per request apart from the tokens, at the largest client count: (GET /health's
+    line, that of requests for one token); each line's CPU counts the server's and the clients'."""
+    clients, bare = max(args.clients), copy.copy(args)
+    lines = []
+    for n, path in ((0, "/health"), (1, None)):
+        bare.n = n
+        lines.append(result_line("batched", clients, bare, *measure(bare, port, clients, server.pid, path)))
+        lines[-1]["path"] = path or "/?n=1"
+        print(json.dumps(lines[-1]), flush=True)
+    return lines
+
+
+def block_cpu_ms_per_token(save_dir, args):
+    """{rows: CPU milliseconds per token of the batching server's blocks with every row filled and every core
+    busy}: as many batching threads as the server runs (the defaults, on this machine's cores), each with `rows`
+    rows, for the server's rows per thread and for all its rows on each thread. The threads make as many requests
+    of `--prime` as they have rows, submitted together so that they start and end together; timed after one round
+    that compiles the block. (A thread alone would count the CPU that TensorFlow's idle worker threads spend
+    waiting for work: with every core busy they spend none.)"""
+    cli.quiet_tensorflow()
+    import batching
+    import sample_server
+    from sampler import GENERATE_BLOCK, Sampler
+    from settings import SampleSettings
+    sampler, blocks = Sampler.load(save_dir), 10
+    max_batch = sample_server.build_parser().get_default("max_batch")
+    threads = batching.default_batchers(max_batch, cli.usable_cores())
+    cpu_ms = {}
+    for rows in sorted({batching.split(max_batch, threads)[0], max_batch}):
+        pool = batching.BatcherPool(sampler, rows * threads, max_wait_s=10.0, max_waiting=0, count=threads)
+
+        def full_rows(n):
+            generations = [pool.submit(SampleSettings(args.prime, n, seed=row)) for row in range(rows * threads)]
+            for generation in generations:
+                "".join(generation)
+        try:
+            full_rows(GENERATE_BLOCK)  # compiles the block for this row count
+            start = own_cpu_seconds()
+            full_rows(blocks * GENERATE_BLOCK)
+            cpu_ms[rows] = 1000 * (own_cpu_seconds() - start) / (rows * threads * blocks * GENERATE_BLOCK)
+        finally:
+            pool.close()
+    return cpu_ms
+
+
+def ceiling(args, floors, token_ms, summary):
+    """The ceiling of batching at the largest client count (see the module's docstring), as summary fields."""
+    clients = max(args.clients)
+    health, one_token = (line["server_cpu_ms_per_request"] + line["clients_cpu_ms_per_request"] for line in floors)
+    requests_per_s = 1000 * cli.usable_cores() / (one_token + args.n * min(token_ms.values()))
+    return {f"ceiling_{clients}_health_cpu_ms_per_request": round(health, 2),
+            f"ceiling_{clients}_cpu_ms_per_request_without_tokens": round(one_token, 2),
+            **{f"ceiling_cpu_ms_per_token_{rows}_rows": round(ms, 4) for rows, ms in token_ms.items()},
+            f"ceiling_{clients}_requests_per_s": round(requests_per_s, 1),
+            f"ceiling_ratio_{clients}_clients": round(
+                requests_per_s / summary[f"batching_off_{clients}_requests_per_s"], 2)}
 
 
 def median(values):

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from batching import Batcher, BatcherPool, Busy, bucket, default_batchers, split
+from batching import MIN_BLOCK_STEPS, Batcher, BatcherPool, Busy, block_steps, bucket, default_batchers, split
 from sampler import GENERATE_BLOCK, GenerationStopped, Sampler
 from settings import SampleSettings
 
@@ -111,6 +111,25 @@ def test_many_threads_submitting_at_once_each_get_their_text(sampler, alone):
         thread.join(timeout=120)
     assert answers == [alone[i % len(REQUESTS)] for i in range(16)]
     batcher.close()
+
+
+def test_a_block_ends_when_its_first_row_is_done(sampler):
+    batcher = Batcher(sampler, max_batch=4, max_wait_s=0.5, max_waiting=4)
+    blocks = []
+    batcher.on_block = lambda rows, tokens: blocks.append((rows, tokens))
+    settings = [SampleSettings("dog", 3 * GENERATE_BLOCK, mode=1, seed=7), SampleSettings("the", 40, mode=1, seed=8)]
+    generations = [batcher.submit(one) for one in settings]
+    assert ["".join(generation) for generation in generations] == [sampler.run(one) for one in settings]
+    # Both rows for the short one's 40 steps, then the long one alone in whole blocks.
+    assert blocks == [(2, 80), (1, GENERATE_BLOCK), (1, GENERATE_BLOCK), (1, GENERATE_BLOCK - 40)]
+    batcher.close()
+
+
+def test_block_steps_stop_at_the_first_row_done_but_not_below_the_least():
+    assert block_steps([3 * GENERATE_BLOCK]) == GENERATE_BLOCK
+    assert block_steps([200, 72]) == 72
+    assert block_steps([200, 5]) == MIN_BLOCK_STEPS  # shorter blocks cost more than the steps they save
+    assert block_steps([5]) == 5 and block_steps([5, 10]) == 10  # never past the last row's end
 
 
 def test_row_counts_are_padded_to_powers_of_two_up_to_the_largest_batch():

@@ -30,7 +30,7 @@ class ServiceMetrics:
                                  registry=self.registry)
         self.generating = Gauge("char_rnn_generating", "Requests generating now (rows of the batch)",
                                 registry=self.registry)
-        self.batch_rows = Histogram("char_rnn_batch_rows", "Rows of each generated block of 128 tokens",
+        self.batch_rows = Histogram("char_rnn_batch_rows", "Rows of each generated block (of at most 128 tokens)",
                                     buckets=ROW_BUCKETS, registry=self.registry)
         self.tokens = Counter("char_rnn_tokens_generated", "Tokens generated", registry=self.registry)
 

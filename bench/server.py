@@ -21,9 +21,9 @@ requests/s is the best ratio this machine allows. GET /health's CPU per request 
 spends on a request that does nothing.
 """
 import argparse
+import copy
 import http.client
 import json
-import copy
 import os
 import resource
 import shutil
@@ -176,8 +176,8 @@ def cpu_seconds(pid):
 
 def measure(args, port, clients, pid, path=None):
     """Run `clients` clients against a ready server (process `pid`), each asking for `path` (None: samples of
-    args.n tokens); returns (answered latencies, failures,
-    first failure, seconds, the server's CPU seconds or None, the clients' CPU seconds)."""
+    args.n tokens); returns (answered latencies, failures, first failure, seconds, the server's CPU seconds or
+    None, the clients' CPU seconds)."""
     budget, go, stop = Budget(args.max_requests or None), threading.Event(), threading.Event()
     clients = [Client(i, port, args, budget, go, stop, path) for i in range(clients)]
     for client in clients:

@@ -313,8 +313,8 @@ def block_cpu_ms_per_token(save_dir, args):
     busy}: as many batching threads as the server runs (the defaults, on this machine's cores), each with `rows`
     rows, for the server's rows per thread and for all its rows on each thread. The threads make as many requests
     of `--prime` as they have rows, submitted together so that they start and end together; timed after one round
-    that compiles the block. (A thread alone would count the CPU that TensorFlow's idle worker threads spend
-    waiting for work: with every core busy they spend none.)"""
+    that compiles the block. (A thread alone would count the CPU that TensorFlow spends spreading parts of each
+    block over the idle cores, for no gain in time: with every core busy it spends none.)"""
     cli.quiet_tensorflow()
     import batching
     import sample_server

@@ -94,8 +94,8 @@ def build_parser():
                         help="longest prime a request may give, in characters; above it the answer is 400")
     parser.add_argument("--max_batch", type=batch_rows, default=32,
                         help="requests generated together as the rows of one batch; one that arrives while a batch "
-                             "runs joins it at the next block (of at most 128 tokens; 0: no batching, each request generates "
-                             "alone on its own thread, --threads at once)")
+                             "runs joins it at the next block (of at most 128 tokens; 0: no batching, each request "
+                             "generates alone on its own thread, --threads at once)")
     parser.add_argument("--batchers", type=cli.non_negative_int, default=0,
                         help="threads that run batches, each with its share of the --max_batch rows; a request "
                              "goes to the least loaded (0: one per CPU core, each with 16 rows or more)")

@@ -1,4 +1,5 @@
-"""The network: dropout as a drop probability, and a clear refusal of unknown cell types."""
+"""The network: dropout as a drop probability, a clear refusal of unknown cell types, and its fast paths against
+the Keras layers (the unrolled training pass; sampling's `step`, with every weight and bias away from zero)."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,6 +9,19 @@ import settings
 import unrolled
 from model import CharRNN
 from settings import ModelConfig
+
+WEIGHT_MAGNITUDES = (0.1, 0.5)  # random weights' sizes: never zero, small enough that no gate saturates
+
+
+def randomize_every_weight(net, seed):
+    """Set every weight of `net`, biases included, to random values of either sign away from zero.
+
+    Fresh models' biases are zero (LSTM forget gates one), and a bias added in the wrong place changes nothing
+    while it is zero: the fast paths must be compared on weights like a trained model's."""
+    rng = np.random.default_rng(seed)
+    for weight in net.trainable_variables:
+        magnitude = rng.uniform(*WEIGHT_MAGNITUDES, size=weight.shape)
+        weight.assign(magnitude * rng.choice([-1.0, 1.0], size=weight.shape))
 
 
 def test_dropout_drops_in_training_only():
@@ -70,8 +84,7 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
     tf.keras.utils.set_random_seed(1)
     net = CharRNN(ModelConfig(vocab_size, cell, 16, 2))
     net.build_weights()
-    for weight in net.trainable_variables:  # larger weights than the initializers', so that argmax varies
-        weight.assign(weight * 3.0)
+    randomize_every_weight(net, seed=vocab_size)  # biases too; and larger weights, so that argmax varies
     prime = [1, 2, 3]
     generator = sampler.Generator(net)
     generated = generator.generate(tf.constant(prime), 12, 1.0, settings.MODE_ARGMAX, 0, 0, 1.0).numpy()
@@ -118,3 +131,25 @@ def test_the_network_drops_units_of_its_output_in_training_passes_only(cell, ste
             logits, new_states, _ = unrolled.training_pass(net, ids, states, tape)
         masks.append(assert_dropped(logits, new_states, f"training pass {call}"))
     assert all((mask != masks[0]).any() for mask in masks[1:])  # a fresh mask every pass
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_step_computes_the_layers_logits_and_states_with_non_zero_biases(cell, monkeypatch):
+    net = CharRNN(ModelConfig(12, cell, 16, 2))
+    net.build_weights()
+    randomize_every_weight(net, seed=3)
+    assert all((weight.numpy() != 0).all() for weight in net.trainable_variables)
+    steps = 6
+    ids = tf.constant(np.random.default_rng(1).integers(0, 12, size=(3, steps)), tf.int32)
+    states = tuple(tf.random.stateless_normal([3, 16], seed=[i, 2]) for i in range(net.num_states))
+    monkeypatch.setattr(unrolled, "UNROLL_MAX_STEPS", 0)  # the reference: the Keras layers themselves
+    expected, expected_states = net(ids, states)
+    # Sampling's step, with the first layer's input products by the kernel and from the table (small vocabularies).
+    for table in (None, net.input_projection_table()):
+        step_states = states
+        for t in range(steps):
+            logits, step_states = net.step(ids[:, t], step_states, table)
+            np.testing.assert_allclose(logits.numpy(), expected[:, t].numpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"logits of step {t}, table {table is not None}")
+        for ours, theirs in zip(step_states, expected_states, strict=True):
+            np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-5)

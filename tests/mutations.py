@@ -157,6 +157,8 @@ MUTATIONS = [
              "x_bias, h_bias = unrolled.split_bias(self.cell_type, cell.bias.value)",
              "x_bias, h_bias = (tf.reduce_sum(cell.bias.value, 0), None) if self.cell_type == \"gru\" "
              "else (cell.bias.value, None)", ("tests/test_model.py", "-k", "step_computes")),
+    Mutation("stop_string_latest_wins", "sampler.py", "final, self.pending = self.pending[:min(found)], \"\"",
+             "final, self.pending = self.pending[:max(found)], \"\"", ("tests/test_sample_features.py", "-k", "stop")),
 ]
 
 

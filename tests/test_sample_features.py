@@ -48,6 +48,21 @@ def test_a_stop_string_cuts_the_text_right_before_its_first_occurrence(sampler):
     assert "".join(pieces) == "the " + generated[:first] and not any(across in piece for piece in pieces)
 
 
+def test_of_two_stop_strings_in_one_block_the_earliest_wins_in_either_order(sampler):
+    settings = SampleSettings("the ", 2 * GENERATE_BLOCK, 1, 1.3, 4)
+    generated = sampler.run(settings)[len("the "):]
+    # Two different strings of one length, taken from the first block: their first occurrences differ, and the
+    # block's text holds both when it is searched. Whichever comes first in the text ends it, in either order.
+    length = 4
+    first = generated[20:20 + length]
+    second = next(generated[k:k + length] for k in range(70, GENERATE_BLOCK - length)
+                  if generated[k:k + length] != first)
+    earliest = min(generated.find(first), generated.find(second))
+    expected = "the " + generated[:earliest]
+    for stops in ([first, second], [second, first]):
+        assert sampler.run(settings, stops) == expected, stops
+        assert "".join(sampler.stream(settings, stops)) == expected, stops
+
 def test_stop_strings_at_word_level_cut_between_words(tmp_path_factory):
     import train
     from conftest import TINY_MODEL, make_data_dir

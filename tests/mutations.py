@@ -159,6 +159,13 @@ MUTATIONS = [
              "else (cell.bias.value, None)", ("tests/test_model.py", "-k", "step_computes")),
     Mutation("stop_string_latest_wins", "sampler.py", "final, self.pending = self.pending[:min(found)], \"\"",
              "final, self.pending = self.pending[:max(found)], \"\"", ("tests/test_sample_features.py", "-k", "stop")),
+    Mutation("word_space_before_line_break", "utils.py", "if token != NEWLINE and pieces and pieces[-1] != NEWLINE:",
+             "if pieces and pieces[-1] != NEWLINE:", ("tests/test_words.py", "-k", "line_break")),
+    Mutation("word_space_after_line_break", "utils.py", "if token != NEWLINE and pieces and pieces[-1] != NEWLINE:",
+             "if token != NEWLINE and pieces:", ("tests/test_words.py", "-k", "line_break")),
+    Mutation("prime_space_before_line_break", "sampler.py",
+             "and not prime[-1].isspace() and text[0] != NEWLINE:", "and not prime[-1].isspace():",
+             ("tests/test_words.py", "-k", "line_break")),
 ]
 
 

@@ -18,7 +18,7 @@ import savedir
 import train
 import utils
 from conftest import REAL_CORPUS, TINY_MODEL, make_data_dir, run_script
-from sampler import Sampler
+from sampler import Sampler, SampleText
 from test_evaluate import reference_loss
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
@@ -139,6 +139,31 @@ def test_word_and_character_caches_of_one_data_dir_never_mix(word_models, tmp_pa
     assert words.vocab == WORDS and len(words.ids) == len(utils.split_words(WORD_TEXT))
     assert "".join(characters.vocab[i] for i in characters.ids) == WORD_TEXT
     assert len(glob.glob(os.path.join(data, utils.CACHE_PREFIX + "*.vocab.json"))) == 3  # capped, words, chars
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Word level: the spaces around line breaks, compared exactly (splitting on whitespace would hide an extra one)
+
+
+@pytest.mark.parametrize("text", ["a b\nc d", "a b\n\nc d\n", "\na b", "a\n\n"])
+def test_word_text_round_trips_with_no_space_on_either_side_of_a_line_break(text):
+    assert utils.join_tokens(utils.tokenize(text, word_level=True), word_level=True) == text
+
+
+# Words the sampler makes after each prime, and the text sample.py prints for them.
+SPACED_WORDS = ["\n", "the", "cat", "\n", "\n", "sat", "on", "\n", "the"]
+SPACED_TEXTS = {"the": "the\nthe cat\n\nsat on\nthe", "the\n": "the\n\nthe cat\n\nsat on\nthe",
+                "": "\nthe cat\n\nsat on\nthe"}
+
+
+@pytest.mark.parametrize("prime", SPACED_TEXTS)
+def test_sampled_words_get_no_space_beside_a_line_break_after_the_prime_or_between_blocks(word_models, prime):
+    sampler = Sampler.load(word_models["uncapped"])
+    ids = [sampler.index[word] for word in SPACED_WORDS]
+    assert sampler.join(prime, SPACED_WORDS) == SPACED_TEXTS[prime]
+    for cut in range(1, len(ids)):  # two blocks, cut before and after each line break
+        text = SampleText(sampler, prime)
+        assert prime + text.add(ids[:cut]) + text.add(ids[cut:]) + text.rest() == SPACED_TEXTS[prime], cut
 
 
 # ----------------------------------------------------------------------------------------------------------

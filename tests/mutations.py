@@ -45,7 +45,7 @@ MUTATIONS = [
     Mutation("seed_without_block_position", "sampler.py",
              "token = choose_next(logits, previous, seeds, positions + tf.cast(i, tf.int64),",
              "token = choose_next(logits, previous, seeds, 0 * positions + tf.cast(i, tf.int64),", ("tests/test_sample.py", "-k", "block")),
-    Mutation("top_k_unbounded", "sampler.py", "if not 0 <= top_k <= MAX_N:", "if not 0 <= top_k:",
+    Mutation("top_k_unbounded", "settings.py", "if not 0 <= top_k <= MAX_N:", "if not 0 <= top_k:",
              ("tests/test_sample.py", "tests/test_server.py", "-k", "limits or bad_arguments")),
     Mutation("prime_limit_off_by_one", "sample_server.py", "if len(prime) > limits.max_prime:",
              "if len(prime) > limits.max_prime + 1:", ("tests/test_server.py", "-k", "limits")),

@@ -116,6 +116,9 @@ class ModelConfig:
 MAX_SEED = 2 ** 63 - 1
 MAX_N = 2 ** 30  # the generator counts tokens in int32
 MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
+# The longest prime the server takes by default (--max_prime) and sample.py -i takes: feeding a prime is one step
+# per token, so a 1 MB line would keep the loop busy for most of a minute.
+MAX_PRIME = 1000
 MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
 SAMPLE_MODES = {MODE_ARGMAX: "argmax", MODE_SAMPLE: "sample", MODE_SAMPLE_ON_SPACES: "sample after spaces"}
 

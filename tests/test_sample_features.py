@@ -1,5 +1,6 @@
 """sample.py for daily use: stop strings, several samples, beam search from the command line, the interactive
 mode (through a pseudo-terminal and a pipe), streaming, and the one-line refusals of the new flags."""
+import io
 import json
 import os
 import pty
@@ -10,10 +11,11 @@ import time
 
 import pytest
 
+import interactive
 import sample
 from conftest import REPO, SPAWN_TIMEOUT_S, run_script
 from sampler import GENERATE_BLOCK, Sampler
-from settings import SampleSettings
+from settings import MAX_PRIME, SampleSettings
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +201,29 @@ def test_flags_wrong_on_their_face_are_refused_before_tensorflow_loads(tmp_path)
     assert outcome == {"codes": [2] * len(flag_lists), "tensorflow": False}, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == len(flag_lists) and all(line.startswith("error: ") for line in lines), lines
+
+
+class EchoSampler:
+    """A stand-in for Sampler that answers each prime with itself, and counts the primes it was given."""
+
+    def __init__(self):
+        self.primes = []
+
+    def stream(self, settings, stops=()):
+        self.primes.append(settings.prime)
+        yield settings.prime
+
+
+def test_interactive_mode_refuses_a_prime_over_the_servers_limit_in_one_line_and_goes_on():
+    echo, out, err = EchoSampler(), io.StringIO(), io.StringIO()
+    longest, too_long = "a" * MAX_PRIME, "b" * (MAX_PRIME + 1)
+    lines = io.StringIO(f"{too_long}\n{longest}\nthe\n" + "c" * 1_000_000 + "\n")
+    assert interactive.loop(echo, SampleSettings(n=5, seed=1), [], lines, out, err) == 0
+    assert echo.primes == [longest, "the"]  # the long ones never reach the model
+    assert out.getvalue() == f"{longest}\nthe\n"
+    refusals = err.getvalue().splitlines()
+    assert refusals == [f"error: the prime is {MAX_PRIME + 1} characters long; the limit is {MAX_PRIME}",
+                        f"error: the prime is 1000000 characters long; the limit is {MAX_PRIME}"]
 
 
 def test_help_lists_the_new_flags():

@@ -68,14 +68,17 @@ def read_only(path):
     ("", "is empty"),
     (" \n\n  \t\n", "holds only whitespace"),
 ])
-def test_empty_or_blank_text_is_refused_naming_the_file_before_a_save_dir_exists(tmp_path, capsys, text, says):
-    data = make_data_dir(tmp_path / "data", text)
+def test_empty_or_blank_text_is_refused_as_a_missing_one_before_anything_is_written(tmp_path, capsys, text, says):
     save = tmp_path / "save"
+    assert train.main(train_flags(str(tmp_path / "no-data"), str(save))) == 1  # no input.txt at all
+    assert "input.txt not found" in error_line(capsys)
+    data = make_data_dir(tmp_path / "data", text)
     for extra in ([], ["--val_frac", "0"], ["--word_level"]):
-        assert train.main(train_flags(data, str(save), *extra)) == 2
+        assert train.main(train_flags(data, str(save), *extra)) == 1  # the same exit code: no text either way
         line = error_line(capsys)
         assert os.path.join(data, "input.txt") in line and says in line
         assert not save.exists()
+        assert os.listdir(data) == ["input.txt"]  # no preprocessing cache left beside it
 
 
 def test_a_word_text_of_one_distinct_word_is_refused(tmp_path, capsys):

@@ -3,6 +3,8 @@
 TrainConfig: every train.py flag with its default; the parser takes its defaults from here.
 ModelConfig: what builds the network. train.py writes it into config.yaml (beside the training flags) and
 whoever loads a save dir reads it back by name: `CharRNN(ModelConfig.from_dict(saved))`.
+SampleSettings: one sample's settings; the sampling limits and check_settings (with check_stops and
+check_beam_width) need no model, so sample.py refuses a bad flag with them before TensorFlow loads.
 """
 import dataclasses
 import numbers

@@ -6,8 +6,9 @@ import os
 import re
 import sys
 
-EXIT_USAGE = 2  # bad input: a flag value, a prime, an incompatible resume
-EXIT_FAILURE = 1  # something missing or broken: no save dir, no checkpoint, a NaN loss
+# The exit codes (README: Exit codes).
+EXIT_USAGE = 2  # something given is wrong: a flag value, a prime, what a file holds, an incompatible resume
+EXIT_FAILURE = 1  # something missing or that cannot be written: no text, no checkpoint, a full disk; a NaN loss
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 

@@ -6,6 +6,8 @@ its own line(s), without prompts. The commands (a line starting with ":"):
 
     :n 200   :sample 0|1|2   :temperature 0.8   :top_k 5   :top_p 0.9   :seed 7 | :seed random
     :stop TEXT (add a stop string; \\n is a line break)   :stop (clear them)   :settings   :help   :quit
+
+A prime longer than the server's default limit (settings.MAX_PRIME characters) is refused in one line.
 """
 import argparse
 import dataclasses
@@ -13,8 +15,7 @@ import secrets
 import sys
 
 import cli
-from sampler import MAX_SEED
-from settings import SAMPLE_MODES
+from settings import MAX_PRIME, MAX_SEED, SAMPLE_MODES
 
 PROMPT = "prime> "
 # Each settable field and how its value is read (the same checks as the flags; the sampler checks ranges).
@@ -72,6 +73,9 @@ class Session:
 
     def answer(self, prime, show_seed):
         """Generate for one prime, writing the text as it comes; a bad prime or setting is one line on stderr."""
+        if len(prime) > MAX_PRIME:  # the server's limit: a long prime takes one step per token to feed
+            print(f"error: the prime is {len(prime)} characters long; the limit is {MAX_PRIME}", file=self.err)
+            return
         seed = secrets.randbelow(MAX_SEED) if self.settings.seed is None else self.settings.seed
         settings = dataclasses.replace(self.settings, prime=prime, seed=seed)
         try:

@@ -12,7 +12,7 @@ import os
 import sys
 
 import cli
-from settings import SAMPLE_MODES, SampleSettings
+from settings import SAMPLE_MODES, SampleSettings, check_beam_width, check_settings, check_stops
 
 DEFAULTS = SampleSettings()
 DESCRIPTION = "Generate text from a trained char-rnn model: the prime followed by n sampled tokens."
@@ -56,12 +56,17 @@ def build_parser():
     return parser
 
 
-def check_combination(args):
-    """Refuse flags that do not go together, in one line."""
+def check_flags(args, settings):
+    """Refuse, in one line, flags that are wrong on their face: out of range, or that do not go together.
+    Called before TensorFlow loads, so that a mistyped flag is told at once, not after seconds of start-up."""
     if args.beam_width and (args.num_samples > 1 or args.interactive or args.stop):
         raise ValueError("--beam_width finds one continuation: it does not combine with --num_samples, -i or --stop")
     if args.interactive and args.num_samples > 1:
         raise ValueError("-i answers one sample a prime: it does not combine with --num_samples")
+    check_settings(settings)
+    check_stops(args.stop)
+    if args.beam_width:
+        check_beam_width(args.beam_width)
 
 
 def print_samples(sampler, settings, count, stops):
@@ -89,7 +94,7 @@ def main(argv=None):
     settings = SampleSettings(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k, args.top_p)
 
     def sample():
-        check_combination(args)
+        check_flags(args, settings)
         cli.use_compilation_cache()
         cli.quiet_tensorflow()
         from sampler import Sampler

@@ -33,7 +33,7 @@ from cherrypy.process.wspbus import states
 
 import cli
 from service_metrics import ServiceMetrics
-from settings import MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
+from settings import MAX_PRIME, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
                "GET /?prime=The&n=200&sample_mode=2 answers what sample.py prints for the same settings and seed.")
@@ -90,7 +90,7 @@ def build_parser():
     # Limits
     parser.add_argument("--max_n", type=cli.positive_int, default=2000,
                         help="largest n a request may ask for; above it the answer is 400")
-    parser.add_argument("--max_prime", type=cli.positive_int, default=1000,
+    parser.add_argument("--max_prime", type=cli.positive_int, default=MAX_PRIME,
                         help="longest prime a request may give, in characters; above it the answer is 400")
     parser.add_argument("--max_batch", type=batch_rows, default=32,
                         help="requests generated together as the rows of one batch; one that arrives while a batch "

@@ -14,16 +14,15 @@ import numpy as np
 import tensorflow as tf
 
 import savedir
-from cli import FLOAT32_MAX, FLOAT32_TINY, in_float32_range
-from settings import MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
+from settings import MAX_SEED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SampleSettings
+# The limits and checks need no model: they live in settings, so that sample.py checks its flags before TensorFlow
+# loads. The exporter and the tests know them as sampler's.
+from settings import MAX_N, check_beam_width, check_settings, check_stops  # noqa: F401
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
 GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop
 PHILOX = 1  # tf.random.Algorithm.PHILOX, the algorithm of the raw random ops
 FLOAT32_MANTISSA_BITS = 23
-MAX_SEED = 2 ** 63 - 1
-MAX_N = 2 ** 30  # the generator counts tokens in int32
-MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
 PRIMES_KEPT = 256  # how many primes' states feed_prime keeps (the most recently used)
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
@@ -391,8 +390,7 @@ class Sampler:
         """(the prime followed by the likeliest continuation of n tokens that a beam search of `width` finds, its
         log-probability): see beam.BeamSearch, never less likely than argmax's."""
         check_settings(SampleSettings(prime, n))
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_BEAM_WIDTH:
-            raise ValueError(f"the beam width must be an integer from 1 to {MAX_BEAM_WIDTH}, got {width!r}")
+        check_beam_width(width)
         prime = normalize_newlines(prime, self.keep_crlf)
         ids = self._encode_normalized(prime) or [self.start_id]
         if self._beam is None:
@@ -404,8 +402,7 @@ class Sampler:
     def prepare(self, settings, stops):
         """Check the settings: (the prime with its line breaks normalized, its ids, the mode, the seed)."""
         check_settings(settings)
-        if any(not isinstance(stop, str) or not stop for stop in stops):
-            raise ValueError("a stop string must not be empty")
+        check_stops(stops)
         prime = normalize_newlines(settings.prime, self.keep_crlf)
         ids = self._encode_normalized(prime) or [self.start_id]
         mode = settings.mode
@@ -454,23 +451,3 @@ class SampleText:
     def rest(self):
         rest, self.pending = self.pending, ""
         return rest
-
-
-def check_settings(settings):
-    """Raise ValueError with a one-line reason when a sampling setting is out of range."""
-    n, mode, temperature, seed, top_k = settings.n, settings.mode, settings.temperature, settings.seed, settings.top_k
-    top_p = settings.top_p
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_N:
-        raise ValueError(f"n must be an integer from 0 to {MAX_N}, got {n!r}")
-    if mode not in SAMPLE_MODES:
-        modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
-        raise ValueError(f"sample mode must be one of {modes}, got {mode!r}")
-    if not (isinstance(temperature, (int, float)) and in_float32_range(temperature)):
-        raise ValueError(f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, "
-                         f"got {temperature!r}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    if not 0 <= top_k <= MAX_N:  # top_k goes to the generator as int32, which would wrap larger values
-        raise ValueError(f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and FLOAT32_TINY <= top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}")

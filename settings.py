@@ -3,9 +3,14 @@
 TrainConfig: every train.py flag with its default; the parser takes its defaults from here.
 ModelConfig: what builds the network. train.py writes it into config.yaml (beside the training flags) and
 whoever loads a save dir reads it back by name: `CharRNN(ModelConfig.from_dict(saved))`.
+SampleSettings: one sample's settings; the sampling limits and check_settings (with check_stops and
+check_beam_width) need no model, so sample.py refuses a bad flag with them before TensorFlow loads.
 """
 import dataclasses
+import numbers
 import os
+
+from cli import FLOAT32_MAX, FLOAT32_TINY, in_float32_range
 
 DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
 CELL_TYPES = ("lstm", "gru", "rnn")
@@ -110,6 +115,12 @@ class ModelConfig:
 
 
 # Sampling: the modes of sample.py's --sample and the server's sample_mode, and what one sample is asked for.
+MAX_SEED = 2 ** 63 - 1
+MAX_N = 2 ** 30  # the generator counts tokens in int32
+MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
+# The longest prime the server takes by default (--max_prime) and sample.py -i takes: feeding a prime is one step
+# per token, so a 1 MB line would keep the loop busy for most of a minute.
+MAX_PRIME = 1000
 MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
 SAMPLE_MODES = {MODE_ARGMAX: "argmax", MODE_SAMPLE: "sample", MODE_SAMPLE_ON_SPACES: "sample after spaces"}
 
@@ -126,3 +137,36 @@ class SampleSettings:
     seed: int | None = None
     top_k: int = 0
     top_p: float = 1.0
+
+
+def check_settings(settings):
+    """Raise ValueError with a one-line reason when a sampling setting is out of range (no model needed, so that
+    sample.py checks its flags before TensorFlow loads)."""
+    n, mode, temperature, seed, top_k = settings.n, settings.mode, settings.temperature, settings.seed, settings.top_k
+    top_p = settings.top_p
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= MAX_N:
+        raise ValueError(f"n must be an integer from 0 to {MAX_N}, got {n!r}")
+    if mode not in SAMPLE_MODES:
+        modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
+        raise ValueError(f"sample mode must be one of {modes}, got {mode!r}")
+    if not (isinstance(temperature, (int, float)) and in_float32_range(temperature)):
+        raise ValueError(f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, "
+                         f"got {temperature!r}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if not 0 <= top_k <= MAX_N:  # top_k goes to the generator as int32, which would wrap larger values
+        raise ValueError(f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and FLOAT32_TINY <= top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def check_stops(stops):
+    """Raise ValueError when a stop string is empty (or not a string): it would end every sample at once."""
+    if any(not isinstance(stop, str) or not stop for stop in stops):
+        raise ValueError("a stop string must not be empty")
+
+
+def check_beam_width(width):
+    """Raise ValueError unless the beam width is an integer from 1 to MAX_BEAM_WIDTH."""
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_BEAM_WIDTH:
+        raise ValueError(f"the beam width must be an integer from 1 to {MAX_BEAM_WIDTH}, got {width!r}")

@@ -237,7 +237,7 @@ class Trainer:
 
     def save(self, validate=True):
         """Write a checkpoint; when `validate`, also the full-pass validation loss and best/ if it improved."""
-        progress, config = self.progress, self.config
+        progress = self.progress
         count = int(progress.loss_count)
         train_loss = float(progress.loss_sum) / count if count else math.nan
         if count and not math.isfinite(train_loss):
@@ -246,7 +246,7 @@ class Trainer:
             self.diverged(f"the weights became NaN or infinite by step {int(progress.step)}")
         step = int(progress.step)
         val_loss = None
-        if validate and config.val_frac > 0:
+        if validate and len(self.loader.val_ids):  # none when the text holds a batch but not also the tail
             val_loss, _ = full_pass_loss(self.model, self.loader.val_ids, self.eval_chunk)
             if not math.isfinite(val_loss):
                 self.diverged(f"the validation loss became {val_loss} at step {step}")

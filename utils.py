@@ -47,6 +47,11 @@ USER_CACHE_NAME = "char-rnn"
 _WORDS_AND_NEWLINES = re.compile(r"\n|[^\s]+")
 
 
+class NoTextError(FileNotFoundError):
+    """input.txt is there but holds no text (empty, or only whitespace): the text is missing as much as with no
+    input.txt at all, so the scripts exit with the same code (1, as for a save dir without a checkpoint)."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The default corpus
 
@@ -404,6 +409,8 @@ def preprocess(input_path, cache_dir, encoding="utf-8", word_level=False, max_vo
     stem = os.path.join(writable, name)
     try:
         _write_cache(input_path, tokenization, stem, settings)
+    except NoTextError:  # refused before anything was written, not a failed write
+        raise
     except OSError as e:
         raise OSError(e.errno, f"cannot write the preprocessing cache ({e.strerror}); free some space or give "
                       f"another --cache_dir", stem + ".ids.npy") from None
@@ -428,6 +435,7 @@ def _write_cache(input_path, tokenization, stem, settings):
     directory = os.path.dirname(stem)
     counts, total, dropped = _count_tokens(input_path, tokenization, directory)
     vocab, unk_token = build_vocab(counts, tokenization.max_vocab, tokenization.min_count, dropped)
+    check_trainable(input_path, vocab, tokenization.word_level)  # before anything is written
     fd, tmp_ids = _new_temp_file(directory, ".npy")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -458,17 +466,25 @@ class TextLoader:
         input_path = ensure_input(data_dir, data_url)
         self.batch_size, self.seq_length, self.word_level = batch_size, seq_length, word_level
         if os.path.getsize(input_path) == 0:
-            raise ValueError(f"{input_path} is empty: put the text to train on in it")
+            raise NoTextError(f"{input_path} is empty: put the text to train on in it")
         # The cache goes next to input.txt; a read-only data dir (a shared corpus) uses the user's cache dir.
         places = (cache_dir,) if cache_dir else (data_dir, user_cache_dir())
         self.ids, self.vocab, self.unk_token = preprocess(input_path, places[0], encoding, word_level, max_vocab,
                                                           min_count, keep_crlf, places[1:])
         self.vocab_size = len(self.vocab)
-        check_trainable(input_path, self.vocab, word_level)
+        check_trainable(input_path, self.vocab, word_level)  # a cache an older version wrote for such a text
         num_val = int(len(self.ids) * val_frac)
         if val_frac > 0 and num_val < 2:
             raise ValueError(f"the validation split of {len(self.ids)} tokens at --val_frac {val_frac} "
                              f"has {num_val} tokens; raise --val_frac (or give --val_frac 0)")
+        if num_val and not holds_batch(len(self.ids) - num_val, batch_size, seq_length) and holds_batch(
+                len(self.ids), batch_size, seq_length):
+            # A text that holds one batch but not also the validation tail (the original's CI trains on 100 lines
+            # with the default sizes): train on all of it rather than refuse, and say so.
+            print(f"note: {len(self.ids):,} tokens hold a batch of {batch_size}x{seq_length} but not also the "
+                  f"validation tail of {num_val:,} (--val_frac {val_frac}): training without validation",
+                  file=sys.stderr)
+            num_val = 0
         self.train_ids = self.ids[:len(self.ids) - num_val]
         self.val_ids = self.ids[len(self.ids) - num_val:]
         self.num_batches = (len(self.train_ids) - 1) // (batch_size * seq_length)
@@ -487,10 +503,15 @@ class TextLoader:
         return self._x[:, columns].astype(np.int32), self._y[:, columns].astype(np.int32)
 
 
+def holds_batch(num_tokens, batch_size, seq_length):
+    """True when `num_tokens` training tokens make at least one batch (each input token needs the next as target)."""
+    return num_tokens - 1 >= batch_size * seq_length
+
+
 def check_trainable(input_path, vocab, word_level):
-    """Refuse a text with nothing to learn: only whitespace, or a single distinct token."""
+    """Refuse a text with nothing to learn: only whitespace (NoTextError), or a single distinct token (ValueError)."""
     if all(token.isspace() for token in vocab):
-        raise ValueError(f"{input_path} holds only whitespace: put the text to train on in it")
+        raise NoTextError(f"{input_path} holds only whitespace: put the text to train on in it")
     if len(vocab) < 2:
         kind = "word" if word_level else "character"
         raise ValueError(f"{input_path} has a single distinct {kind} ({vocab[0]!r}): there is nothing to predict; "

@@ -68,14 +68,17 @@ def read_only(path):
     ("", "is empty"),
     (" \n\n  \t\n", "holds only whitespace"),
 ])
-def test_empty_or_blank_text_is_refused_naming_the_file_before_a_save_dir_exists(tmp_path, capsys, text, says):
-    data = make_data_dir(tmp_path / "data", text)
+def test_empty_or_blank_text_is_refused_as_a_missing_one_before_anything_is_written(tmp_path, capsys, text, says):
     save = tmp_path / "save"
+    assert train.main(train_flags(str(tmp_path / "no-data"), str(save))) == 1  # no input.txt at all
+    assert "input.txt not found" in error_line(capsys)
+    data = make_data_dir(tmp_path / "data", text)
     for extra in ([], ["--val_frac", "0"], ["--word_level"]):
-        assert train.main(train_flags(data, str(save), *extra)) == 2
+        assert train.main(train_flags(data, str(save), *extra)) == 1  # the same exit code: no text either way
         line = error_line(capsys)
         assert os.path.join(data, "input.txt") in line and says in line
         assert not save.exists()
+        assert os.listdir(data) == ["input.txt"]  # no preprocessing cache left beside it
 
 
 def test_a_word_text_of_one_distinct_word_is_refused(tmp_path, capsys):
@@ -83,6 +86,38 @@ def test_a_word_text_of_one_distinct_word_is_refused(tmp_path, capsys):
     assert train.main(train_flags(data, str(tmp_path / "save"), "--word_level")) == 2
     assert "single distinct word ('buffalo')" in error_line(capsys)
     assert not (tmp_path / "save").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A text that holds a batch but not also the validation tail: the original project's CI
+
+
+ORIGINAL_CI_LINES = 100  # its data/teenytinyshakespeare: the first 100 lines of tinyshakespeare, 2,621 characters
+NO_VALIDATION_NOTE = "but not also the validation tail of 131 (--val_frac 0.05): training without validation"
+
+
+@pytest.mark.slow
+def test_the_original_ci_trains_resumes_and_samples_on_the_first_100_lines(tmp_path):
+    from conftest import REAL_CORPUS
+    corpus = tmp_path / "tinyshakespeare.txt"
+    utils.download(REAL_CORPUS, str(corpus), utils.TINYSHAKESPEARE_SHA256)
+    with open(corpus, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(ORIGINAL_CI_LINES)]
+    make_data_dir(tmp_path / "data" / "teenytinyshakespeare", "".join(lines))
+    # Its three commands, verbatim, with every default (batch_size 50 x seq_length 50, num_epochs 50).
+    trained = run_script("train.py", "--data_dir", "data/teenytinyshakespeare", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stderr.strip().splitlines() == [
+        f"note: 2,621 tokens hold a batch of 50x50 {NO_VALIDATION_NOTE}"]
+    assert "50/50 (epoch 49), train_loss = " in trained.stdout and "val_loss" not in trained.stdout
+    resumed = run_script("train.py", "--data_dir", "data/teenytinyshakespeare", "--init_from", "save", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert NO_VALIDATION_NOTE in resumed.stderr and "resumed from save/model.ckpt-50" in resumed.stdout
+    best = savedir.read_yaml(str(tmp_path / "save" / savedir.BEST_DIR / savedir.MODEL_INFO_FILE))
+    assert best["score_is"] == "mean train_loss" and best["val_loss"] is None
+    sampled = run_script("sample.py", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("The") and len(sampled.stdout) == len("The") + 500 + len("\n")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """sample.py for daily use: stop strings, several samples, beam search from the command line, the interactive
 mode (through a pseudo-terminal and a pipe), streaming, and the one-line refusals of the new flags."""
+import io
+import json
 import os
 import pty
 import select
@@ -9,10 +11,11 @@ import time
 
 import pytest
 
+import interactive
 import sample
 from conftest import REPO, SPAWN_TIMEOUT_S, run_script
 from sampler import GENERATE_BLOCK, Sampler
-from settings import SampleSettings
+from settings import MAX_PRIME, SampleSettings
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +188,57 @@ def test_bad_new_flags_exit_2_with_one_line(trained_save_dir, args, message):
     if message.startswith("error: "):
         assert len(lines) == 1, result.stderr
     assert result.stdout == ""
+
+
+# Run in a fresh interpreter: sample.main() with each flag list, then whether TensorFlow was ever imported.
+MAIN_WITHOUT_TENSORFLOW = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import sample
+results = []
+for args in json.loads(sys.argv[2]):
+    results.append(sample.main(args))
+print(json.dumps({"codes": results, "tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_flags_wrong_on_their_face_are_refused_before_tensorflow_loads(tmp_path):
+    flag_lists = [["--beam_width", "10000"], ["--stop", ""], ["-n", str(2 ** 30 + 1)], ["--top_k", str(2 ** 32)],
+                  ["--seed", str(2 ** 63)], ["--beam_width", "3", "--num_samples", "2"]]
+    # No save dir there: had a flag been let through, loading the model would fail (exit 1) after TensorFlow.
+    missing = str(tmp_path / "no-save-dir")
+    argv = [["--save_dir", missing, *flags] for flags in flag_lists]
+    result = subprocess.run([sys.executable, "-c", MAIN_WITHOUT_TENSORFLOW, REPO, json.dumps(argv)],
+                            capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome == {"codes": [2] * len(flag_lists), "tensorflow": False}, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(flag_lists) and all(line.startswith("error: ") for line in lines), lines
+
+
+class EchoSampler:
+    """A stand-in for Sampler that answers each prime with itself, and counts the primes it was given."""
+
+    def __init__(self):
+        self.primes = []
+
+    def stream(self, settings, stops=()):
+        self.primes.append(settings.prime)
+        yield settings.prime
+
+
+def test_interactive_mode_refuses_a_prime_over_the_servers_limit_in_one_line_and_goes_on():
+    echo, out, err = EchoSampler(), io.StringIO(), io.StringIO()
+    longest, too_long = "a" * MAX_PRIME, "b" * (MAX_PRIME + 1)
+    lines = io.StringIO(f"{too_long}\n{longest}\nthe\n" + "c" * 1_000_000 + "\n")
+    assert interactive.loop(echo, SampleSettings(n=5, seed=1), [], lines, out, err) == 0
+    assert echo.primes == [longest, "the"]  # the long ones never reach the model
+    assert out.getvalue() == f"{longest}\nthe\n"
+    refusals = err.getvalue().splitlines()
+    assert refusals == [f"error: the prime is {MAX_PRIME + 1} characters long; the limit is {MAX_PRIME}",
+                        f"error: the prime is 1000000 characters long; the limit is {MAX_PRIME}"]
 
 
 def test_help_lists_the_new_flags():

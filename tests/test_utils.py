@@ -324,6 +324,20 @@ def test_val_frac_zero_trains_on_every_token(tmp_path):
     assert loader.num_batches == 2
 
 
+def test_a_text_that_holds_a_batch_but_not_also_the_validation_tail_trains_on_all_of_it(tmp_path, capsys):
+    # 22 tokens: less the tail of 2 (--val_frac 0.1), 20 are left, one short of a 4 x 5 batch and its last target.
+    text = "".join(chr(ord("a") + i % 26) for i in range(22))
+    loader = load(make_data_dir(tmp_path / "data", text), batch_size=4, seq_length=5, val_frac=0.1)
+    assert len(loader.val_ids) == 0 and decode(loader, loader.train_ids) == text
+    assert loader.num_batches == 1 and decode(loader, loader.batch(0)[1].ravel()) == text[1:21]
+    assert capsys.readouterr().err.splitlines() == [
+        "note: 22 tokens hold a batch of 4x5 but not also the validation tail of 2 (--val_frac 0.1): "
+        "training without validation"]
+    # Two tokens fewer hold no batch even without the tail: refused, as before.
+    with pytest.raises(ValueError, match="too few for one batch of batch_size 4 x seq_length 5"):
+        load(make_data_dir(tmp_path / "shorter", text[:20]), batch_size=4, seq_length=5, val_frac=0.1)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 5, utils.READ_CHUNK_BYTES])
 def test_words_survive_any_chunking_and_the_last_word_needs_no_line_break(tmp_path, monkeypatch, chunk_bytes):
     # Tabs, runs of spaces, carriage returns and other Unicode spaces only separate; the text ends mid-word.

@@ -280,14 +280,15 @@ class Batcher:
         return False
 
     def _finish(self, generation, error=None):
-        """The generation's last piece, then its end (or the error it ends with); frees its place. Once only."""
+        """Frees the generation's place, then gives its last piece and its end (or the error it ends with). Once
+        only."""
         if generation.finished:
             return
         generation.finished = True
+        self._release()  # first: a client that sends its next request as soon as it has its answer finds room
         if error is None:
             generation._put(generation.text.rest())
         generation._pieces.put(_DONE if error is None else error)
-        self._release()
 
     def _release(self):
         with self._lock:

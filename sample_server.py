@@ -539,8 +539,8 @@ def wants_html():
 
 
 def read_body(limit):
-    """The request body (bytes), at most `limit` bytes, 413 beyond, 408 when it stops arriving; read whatever its
-    Content-Type says (curl -d sends JSON as a form), so that anything but JSON is refused by the JSON parser with
+    """The request body (bytes), at most `limit` bytes, 413 beyond, 408 when it stops arriving, 400 when its chunks
+    are malformed; read whatever its Content-Type says (curl -d sends JSON as a form), so that anything but JSON is refused by the JSON parser with
     its reason."""
     request = cherrypy.serving.request
     length = request.headers.get("Content-Length", "")
@@ -553,6 +553,10 @@ def read_body(limit):
         cherrypy.serving.response.headers["Connection"] = "close"
         raise cherrypy.HTTPError(408, f"the body stopped arriving before its end (nothing for "
                                       f"{cherrypy.server.socket_timeout:g} s, --socket_timeout)") from None
+    except ValueError as error:  # cheroot's reader of a chunked body that breaks the chunked format
+        # The rest of the connection would be read as the next request: it is closed after this answer.
+        cherrypy.serving.response.headers["Connection"] = "close"
+        raise cherrypy.HTTPError(400, f"the chunked body is malformed ({error})") from None
     if len(body) > limit:
         raise cherrypy.HTTPError(413, f"the body is more than {limit} bytes")
     return body

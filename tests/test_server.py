@@ -428,6 +428,14 @@ def test_a_post_body_that_stops_arriving_gets_408_counted_and_no_traceback(serve
     assert "Traceback" not in server.log()[log_before:]
 
 
+def test_a_malformed_chunked_body_gets_400_in_json_and_its_connection_closed(server):
+    request = (b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{\"n\": 5}\r\n0\r\n\r\n")
+    status, headers, body = raw_exchange(server.url, request)
+    assert (status, headers.get("content-type"), headers.get("connection")) == (400, "application/json", "close"), body
+    assert "the chunked body is malformed" in json.loads(body)["error"]  # one answer: the rest was not read as another
+
+
 def test_web_page_at_ui_and_to_a_browser_at_the_root(server):
     status, headers, page = get(server.url + "/ui")
     assert status == 200 and headers.get_content_type() == "text/html"

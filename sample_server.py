@@ -540,8 +540,8 @@ def wants_html():
 
 def read_body(limit):
     """The request body (bytes), at most `limit` bytes, 413 beyond, 408 when it stops arriving, 400 when its chunks
-    are malformed; read whatever its Content-Type says (curl -d sends JSON as a form), so that anything but JSON is refused by the JSON parser with
-    its reason."""
+    are malformed; read whatever its Content-Type says (curl -d sends JSON as a form), so that anything but JSON is
+    refused by the JSON parser with its reason."""
     request = cherrypy.serving.request
     length = request.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > limit:

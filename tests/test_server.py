@@ -419,7 +419,8 @@ def test_a_post_body_that_stops_arriving_gets_408_counted_and_no_traceback(serve
     before, log_before = metric_samples(server.url), len(server.log())
     for request in HALF_SENT_BODIES:
         status, headers, body = raw_exchange(server.url, request)  # answered after --socket_timeout (2 s)
-        assert (status, headers.get("content-type"), headers.get("connection")) == (408, "application/json", "close"), body
+        answer = (status, headers.get("content-type"), headers.get("connection"))
+        assert answer == (408, "application/json", "close"), body
         assert "the body stopped arriving" in json.loads(body)["error"] and b"\n" not in body
     assert get(f"{server.url}/?prime=The&n=5")[0] == 200
     after = metric_samples(server.url)

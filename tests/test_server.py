@@ -182,9 +182,10 @@ def test_flags_set_the_default_temperature_and_the_limits(flagged_server, local_
 
 
 def test_the_start_prints_no_checker_warning(server):
-    # Every start printed CherryPy's warning that server.socket_timeout was a float where it expects an int.
+    # Every start printed CherryPy's warning that server.socket_timeout was a float where it expects an int. The
+    # checker runs after the model is loaded and before the server listens: its lines are in the log by now.
     log = server.log()
-    assert "ENGINE Serving on" in log  # the engine's lines are on screen without --production
+    assert "ENGINE Model ready" in log  # the engine's lines are on screen without --production
     assert "CherryPy Checker" not in log and "socket_timeout" not in log, log
 
 

@@ -100,12 +100,12 @@ class Batcher:
     def __init__(self, sampler, max_batch, max_wait_s, max_waiting):
         self.sampler, self.max_batch, self.max_wait_s, self.max_waiting = sampler, max_batch, max_wait_s, max_waiting
         self.generator = sampler.generator
-        self._places = threading.BoundedSemaphore(max_batch + max_waiting)
         self._pending = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
-        self.load = 0  # requests submitted and not finished (BatcherPool sends a request to the least loaded)
-        self._load_lock = threading.Lock()
+        # Requests submitted and not finished, at most max_batch + max_waiting; changed under _lock only, so that
+        # taking a place is one step (BatcherPool sends a request to the least loaded).
+        self.load = 0
         # Read by the metrics at each scrape; written by the batching thread only.
         self.rows = 0  # rows generating now
         self.on_block = None  # called with (rows, tokens made) after each block
@@ -115,15 +115,26 @@ class Batcher:
     def submit(self, settings):
         """Queue a request (a SampleSettings); raises ValueError for a bad setting, Busy when full, and
         GenerationStopped once close() was called."""
+        generation = self.prepare(settings)
+        self.take_place()
+        return self.start(generation)
+
+    def prepare(self, settings):
+        """A Generation for the request, its settings checked (ValueError); it holds no place yet."""
         prime, ids, mode, seed = self.sampler.prepare(settings, ())
-        generation = Generation(SampleText(self.sampler, prime), settings, ids, mode, seed)
+        return Generation(SampleText(self.sampler, prime), settings, ids, mode, seed)
+
+    def take_place(self):
+        """Count a request in; raises Busy when every place is taken, GenerationStopped once closed."""
         with self._lock:
             if self._closed:
                 raise GenerationStopped("the server is shutting down")
-            if not self._places.acquire(blocking=False):
+            if self.load >= self.max_batch + self.max_waiting:
                 raise Busy(self.max_batch, self.max_waiting)
-        with self._load_lock:
             self.load += 1
+
+    def start(self, generation):
+        """Feed the prime of a request that took its place and queue it for the batch; returns the generation."""
         try:
             # The prime's pass runs here, on the caller's thread, beside the other callers' and the batch.
             generation.row = self._row(generation)
@@ -131,11 +142,11 @@ class Batcher:
             self._release()
             raise
         with self._lock:  # with close(): once closed, nothing more is queued
-            if self._closed:
-                self._release()
-                raise GenerationStopped("the server is shutting down")
-            self._pending.put(generation)
-        return generation
+            if not self._closed:
+                self._pending.put(generation)
+                return generation
+        self._release()
+        raise GenerationStopped("the server is shutting down")
 
     @property
     def waiting(self):
@@ -269,19 +280,19 @@ class Batcher:
         return False
 
     def _finish(self, generation, error=None):
-        """The generation's last piece, then its end (or the error it ends with); frees its place. Once only."""
+        """Frees the generation's place, then gives its last piece and its end (or the error it ends with). Once
+        only."""
         if generation.finished:
             return
         generation.finished = True
+        self._release()  # first: a client that sends its next request as soon as it has its answer finds room
         if error is None:
             generation._put(generation.text.rest())
         generation._pieces.put(_DONE if error is None else error)
-        self._release()
 
     def _release(self):
-        with self._load_lock:
+        with self._lock:
             self.load -= 1
-        self._places.release()
 
 
 def default_batchers(max_batch, cores):
@@ -308,14 +319,21 @@ class BatcherPool:
                          for rows, waiting in zip(split(max_batch, count), split(max_waiting, count))]
         for batcher in self.batchers:
             batcher.on_block = on_block
+        self._choosing = threading.Lock()
 
     def submit(self, settings):
         """Batcher.submit on the batcher with the most free places (Busy names the pool's totals)."""
-        batcher = max(self.batchers, key=lambda batcher: batcher.max_batch + batcher.max_waiting - batcher.load)
-        try:
-            return batcher.submit(settings)
-        except Busy:
-            raise Busy(self.max_batch, self.max_waiting) from None
+        generation = self.batchers[0].prepare(settings)  # a bad setting is refused before taking a place
+        # The choice and the place taken in one step: two requests that read the same loads at once would both go
+        # to the same batcher, and the later one get Busy while another batcher had room. Loads only fall
+        # meanwhile, so when the chosen batcher is full, every batcher is.
+        with self._choosing:
+            batcher = max(self.batchers, key=lambda batcher: batcher.max_batch + batcher.max_waiting - batcher.load)
+            try:
+                batcher.take_place()
+            except Busy:
+                raise Busy(self.max_batch, self.max_waiting) from None
+        return batcher.start(generation)
 
     @property
     def rows(self):

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 
+import cheroot.wsgi
 import cherrypy
 from cherrypy.lib import httputil
 from cherrypy.process.plugins import SimplePlugin
@@ -203,9 +204,11 @@ def parse_json_request(body, limits):
     Raises ValueError with a one-line reason for malformed JSON, an unknown field or a bad value.
     """
     try:
-        fields = json.loads(body, parse_constant=refuse_constant)
+        fields = json.loads(body, parse_constant=refuse_constant, object_pairs_hook=unique_fields)
     except RecursionError:
         raise ValueError("the body is not valid JSON (nested too deeply)") from None
+    except RepeatedField:
+        raise
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"the body is not valid JSON ({error})") from None
     if not isinstance(fields, dict):
@@ -231,6 +234,21 @@ JSON_TYPE_NAMES = {str: "string", int: "integer", (int, float): "number"}
 def refuse_constant(name):
     """json.loads' hook for NaN and Infinity, which JSON does not have."""
     raise ValueError(f"{name} is not a JSON number")
+
+
+class RepeatedField(ValueError):
+    """A JSON object names a field more than once."""
+
+
+def unique_fields(pairs):
+    """json.loads' hook for every JSON object (nested ones too): a dict of the (name, value) pairs; a name given
+    twice is refused, as a repeated query parameter is (json.loads would keep the last value)."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        names = [name for name, _ in pairs]
+        repeated = next(name for name in names if names.count(name) > 1)
+        raise RepeatedField(f"field {shown(repeated)} is given {names.count(repeated)} times; give it once")
+    return fields
 
 
 def shown(value):
@@ -521,13 +539,24 @@ def wants_html():
 
 
 def read_body(limit):
-    """The request body (bytes), at most `limit` bytes, 413 beyond; read whatever its Content-Type says (curl -d
-    sends JSON as a form), so that anything but JSON is refused by the JSON parser with its reason."""
+    """The request body (bytes), at most `limit` bytes, 413 beyond, 408 when it stops arriving, 400 when its chunks
+    are malformed; read whatever its Content-Type says (curl -d sends JSON as a form), so that anything but JSON is
+    refused by the JSON parser with its reason."""
     request = cherrypy.serving.request
     length = request.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > limit:
         raise cherrypy.HTTPError(413, f"the body is {int(length)} bytes; the limit is {limit}")
-    body = request.body.fp.read(limit + 1) if request.body.fp is not None else b""
+    try:
+        body = request.body.fp.read(limit + 1) if request.body.fp is not None else b""
+    except TimeoutError:  # the client went silent before the end of its body (Content-Length, or chunks)
+        # A socket that timed out cannot be read again: the connection is closed after this answer.
+        cherrypy.serving.response.headers["Connection"] = "close"
+        raise cherrypy.HTTPError(408, f"the body stopped arriving before its end (nothing for "
+                                      f"{cherrypy.server.socket_timeout:g} s, --socket_timeout)") from None
+    except ValueError as error:  # cheroot's reader of a chunked body that breaks the chunked format
+        # The rest of the connection would be read as the next request: it is closed after this answer.
+        cherrypy.serving.response.headers["Connection"] = "close"
+        raise cherrypy.HTTPError(400, f"the chunked body is malformed ({error})") from None
     if len(body) > limit:
         raise cherrypy.HTTPError(413, f"the body is more than {limit} bytes")
     return body
@@ -611,6 +640,22 @@ cherrypy.tools.count_request = cherrypy.Tool("on_end_request", count_request)
 # Configuration and start
 
 
+class ClosingGateway(cheroot.wsgi.Gateway_10):
+    """cheroot's WSGI gateway, except that an answer with "Connection: close" closes the connection. cheroot sends
+    the header but keeps the connection open; after a request body that timed out (read_body's 408), its next read
+    of that socket fails with a traceback in the log."""
+
+    def start_response(self, status, headers, exc_info=None):
+        if any(name.lower() == "connection" and value.lower() == "close" for name, value in headers):
+            self.req.close_connection = True
+        return super().start_response(status, headers, exc_info)
+
+
+# server.wsgi_version picks the gateway from cheroot's table, where CherryPy's documentation has custom ones added.
+CLOSING_GATEWAY = ("char-rnn", 1, 0)
+cheroot.wsgi.wsgi_gateways[CLOSING_GATEWAY] = ClosingGateway
+
+
 def server_config(args):
     """Settings of the HTTP server and the engine, for cherrypy.config.update."""
     config = {
@@ -622,6 +667,7 @@ def server_config(args):
         # cheroot's default is 10 s: with every worker thread reading from a client that sent part of a request
         # and went silent, a normal request would wait that long (or a multiple) for a free thread.
         "server.socket_timeout": args.socket_timeout,
+        "server.wsgi_version": CLOSING_GATEWAY,
         "engine.autoreload.on": False,  # a reload would load TensorFlow and the model again
     }
     if args.production:
@@ -706,6 +752,9 @@ def serve(args):
     metrics = ServiceMetrics()
     model = ModelPlugin(engine, args, metrics)
     model.subscribe()
+    # cheroot takes a socket timeout in fractions of a second; CherryPy's checker expects an int, the type of its
+    # default (10), and would warn at every start.
+    cherrypy.checker.known_config_types["server.socket_timeout"] = float
     cherrypy.config.update(server_config(args))
     cherrypy.tree.mount(SampleService(model, Limits(args.max_n, args.max_prime, args.temperature), metrics), "/",
                         app_config(metrics))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from conftest import REPO, ctrl_c_not_ignored
@@ -143,3 +144,22 @@ def stream(url, timeout=REQUEST_TIMEOUT_S):
     except urllib.error.HTTPError as error:
         with error:
             return error.code, error.headers, error.read().decode("utf-8")
+
+
+def raw_exchange(url, data, timeout=REQUEST_TIMEOUT_S):
+    """Send `data` (bytes: a request, whole or cut short) on a connection of its own to url's server, then read
+    until the server closes it; returns (status or None when it answered nothing, {lowercase header: value}, body
+    bytes)."""
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    answer = b""
+    with socket.create_connection((host, port), timeout=timeout) as connection:
+        connection.sendall(data)
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head:
+        return None, {}, b""
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict((name.strip().lower(), value.strip()) for name, value in
+                   (line.split(":", 1) for line in header_lines))
+    return int(status_line.split()[1]), headers, body

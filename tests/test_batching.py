@@ -169,3 +169,56 @@ def test_the_rows_are_split_between_one_batching_thread_per_core_with_16_rows_or
     assert default_batchers(1, cores=1) == 1
     with pytest.raises(ValueError, match="from 1 to max_batch"):
         BatcherPool(None, max_batch=2, max_wait_s=0, max_waiting=0, count=3)
+
+
+
+
+BURST_ROUNDS = 10
+BARRIER_TIMEOUT_S = 60
+
+
+class OverlappingChecks:
+    """The sampler, with each request's check (prepare) held until `count` requests are in it: their checks
+    overlap, as they do on a busy server where any thread may be paused anywhere."""
+
+    def __init__(self, sampler, count):
+        self._sampler = sampler
+        self._together = threading.Barrier(count, timeout=BARRIER_TIMEOUT_S)
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+    def prepare(self, *args):
+        self._together.wait()
+        return self._sampler.prepare(*args)
+
+
+def test_a_burst_of_exactly_the_pools_places_gets_no_busy_many_times_over(sampler):
+    # 2 threads of 2 rows and 2 waiting places each: 8 requests released at once fill the pool exactly, and each
+    # must find a place however their choices interleave.
+    places = 8
+    checks = OverlappingChecks(sampler, places)
+    for _ in range(BURST_ROUNDS):
+        pool = BatcherPool(checks, max_batch=4, max_wait_s=0, max_waiting=4, count=2)
+        start = threading.Barrier(places, timeout=BARRIER_TIMEOUT_S)
+        answers = [None] * places
+
+        def client(i):
+            start.wait()
+            try:
+                answers[i] = pool.submit(SampleSettings("the", 10 ** 8, mode=1, seed=i))  # hours: none ends early
+            except Busy as busy:
+                answers[i] = busy
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(places)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        loads = [batcher.load for batcher in pool.batchers]
+        for answer in answers:
+            if not isinstance(answer, Busy):
+                answer.close()
+        pool.close()
+        assert not any(isinstance(answer, Busy) for answer in answers), answers
+        assert loads == [4, 4]  # every place taken, each batching thread's own

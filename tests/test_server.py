@@ -19,8 +19,8 @@ import pytest
 import train
 from conftest import REPO, TINY_MODEL, make_data_dir, run_script
 from prometheus_client.parser import text_string_to_metric_families
-from servers import (REQUEST_TIMEOUT_S, START_TIMEOUT_S, Server, end_process, free_port, get, post_json, read_events,
-                     running_server, stream)
+from servers import (REQUEST_TIMEOUT_S, START_TIMEOUT_S, Server, end_process, free_port, get, post_json, raw_exchange,
+                     read_events, running_server, stream)
 from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler
 from settings import SampleSettings
 
@@ -179,6 +179,14 @@ def test_flags_set_the_default_temperature_and_the_limits(flagged_server, local_
     status, _, body = get(f"{url}/?prime={urllib.parse.quote(prime + '.')}&n=5")
     assert status == 400 and f"the limit is {FLAGGED_MAX_PRIME} (--max_prime)" in body
     assert json.loads(get(f"{url}/sample.json")[2])["n"] == min(200, FLAGGED_MAX_N)  # the default n obeys --max_n
+
+
+def test_the_start_prints_no_checker_warning(server):
+    # Every start printed CherryPy's warning that server.socket_timeout was a float where it expects an int. The
+    # checker runs after the model is loaded and before the server listens: its lines are in the log by now.
+    log = server.log()
+    assert "ENGINE Model ready" in log  # the engine's lines are on screen without --production
+    assert "CherryPy Checker" not in log and "socket_timeout" not in log, log
 
 
 def test_health_names_the_model(server, save_dir):
@@ -355,6 +363,10 @@ BAD_BODIES = [
     (b"[1, 2]", 400, "the body must be a JSON object"),
     (b'"The"', 400, "the body must be a JSON object"),
     (b'{"prime": "The", "colour": "red"}', 400, "unknown field 'colour'"),
+    # A repeated field is refused as a repeated query parameter is, never the last value taken.
+    (b'{"n": 20, "n": 30}', 400, "field 'n' is given 2 times; give it once"),
+    (b'{"seed": 1, "prime": "The", "seed": null, "seed": 2}', 400, "field 'seed' is given 3 times"),
+    (b'{"prime": {"a": 1, "a": 2}}', 400, "field 'a' is given 2 times"),
     (b'{"n": "5"}', 400, "n must be a JSON integer"),
     (b'{"n": 5.0}', 400, "n must be a JSON integer"),
     (b'{"n": true}', 400, "n must be a JSON integer"),
@@ -394,6 +406,36 @@ def test_post_generate_answers_the_text_and_settings_as_json(server):
     # Other methods are refused, in JSON too.
     status, headers, body = get(f"{server.url}/generate")
     assert status == 405 and headers["Allow"] == "POST" and "error" in json.loads(body)
+
+
+# Requests whose body stops arriving: shorter than its Content-Length, or chunked and stalled after a chunk.
+HALF_SENT_BODIES = [
+    b'POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"n": 5',
+    b'POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n'
+    b'5\r\n{"n":\r\n',
+]
+
+
+def test_a_post_body_that_stops_arriving_gets_408_counted_and_no_traceback(server):
+    before, log_before = metric_samples(server.url), len(server.log())
+    for request in HALF_SENT_BODIES:
+        status, headers, body = raw_exchange(server.url, request)  # answered after --socket_timeout (2 s)
+        answer = (status, headers.get("content-type"), headers.get("connection"))
+        assert answer == (408, "application/json", "close"), body
+        assert "the body stopped arriving" in json.loads(body)["error"] and b"\n" not in body
+    assert get(f"{server.url}/?prime=The&n=5")[0] == 200
+    after = metric_samples(server.url)
+    key = ("char_rnn_requests_total", (("endpoint", "/generate"), ("status", "408")))
+    assert after.get(key, 0) - before.get(key, 0) == len(HALF_SENT_BODIES)
+    assert "Traceback" not in server.log()[log_before:]
+
+
+def test_a_malformed_chunked_body_gets_400_in_json_and_its_connection_closed(server):
+    request = (b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{\"n\": 5}\r\n0\r\n\r\n")
+    status, headers, body = raw_exchange(server.url, request)
+    assert (status, headers.get("content-type"), headers.get("connection")) == (400, "application/json", "close"), body
+    assert "the chunked body is malformed" in json.loads(body)["error"]  # one answer: the rest was not read as another
 
 
 def test_web_page_at_ui_and_to_a_browser_at_the_root(server):
@@ -463,6 +505,39 @@ def test_flood_beyond_the_queue_gets_quick_503s_never_500(save_dir, tmp_path, on
         seconds = {code: statistics.median(s for _, status, s, *_ in results if status == code) for code in (200, 503)}
         assert seconds[503] < seconds[200]
         assert get(server.url + "/health")[0] == 200
+
+
+# Two batching threads, each with 2 rows and 2 waiting places: bursts of exactly the 8 places.
+BURST_FLAGS = ["--max_batch", 4, "--batchers", 2, "--queue", 4]
+BURST_PLACES = 8
+BURST_ROUNDS = 5
+BURST_N = 300
+
+
+def test_bursts_of_exactly_max_batch_plus_queue_streams_get_no_503_and_are_all_counted(save_dir, tmp_path):
+    with running_server(save_dir, str(tmp_path / "server.log"), *BURST_FLAGS, "--production") as server:
+        before = metric_samples(server.url)
+        statuses = []
+        for _ in range(BURST_ROUNDS):
+            start = threading.Barrier(BURST_PLACES)
+
+            def client(seed):
+                start.wait()
+                return stream(f"{server.url}/stream?prime=The&n={BURST_N}&seed={seed}")[0]
+
+            with concurrent.futures.ThreadPoolExecutor(BURST_PLACES) as pool:
+                statuses += pool.map(client, range(BURST_PLACES))
+        assert statuses == [200] * (BURST_ROUNDS * BURST_PLACES)
+        after = metric_samples(server.url)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    # A stream is counted before its last chunk is sent: every one is in the metrics once its client is done.
+    assert grew("char_rnn_requests_total", endpoint="/stream", status="200") == len(statuses)
+    assert grew("char_rnn_request_seconds_count", endpoint="/stream") == len(statuses)
+    assert grew("char_rnn_tokens_generated_total") == len(statuses) * BURST_N
 
 
 def test_a_stream_client_that_leaves_frees_its_row_and_sigterm_under_load_exits_in_seconds(save_dir, tmp_path):

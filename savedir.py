@@ -225,9 +225,24 @@ def writing(save_dir, what):
         for temporary in glob.glob(os.path.join(glob.escape(save_dir), "*_temp")) + [
                 os.path.join(save_dir, BEST_DIR + ".new")]:
             shutil.rmtree(temporary, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
-        raise OSError(getattr(error, "errno", None), f"cannot write {what} ({reason.splitlines()[0]}); earlier "
+        raise OSError(getattr(error, "errno", None), f"cannot write {what} ({plain_reason(error)}); earlier "
                       f"checkpoints are intact; free some space and resume with --init_from", save_dir) from None
+
+
+# What TensorFlow wraps an op's error in: "{{function_node __wrapped__SaveV2_...}} <file>; <cause> [Op:SaveV2]".
+_TF_FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
+_TF_OP_NAME = re.compile(r"\s*\[Op:[^\]]*\]\s*$")
+
+
+def plain_reason(error):
+    """The cause of a failed write in plain words ("No space left on device"): an OSError's strerror, or a
+    TensorFlow error's first line without TensorFlow's function name, op name and temporary file name."""
+    if getattr(error, "strerror", None):
+        return error.strerror
+    message = (getattr(error, "message", None) or str(error)).strip()
+    line = _TF_OP_NAME.sub("", _TF_FUNCTION_NODE.sub("", message.splitlines()[0] if message else ""))
+    # TensorFlow names a failed file as "<its path>; <cause>": the path is a temporary file of the save dir.
+    return line.rsplit("; ", 1)[-1].strip() or error.__class__.__name__
 
 
 def checkpoint_manager(checkpoint, directory):

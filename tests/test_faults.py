@@ -486,6 +486,18 @@ def fill(directory, leave=0):
     return filler
 
 
+TF_OUT_OF_SPACE = ("{{{{function_node __wrapped__SaveV2_dtypes_31_device_/job:localhost/replica:0/task:0/device:CPU:0}}}} "
+                   "{temporary}/part-00000-of-00001.data-00000-of-00001.tempstate11394990919901407557; "
+                   "No space left on device [Op:SaveV2]\nmore detail")
+
+
+def assert_plain_out_of_space_line(line, save):
+    """The line of a full disk names the save dir and the cause in plain words, without TensorFlow's internals."""
+    assert "No space left on device" in line and save in line, line
+    for internal in ("{{function_node", "__wrapped__", "[Op:", "_temp", "tempstate"):
+        assert internal not in line, line
+
+
 @pytest.mark.parametrize("room", [0, 16 << 10])  # nothing left; room for config.yaml but not a checkpoint
 def test_a_full_disk_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, data_dir, capsys, room):
     with small_filesystem(tmp_path / "disk") as mounted:
@@ -497,8 +509,7 @@ def test_a_full_disk_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, da
         filler = fill(str(tmp_path / "disk"), room)
         capsys.readouterr()
         assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8, "--save_every", 2)) == 1
-        line = error_line(capsys)
-        assert "No space left on device" in line and save in line
+        assert_plain_out_of_space_line(error_line(capsys), save)
         assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
         assert models(snapshot(save)) == before
         assert savedir.checkpoint_step(savedir.load(save).path) == 4
@@ -513,12 +524,14 @@ def test_an_out_of_space_checkpoint_write_is_one_line_and_removes_its_temporary_
     before = models(snapshot(save))
 
     def full(manager, checkpoint_number):
-        os.makedirs(os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{checkpoint_number}_temp"))  # as TensorFlow does
-        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device\nmore detail")
+        temporary = os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{checkpoint_number}_temp")
+        os.makedirs(temporary)  # as TensorFlow does, and with its message (TensorFlow 2.21, a full tmpfs)
+        raise tf.errors.ResourceExhaustedError(None, None, TF_OUT_OF_SPACE.format(temporary=temporary))
     monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
     assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8, "--save_every", 2)) == 1
     line = error_line(capsys)
-    assert "cannot write the checkpoint of step 6 (No space left on device)" in line and save in line
+    assert "cannot write the checkpoint of step 6 (No space left on device);" in line
+    assert_plain_out_of_space_line(line, save)
     assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
     assert models(snapshot(save)) == before
 

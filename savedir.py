@@ -282,6 +282,19 @@ def recover_best(save_dir):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_unfinished_checkpoints(save_dir):
+    """Remove the model.ckpt-<step>_temp/ folders a save killed mid-write left (TensorFlow writes a checkpoint
+    there and renames its files out at the end), saying so in one line. Only the holder of the lock may: another
+    trainer could be writing one."""
+    leftovers = sorted(path for path in glob.glob(os.path.join(glob.escape(save_dir), CHECKPOINT_NAME + "-*_temp"))
+                       if os.path.isdir(path))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        print(f"removed {', '.join(os.path.basename(path) for path in leftovers)} from {save_dir}: the unfinished "
+              f"checkpoint of a save that was interrupted", file=sys.stderr)
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -324,8 +337,9 @@ class SaveDir:
         self._lock.close()
 
     def prepare(self, settings, vocab, unk_token, resuming_here):
-        """Check that this run may write here, finish a best/ swap a kill interrupted, write config.yaml and
-        vocab.json, and make the log dir (an unusable --log_dir fails now, not at the first step).
+        """Check that this run may write here, finish a best/ swap a kill interrupted, remove the unfinished
+        checkpoints of an interrupted save, write config.yaml and vocab.json, and make the log dir (an unusable
+        --log_dir fails now, not at the first step).
 
         Raises ValueError before anything is written when the run would overwrite another model.
         """
@@ -335,6 +349,7 @@ class SaveDir:
         os.makedirs(self.path, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
         recover_best(self.path)
+        remove_unfinished_checkpoints(self.path)
         self.settings, self.vocab, self.unk_token = settings, vocab, unk_token
         write_config(self.path, settings)
         write_vocab(self.path, vocab, unk_token)

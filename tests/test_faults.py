@@ -295,6 +295,25 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, 
     assert newest_step(save) == target
 
 
+def test_the_next_run_removes_the_unfinished_checkpoint_of_a_killed_save_in_one_line(trained_copy, capsys):
+    save, data = trained_copy
+    newest = savedir.checkpoint_paths(save)[0]
+    step = savedir.checkpoint_step(newest)
+    # What a SIGKILL in the middle of TensorFlow's write of the next checkpoint leaves, for good until now.
+    leftover = os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{step + 1}_temp")
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, "part-00000-of-00001.data-00000-of-00001.tempstate1234"), "wb") as f:
+        f.write(b"\0" * 100)
+    capsys.readouterr()
+    assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", step + 2)) == 0
+    captured = capsys.readouterr()
+    assert not os.path.exists(leftover)
+    said = [line for line in captured.err.splitlines() if os.path.basename(leftover) in line]
+    assert len(said) == 1 and said[0].startswith("removed ") and save in said[0], captured.err
+    assert f"resumed from {newest}: step {step}" in captured.out
+    assert newest_step(save) == step + 2
+
+
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
     save = str(tmp_path / "save")
@@ -486,8 +505,8 @@ def fill(directory, leave=0):
     return filler
 
 
-TF_OUT_OF_SPACE = ("{{{{function_node __wrapped__SaveV2_dtypes_31_device_/job:localhost/replica:0/task:0/device:CPU:0}}}} "
-                   "{temporary}/part-00000-of-00001.data-00000-of-00001.tempstate11394990919901407557; "
+TF_OUT_OF_SPACE = ("{{{{function_node __wrapped__SaveV2_dtypes_31_device_/job:localhost/replica:0/task:0/"
+                   "device:CPU:0}}}} {temporary}/part-00000-of-00001.data-00000-of-00001.tempstate11394990919901407557; "
                    "No space left on device [Op:SaveV2]\nmore detail")
 
 

@@ -145,7 +145,8 @@ class Trainer:
         self.started = time.time()
 
     def resume(self, directory):
-        """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch."""
+        """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch (or starts
+        the next one, when the checkpoint's was finished)."""
         weights = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
         path, elapsed = self.save_dir.restore(weights, directory)
         self.started -= elapsed  # the clock goes on from the checkpoint's time
@@ -153,12 +154,7 @@ class Trainer:
         tf.train.Checkpoint(dropout_rng=self.dropout_rng).read(path).expect_partial()
         progress, config = self.progress, self.config
         if (int(progress.batch_size), int(progress.seq_length)) != (config.batch_size, config.seq_length):
-            print(f"batch_size/seq_length changed: epoch {int(progress.epoch)} restarts from its first batch",
-                  file=sys.stderr)
-            progress.batch_size.assign(config.batch_size)
-            progress.seq_length.assign(config.seq_length)
-            progress.batch_in_epoch.assign(0)
-            progress.state.assign(tf.zeros([self.model.num_states, config.batch_size, config.rnn_size]))
+            self.change_batch_layout()
         best_score = self.save_dir.best_score()
         if best_score is not None:  # best/ describes itself; the checkpoint may be older or newer than it
             progress.best_loss.assign(best_score)
@@ -167,6 +163,25 @@ class Trainer:
         print(f"resumed from {path}: step {int(progress.step)}, epoch {int(progress.epoch)}, batch "
               f"{int(progress.batch_in_epoch)}/{self.loader.num_batches}, learning rate "
               f"{self.learning_rate():.6g}, best score {float(progress.best_loss):.4f}")
+
+    def change_batch_layout(self):
+        """After a resume with another batch_size or seq_length: the epoch restarts from its first batch in the new
+        layout (the old position means nothing there), or, when the checkpoint's epoch was finished, the next one
+        starts."""
+        progress, config = self.progress, self.config
+        epoch = int(progress.epoch)
+        # The batches of an epoch in the checkpoint's layout, counted as TextLoader counts num_batches.
+        old_batches = (len(self.loader.train_ids) - 1) // (int(progress.batch_size) * int(progress.seq_length))
+        if int(progress.batch_in_epoch) >= old_batches:  # saved after the epoch's last batch
+            print(f"batch_size/seq_length changed: epoch {epoch} was finished; epoch {epoch + 1} starts from its "
+                  f"first batch", file=sys.stderr)
+            progress.epoch.assign_add(1)
+        else:
+            print(f"batch_size/seq_length changed: epoch {epoch} restarts from its first batch", file=sys.stderr)
+        progress.batch_size.assign(config.batch_size)
+        progress.seq_length.assign(config.seq_length)
+        progress.batch_in_epoch.assign(0)
+        progress.state.assign(tf.zeros([self.model.num_states, config.batch_size, config.rnn_size]))
 
     def learning_rate(self):
         return self.config.learning_rate * self.config.decay_rate ** int(self.progress.epoch)

@@ -225,9 +225,24 @@ def writing(save_dir, what):
         for temporary in glob.glob(os.path.join(glob.escape(save_dir), "*_temp")) + [
                 os.path.join(save_dir, BEST_DIR + ".new")]:
             shutil.rmtree(temporary, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
-        raise OSError(getattr(error, "errno", None), f"cannot write {what} ({reason.splitlines()[0]}); earlier "
+        raise OSError(getattr(error, "errno", None), f"cannot write {what} ({plain_reason(error)}); earlier "
                       f"checkpoints are intact; free some space and resume with --init_from", save_dir) from None
+
+
+# What TensorFlow wraps an op's error in: "{{function_node __wrapped__SaveV2_...}} <file>; <cause> [Op:SaveV2]".
+_TF_FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
+_TF_OP_NAME = re.compile(r"\s*\[Op:[^\]]*\]\s*$")
+
+
+def plain_reason(error):
+    """The cause of a failed write in plain words ("No space left on device"): an OSError's strerror, or a
+    TensorFlow error's first line without TensorFlow's function name, op name and temporary file name."""
+    if getattr(error, "strerror", None):
+        return error.strerror
+    message = (getattr(error, "message", None) or str(error)).strip()
+    line = _TF_OP_NAME.sub("", _TF_FUNCTION_NODE.sub("", message.splitlines()[0] if message else ""))
+    # TensorFlow names a failed file as "<its path>; <cause>": the path is a temporary file of the save dir.
+    return line.rsplit("; ", 1)[-1].strip() or error.__class__.__name__
 
 
 def checkpoint_manager(checkpoint, directory):
@@ -265,6 +280,19 @@ def recover_best(save_dir):
         os.rename(old, best)
     shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_unfinished_checkpoints(save_dir):
+    """Remove the model.ckpt-<step>_temp/ folders a save killed mid-write left (TensorFlow writes a checkpoint
+    there and renames its files out at the end), saying so in one line. Only the holder of the lock may: another
+    trainer could be writing one."""
+    leftovers = sorted(path for path in glob.glob(os.path.join(glob.escape(save_dir), CHECKPOINT_NAME + "-*_temp"))
+                       if os.path.isdir(path))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        print(f"removed {', '.join(os.path.basename(path) for path in leftovers)} from {save_dir}: the unfinished "
+              f"checkpoint of a save that was interrupted", file=sys.stderr)
 
 
 def _fsync_dir(path):
@@ -309,8 +337,9 @@ class SaveDir:
         self._lock.close()
 
     def prepare(self, settings, vocab, unk_token, resuming_here):
-        """Check that this run may write here, finish a best/ swap a kill interrupted, write config.yaml and
-        vocab.json, and make the log dir (an unusable --log_dir fails now, not at the first step).
+        """Check that this run may write here, finish a best/ swap a kill interrupted, remove the unfinished
+        checkpoints of an interrupted save, write config.yaml and vocab.json, and make the log dir (an unusable
+        --log_dir fails now, not at the first step).
 
         Raises ValueError before anything is written when the run would overwrite another model.
         """
@@ -320,6 +349,7 @@ class SaveDir:
         os.makedirs(self.path, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
         recover_best(self.path)
+        remove_unfinished_checkpoints(self.path)
         self.settings, self.vocab, self.unk_token = settings, vocab, unk_token
         write_config(self.path, settings)
         write_vocab(self.path, vocab, unk_token)

@@ -112,6 +112,24 @@ WORKER_LOST = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.e
                tf.errors.AbortedError, tf.errors.InternalError)
 
 
+# Divergence is more than NaN. A uniform guess over a vocabulary of V tokens scores ln V nats, and a fresh model
+# starts near it; a learning rate far too high may leave the loss finite but astronomical (1e30 and more at
+# --learning_rate 1e30 on some processors, NaN on others). A loss above twice ln V plus 10 nats has diverged: the
+# model then gives the right token less than a V-th of a uniform guess's probability, and e^-10 of that; the 10 nats
+# keep a small vocabulary (ln 2 is 0.69) from calling a bad patch divergence. Measured on tinyshakespeare (README):
+# sane runs up to --learning_rate 0.1 never passed 5.3 nats in a step, against a limit of 18.3 for its 65 characters.
+DIVERGED_TIMES_LN_V = 2
+DIVERGED_SLACK_NATS = 10
+# One step's loss may spike at a high but sane learning rate: it counts once it has stayed above for this many steps.
+# Averages (the training loss since the last checkpoint, the validation loss) count at once.
+DIVERGED_STEPS = 20
+
+
+def divergence_bar(vocab_size):
+    """The loss, in nats, above which a run over `vocab_size` tokens has diverged (see DIVERGED_TIMES_LN_V)."""
+    return DIVERGED_TIMES_LN_V * math.log(vocab_size) + DIVERGED_SLACK_NATS
+
+
 def format_duration(seconds):
     """Seconds as h:mm:ss."""
     seconds = int(max(seconds, 0))
@@ -143,9 +161,12 @@ class Trainer:
         self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy)
         self.eval_chunk = make_eval_chunk(self.model)
         self.started = time.time()
+        self.loss_bar = divergence_bar(model_config.vocab_size)
+        self.steps_above_bar = 0  # consecutive steps whose training loss was above loss_bar
 
     def resume(self, directory):
-        """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch."""
+        """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch (or starts
+        the next one, when the checkpoint's was finished)."""
         weights = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress)
         path, elapsed = self.save_dir.restore(weights, directory)
         self.started -= elapsed  # the clock goes on from the checkpoint's time
@@ -153,12 +174,7 @@ class Trainer:
         tf.train.Checkpoint(dropout_rng=self.dropout_rng).read(path).expect_partial()
         progress, config = self.progress, self.config
         if (int(progress.batch_size), int(progress.seq_length)) != (config.batch_size, config.seq_length):
-            print(f"batch_size/seq_length changed: epoch {int(progress.epoch)} restarts from its first batch",
-                  file=sys.stderr)
-            progress.batch_size.assign(config.batch_size)
-            progress.seq_length.assign(config.seq_length)
-            progress.batch_in_epoch.assign(0)
-            progress.state.assign(tf.zeros([self.model.num_states, config.batch_size, config.rnn_size]))
+            self.change_batch_layout()
         best_score = self.save_dir.best_score()
         if best_score is not None:  # best/ describes itself; the checkpoint may be older or newer than it
             progress.best_loss.assign(best_score)
@@ -167,6 +183,25 @@ class Trainer:
         print(f"resumed from {path}: step {int(progress.step)}, epoch {int(progress.epoch)}, batch "
               f"{int(progress.batch_in_epoch)}/{self.loader.num_batches}, learning rate "
               f"{self.learning_rate():.6g}, best score {float(progress.best_loss):.4f}")
+
+    def change_batch_layout(self):
+        """After a resume with another batch_size or seq_length: the epoch restarts from its first batch in the new
+        layout (the old position means nothing there), or, when the checkpoint's epoch was finished, the next one
+        starts."""
+        progress, config = self.progress, self.config
+        epoch = int(progress.epoch)
+        # The batches of an epoch in the checkpoint's layout, counted as TextLoader counts num_batches.
+        old_batches = (len(self.loader.train_ids) - 1) // (int(progress.batch_size) * int(progress.seq_length))
+        if int(progress.batch_in_epoch) >= old_batches:  # saved after the epoch's last batch
+            print(f"batch_size/seq_length changed: epoch {epoch} was finished; epoch {epoch + 1} starts from its "
+                  f"first batch", file=sys.stderr)
+            progress.epoch.assign_add(1)
+        else:
+            print(f"batch_size/seq_length changed: epoch {epoch} restarts from its first batch", file=sys.stderr)
+        progress.batch_size.assign(config.batch_size)
+        progress.seq_length.assign(config.seq_length)
+        progress.batch_in_epoch.assign(0)
+        progress.state.assign(tf.zeros([self.model.num_states, config.batch_size, config.rnn_size]))
 
     def learning_rate(self):
         return self.config.learning_rate * self.config.decay_rate ** int(self.progress.epoch)
@@ -212,11 +247,12 @@ class Trainer:
         step, epoch = int(progress.step), int(progress.epoch)
         tick, tick_step = time.perf_counter(), step
         for index in range(int(progress.batch_in_epoch), loader.num_batches):
-            loss = self.train_step(*loader.batch(index))
+            loss = float(self.train_step(*loader.batch(index)))
             step += 1
+            self.check_step_loss(step, loss)
             if step % config.print_every == 0 or step == total:
                 seconds = (time.perf_counter() - tick) / (step - tick_step)
-                self.report(step, total, epoch, float(loss), seconds)
+                self.report(step, total, epoch, loss, seconds)
                 tick, tick_step = time.perf_counter(), step
             if step % config.save_every == 0 or step == total:
                 self.save()
@@ -227,8 +263,6 @@ class Trainer:
 
     def report(self, step, total, epoch, loss, seconds):
         """Print the original's progress line plus an ETA, and log the training loss."""
-        if not math.isfinite(loss):
-            self.diverged(f"the training loss became {loss} at step {step}")
         tokens_per_s = self.config.batch_size * self.config.seq_length / seconds
         print(f"{step}/{total} (epoch {epoch}), train_loss = {loss:.4f}, time/batch = {seconds:.3f}, "
               f"ETA {format_duration((total - step) * seconds)}", flush=True)
@@ -240,16 +274,15 @@ class Trainer:
         progress = self.progress
         count = int(progress.loss_count)
         train_loss = float(progress.loss_sum) / count if count else math.nan
-        if count and not math.isfinite(train_loss):
-            self.diverged(f"the training loss became {train_loss} before step {int(progress.step)}")
+        if count:
+            self.check_loss("the training loss", train_loss, f"before step {int(progress.step)}")
         if not savedir.weights_finite(self.model):
             self.diverged(f"the weights became NaN or infinite by step {int(progress.step)}")
         step = int(progress.step)
         val_loss = None
         if validate and len(self.loader.val_ids):  # none when the text holds a batch but not also the tail
             val_loss, _ = full_pass_loss(self.model, self.loader.val_ids, self.eval_chunk)
-            if not math.isfinite(val_loss):
-                self.diverged(f"the validation loss became {val_loss} at step {step}")
+            self.check_loss("the validation loss", val_loss, f"at step {step}")
             print(f"{step}/{self.total_steps()} (epoch {int(progress.epoch)}), val_loss = {val_loss:.4f}",
                   flush=True)
             self.save_dir.metrics.write(step, epoch=int(progress.epoch), val_loss=val_loss)
@@ -261,6 +294,30 @@ class Trainer:
         progress.loss_sum.assign(0.0)
         progress.loss_count.assign(0)
         return self.save_dir.save(step, self.model_info(step, score, val_loss, train_loss) if improved else None)
+
+    def check_step_loss(self, step, loss):
+        """Stop when a step's training loss is NaN or infinite, or has stayed above loss_bar for DIVERGED_STEPS steps
+        in a row."""
+        if not math.isfinite(loss):
+            self.diverged(f"the training loss became {loss} at step {step}")
+        self.steps_above_bar = self.steps_above_bar + 1 if loss > self.loss_bar else 0
+        if self.steps_above_bar >= DIVERGED_STEPS:
+            self.diverged(f"the training loss stayed above {self.describe_bar()} for {DIVERGED_STEPS} steps "
+                          f"({loss:.6g} at step {step})")
+
+    def check_loss(self, name, loss, when):
+        """Stop when a loss averaged over many tokens (the training loss since the last checkpoint, the validation
+        loss) is NaN, infinite or above loss_bar."""
+        if not math.isfinite(loss):
+            self.diverged(f"{name} became {loss} {when}")
+        if loss > self.loss_bar:
+            self.diverged(f"{name} became {loss:.6g} {when}, above {self.describe_bar()}")
+
+    def describe_bar(self):
+        """loss_bar and where it comes from, for a message."""
+        uniform = math.log(self.model.vocab_size)
+        return (f"{self.loss_bar:.1f} nats ({DIVERGED_TIMES_LN_V} x the {uniform:.2f} of a uniform guess over "
+                f"{self.model.vocab_size} tokens, plus {DIVERGED_SLACK_NATS})")
 
     def diverged(self, what):
         """Stop training: raise FloatingPointError saying what diverged and what is left to resume from."""

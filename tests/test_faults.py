@@ -330,6 +330,25 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, 
     assert newest_step(save) == target
 
 
+def test_the_next_run_removes_the_unfinished_checkpoint_of_a_killed_save_in_one_line(trained_copy, capsys):
+    save, data = trained_copy
+    newest = savedir.checkpoint_paths(save)[0]
+    step = savedir.checkpoint_step(newest)
+    # What a SIGKILL in the middle of TensorFlow's write of the next checkpoint leaves, for good until now.
+    leftover = os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{step + 1}_temp")
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, "part-00000-of-00001.data-00000-of-00001.tempstate1234"), "wb") as f:
+        f.write(b"\0" * 100)
+    capsys.readouterr()
+    assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", step + 2)) == 0
+    captured = capsys.readouterr()
+    assert not os.path.exists(leftover)
+    said = [line for line in captured.err.splitlines() if os.path.basename(leftover) in line]
+    assert len(said) == 1 and said[0].startswith("removed ") and save in said[0], captured.err
+    assert f"resumed from {newest}: step {step}" in captured.out
+    assert newest_step(save) == step + 2
+
+
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
     save = str(tmp_path / "save")
@@ -357,19 +376,77 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# NaN: never saved, never loaded
+# Divergence (NaN, or a loss far above a uniform guess's): never saved, never loaded
+
+BLOWN_UP_LOGIT = 1e4  # the output bias of one token: every other token's loss is then about 1e4 nats, still finite
 
 
-def test_a_diverging_resume_never_saves_nan_and_keeps_the_last_good_checkpoint(trained_copy, capsys):
+def blow_up_the_weights_from(monkeypatch, first_step):
+    """From step `first_step` on, every training step ends with the output layer's bias of the rarest token at
+    BLOWN_UP_LOGIT: the weights of a run whose learning rate is far too high, made alike on every processor (a
+    real --learning_rate 1e30 makes the loss NaN on some and finite but astronomical on others)."""
+    real_make_train_step = trainer.make_train_step
+
+    def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
+
+        def train_step(inputs, targets):
+            loss = step(inputs, targets)
+            if int(progress.step) >= first_step:
+                model.head.bias.assign(tf.one_hot(model.vocab_size - 1, model.vocab_size) * BLOWN_UP_LOGIT)
+            return loss
+        return train_step
+    monkeypatch.setattr(trainer, "make_train_step", make_train_step)
+
+
+def test_a_resume_whose_loss_blows_up_saves_nothing_and_keeps_the_last_good_checkpoint(trained_copy, monkeypatch,
+                                                                                        capsys):
     save, data = trained_copy
     before = models(snapshot(save))
     newest = savedir.checkpoint_paths(save)[0]
-    code = train.main(train_flags(data, save, "--init_from", save, "--learning_rate", "1e30", "--save_every", 1))
+    blow_up_the_weights_from(monkeypatch, first_step=1)
+    code = train.main(train_flags(data, save, "--init_from", save, "--save_every", 1))
     assert code == 1
     line = error_line(capsys)
+    assert "the validation loss became " in line and " nats (2 x the " in line  # finite, but far above ln V
     assert "training stopped" in line and f"the last good checkpoint, {newest}, is kept" in line
     assert models(snapshot(save)) == before  # no new checkpoint, best/ untouched
     assert savedir.weights_finite(savedir.load(save).model)
+
+
+def test_a_mean_training_loss_far_above_a_uniform_guess_is_never_saved(tmp_path, data_dir, monkeypatch, capsys):
+    """Without a validation split, the mean training loss since the last checkpoint is what tells."""
+    blow_up_the_weights_from(monkeypatch, first_step=8)  # steps 9 and 10 have a loss of about 1e4
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--val_frac", 0, "--save_every", 5, "--max_steps", 20)) == 1
+    line = error_line(capsys)
+    assert "the training loss became " in line and "before step 10, above " in line and "model.ckpt-5, is kept" in line
+    assert [savedir.checkpoint_step(path) for path in savedir.checkpoint_paths(save)] == [5]
+
+
+@pytest.mark.parametrize("steps_above, code", [(trainer.DIVERGED_STEPS - 1, 0), (trainer.DIVERGED_STEPS, 1)])
+def test_a_training_loss_far_above_a_uniform_guess_stops_once_it_lasts_diverged_steps(
+        tmp_path, data_dir, monkeypatch, capsys, steps_above, code):
+    """A spike of the loss shorter than DIVERGED_STEPS is not divergence; one that lasts that long stops the run
+    before its first checkpoint."""
+    real_make_train_step, spike = trainer.make_train_step, range(5, 5 + steps_above)
+
+    def spiking(model, optimizer, progress, grad_clip, strategy=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
+
+        def train_step(inputs, targets):
+            loss = step(inputs, targets)
+            return tf.constant(BLOWN_UP_LOGIT) if int(progress.step) in spike else loss
+        return train_step
+    monkeypatch.setattr(trainer, "make_train_step", spiking)
+    save = str(tmp_path / "save")
+    assert train.main(train_flags(data_dir, save, "--max_steps", 40)) == code
+    if code:
+        line = error_line(capsys)
+        assert f"for {steps_above} steps ({BLOWN_UP_LOGIT:g} at step {spike[-1]})" in line
+        assert "no checkpoint was written" in line and not savedir.has_checkpoint(save)
+    else:
+        assert newest_step(save) == 40
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
@@ -419,9 +496,10 @@ def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(tmp_path, d
     assert savedir.weights_finite(savedir.load(save).model)
 
 
-def test_diverging_from_scratch_says_no_checkpoint_was_written(tmp_path, data_dir, capsys):
+def test_diverging_from_scratch_says_no_checkpoint_was_written(tmp_path, data_dir, monkeypatch, capsys):
+    blow_up_the_weights_from(monkeypatch, first_step=1)
     save = str(tmp_path / "save")
-    assert train.main(train_flags(data_dir, save, "--learning_rate", "1e30", "--save_every", 1)) == 1
+    assert train.main(train_flags(data_dir, save, "--save_every", 1)) == 1
     assert "no checkpoint was written" in error_line(capsys)
     assert not savedir.has_checkpoint(save)
 
@@ -521,6 +599,18 @@ def fill(directory, leave=0):
     return filler
 
 
+TF_OUT_OF_SPACE = ("{{{{function_node __wrapped__SaveV2_dtypes_31_device_/job:localhost/replica:0/task:0/"
+                   "device:CPU:0}}}} {temporary}/part-00000-of-00001.data-00000-of-00001.tempstate11394990919901407557; "
+                   "No space left on device [Op:SaveV2]\nmore detail")
+
+
+def assert_plain_out_of_space_line(line, save):
+    """The line of a full disk names the save dir and the cause in plain words, without TensorFlow's internals."""
+    assert "No space left on device" in line and save in line, line
+    for internal in ("{{function_node", "__wrapped__", "[Op:", "_temp", "tempstate"):
+        assert internal not in line, line
+
+
 @pytest.mark.parametrize("room", [0, 16 << 10])  # nothing left; room for config.yaml but not a checkpoint
 def test_a_full_disk_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, data_dir, capsys, room):
     with small_filesystem(tmp_path / "disk") as mounted:
@@ -532,8 +622,7 @@ def test_a_full_disk_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, da
         filler = fill(str(tmp_path / "disk"), room)
         capsys.readouterr()
         assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8, "--save_every", 2)) == 1
-        line = error_line(capsys)
-        assert "No space left on device" in line and save in line
+        assert_plain_out_of_space_line(error_line(capsys), save)
         assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
         assert models(snapshot(save)) == before
         assert savedir.checkpoint_step(savedir.load(save).path) == 4
@@ -548,12 +637,14 @@ def test_an_out_of_space_checkpoint_write_is_one_line_and_removes_its_temporary_
     before = models(snapshot(save))
 
     def full(manager, checkpoint_number):
-        os.makedirs(os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{checkpoint_number}_temp"))  # as TensorFlow does
-        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device\nmore detail")
+        temporary = os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{checkpoint_number}_temp")
+        os.makedirs(temporary)  # as TensorFlow does, and with its message (TensorFlow 2.21, a full tmpfs)
+        raise tf.errors.ResourceExhaustedError(None, None, TF_OUT_OF_SPACE.format(temporary=temporary))
     monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
     assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8, "--save_every", 2)) == 1
     line = error_line(capsys)
-    assert "cannot write the checkpoint of step 6 (No space left on device)" in line and save in line
+    assert "cannot write the checkpoint of step 6 (No space left on device);" in line
+    assert_plain_out_of_space_line(line, save)
     assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
     assert models(snapshot(save)) == before
 

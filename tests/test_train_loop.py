@@ -227,6 +227,25 @@ def test_resume_with_another_batch_layout_restarts_the_epoch_from_its_first_batc
     assert calls[0]["state"].shape == (2, 2, 16) and not calls[0]["state"].any()
 
 
+def test_resume_with_another_batch_layout_after_an_epochs_last_batch_goes_on_with_the_next_epoch(tmp_path, data_dir,
+                                                                                                   capsys):
+    save = str(tmp_path / "save")
+    epoch_end = utils.TextLoader(data_dir, TINY["batch_size"], TINY["seq_length"]).num_batches
+    assert build_trainer(data_dir, save, num_epochs=3, max_steps=epoch_end).run() == 0  # the checkpoint of the epoch's last batch: epoch 0, batch num_batches of num_batches
+    run = build_trainer(data_dir, save, num_epochs=3, batch_size=2, seq_length=7, init_from=save,
+                        max_steps=epoch_end + 3)
+    run.resume(save)
+    assert "epoch 0 was finished; epoch 1 starts from its first batch" in capsys.readouterr().err
+    calls = record_steps(run)
+    assert run.run() == 0
+    assert [int(run.progress.step), int(run.progress.epoch), int(run.progress.batch_in_epoch)] == [
+        epoch_end + 3, 1, 3]
+    assert [call["epoch"] for call in calls] == [1, 1, 1]  # epoch 0 is not trained again
+    for index, call in enumerate(calls):
+        np.testing.assert_array_equal(call["inputs"], run.loader.batch(index)[0], err_msg=f"batch {index}")
+    assert not calls[0]["state"].any()
+
+
 def test_resumed_run_ends_after_num_epochs_and_prints_that_total(tmp_path, data_dir, capsys):
     save = str(tmp_path / "save")
     flags = ["--data_dir", data_dir, "--save_dir", save, "--rnn_size", "16", "--num_layers", "1", "--batch_size",

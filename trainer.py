@@ -24,7 +24,7 @@ from cli import EXIT_INTERRUPTED
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
 from settings import RESUMED_SETTINGS, TRAIN_DEFAULTS, ModelConfig
-from utils import TextLoader
+from utils import TextLoader, batches_in
 
 
 class Progress(tf.Module):
@@ -190,8 +190,7 @@ class Trainer:
         starts."""
         progress, config = self.progress, self.config
         epoch = int(progress.epoch)
-        # The batches of an epoch in the checkpoint's layout, counted as TextLoader counts num_batches.
-        old_batches = (len(self.loader.train_ids) - 1) // (int(progress.batch_size) * int(progress.seq_length))
+        old_batches = batches_in(len(self.loader.train_ids), int(progress.batch_size), int(progress.seq_length))
         if int(progress.batch_in_epoch) >= old_batches:  # saved after the epoch's last batch
             print(f"batch_size/seq_length changed: epoch {epoch} was finished; epoch {epoch + 1} starts from its "
                   f"first batch", file=sys.stderr)

@@ -477,7 +477,7 @@ class TextLoader:
         if val_frac > 0 and num_val < 2:
             raise ValueError(f"the validation split of {len(self.ids)} tokens at --val_frac {val_frac} "
                              f"has {num_val} tokens; raise --val_frac (or give --val_frac 0)")
-        if num_val and not holds_batch(len(self.ids) - num_val, batch_size, seq_length) and holds_batch(
+        if num_val and not batches_in(len(self.ids) - num_val, batch_size, seq_length) and batches_in(
                 len(self.ids), batch_size, seq_length):
             # A text that holds one batch but not also the validation tail (the original's CI trains on 100 lines
             # with the default sizes): train on all of it rather than refuse, and say so.
@@ -487,7 +487,7 @@ class TextLoader:
             num_val = 0
         self.train_ids = self.ids[:len(self.ids) - num_val]
         self.val_ids = self.ids[len(self.ids) - num_val:]
-        self.num_batches = (len(self.train_ids) - 1) // (batch_size * seq_length)
+        self.num_batches = batches_in(len(self.train_ids), batch_size, seq_length)
         if self.num_batches == 0:
             raise ValueError(
                 f"{len(self.train_ids)} training tokens are too few for one batch of batch_size {batch_size} "
@@ -503,9 +503,9 @@ class TextLoader:
         return self._x[:, columns].astype(np.int32), self._y[:, columns].astype(np.int32)
 
 
-def holds_batch(num_tokens, batch_size, seq_length):
-    """True when `num_tokens` training tokens make at least one batch (each input token needs the next as target)."""
-    return num_tokens - 1 >= batch_size * seq_length
+def batches_in(num_tokens, batch_size, seq_length):
+    """The batches of an epoch over `num_tokens` training tokens (each input token needs the next as its target)."""
+    return (num_tokens - 1) // (batch_size * seq_length)
 
 
 def check_trainable(input_path, vocab, word_level):

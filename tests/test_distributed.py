@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -284,6 +285,29 @@ def test_bad_strategy_settings_are_one_line_before_anything_is_written(tmp_path,
     assert train.main(flags(data, str(tmp_path / "save"), *args)) == 2
     assert message in error_line(capsys)
     assert not os.path.exists(tmp_path / "save")
+
+
+def test_workers_meet_whatever_order_they_start_in_and_free_their_ports():
+    cluster = {"chief": [f"127.0.0.1:{free_port()}"], "worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    tasks = [("chief", 0), ("worker", 0), ("worker", 1)]
+    outcomes = {}
+
+    def meet(task, delay):
+        time.sleep(delay)
+        try:
+            distribution.rendezvous(cluster, task, SPAWN_TIMEOUT_S)
+            outcomes[task] = "met"
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            outcomes[task] = repr(e)
+    threads = [threading.Thread(target=meet, args=(task, delay)) for task, delay in zip(tasks, (1.0, 0.0, 0.5))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == {task: "met" for task in tasks}
+    for addresses in cluster.values():  # TensorFlow can have every port now
+        for address in addresses:
+            socket.create_server(("", distribution.split_address(address)[1])).close()
 
 
 def test_auto_is_one_device_without_a_cluster_or_gpus():

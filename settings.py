@@ -54,6 +54,7 @@ class TrainConfig:
     # Devices and machines (distribution.py)
     strategy: str = "auto"
     replicas: int = 0
+    cluster_timeout: float = 300.0  # seconds a multi_worker worker waits for the others to start
     # The preset whose settings the run took (PRESETS), recorded in config.yaml
     preset: str | None = None
 

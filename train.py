@@ -93,6 +93,9 @@ def build_parser():
     devices.add_argument("--replicas", type=cli.non_negative_int, default=DEFAULTS.replicas,
                          help="mirrored: how many GPUs to use, or without GPUs how many logical devices to split the "
                               "CPU into (0: every GPU, or one CPU device); batch_size must divide among them")
+    devices.add_argument("--cluster_timeout", type=cli.positive_float, default=DEFAULTS.cluster_timeout,
+                         help="multi_worker: seconds each worker waits for the others TF_CONFIG names to start, "
+                              "before it stops with one line")
     return parser
 
 

@@ -384,7 +384,8 @@ def train(config):
 
     With init_from, settings of RESUMED_SETTINGS that are None come from the checkpoint.
     """
-    distribution = distribution_module.choose(config.strategy, config.replicas)  # before TensorFlow's devices
+    distribution = distribution_module.choose(  # before TensorFlow's devices
+        config.strategy, config.replicas, cluster_timeout=config.cluster_timeout)
     if config.batch_size % distribution.replicas:
         raise ValueError(f"batch_size {config.batch_size} does not divide among {distribution.replicas} replicas: "
                          f"give a batch_size that is a multiple of {distribution.replicas}")

@@ -123,6 +123,11 @@ MUTATIONS = [
     Mutation("clipped_in_each_replica", "trainer.py", "grads = [tf.convert_to_tensor(g) / replicas for g in grads]",
              "grads = tf.clip_by_global_norm([tf.convert_to_tensor(g) / replicas for g in grads], grad_clip)[0]",
              ("tests/test_distributed.py", "-k", "train_and_resume and 0.0")),
+    Mutation("no_rendezvous", "distribution.py", 'rendezvous(cluster, (task["type"], task["index"]), cluster_timeout)',
+             "pass", ("tests/test_distributed.py", "-k", "port_is_taken or never_start or sigint_or_sigterm")),
+    Mutation("sigterm_left_to_tensorflow", "distribution.py",
+             "signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)", "pass",
+             ("tests/test_distributed.py", "-k", "lost_worker")),
     # sample.py for daily use.
     Mutation("top_p_keeps_one_more", "sampler.py", "kept = tf.reduce_sum(tf.cast(likelier < top_p[:, tf.newaxis], tf.int32), axis=-1)",
              "kept = tf.minimum(tf.reduce_sum(tf.cast(likelier <= top_p[:, tf.newaxis], tf.int32), axis=-1) + 1, "

@@ -5,9 +5,12 @@ TensorFlow starts its devices."""
 import csv
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,7 +20,8 @@ import tensorflow as tf
 import distribution
 import savedir
 import train
-from conftest import REPO, SPAWN_TIMEOUT_S, ctrl_c_not_ignored, error_line, make_data_dir, newest_step, run_script
+from conftest import (REPO, SPAWN_TIMEOUT_S, ctrl_c_not_ignored, error_line, make_data_dir, newest_step, run_script,
+                      wait_for)
 from servers import end_process, free_port
 
 TOLERANCE = 1e-4
@@ -28,6 +32,8 @@ MODEL = ["--rnn_size", "16", "--num_layers", "2", "--batch_size", "8", "--seq_le
          "--print_every", "1", "--save_every", "5", "--grad_clip", "0.1"]
 MIRRORED = ["--strategy", "mirrored", "--replicas", "2"]
 LOST_WORKER_S = 90  # a worker's loss must end the others within about a minute (health checks every 30 s)
+NEVER = 10 ** 9  # a --save_every that no test run reaches
+SIGNAL_S = 30  # a waiting worker ends within seconds of SIGINT or SIGTERM; more than that is a hang
 
 
 def flags(data, save, *extra):
@@ -64,6 +70,11 @@ def start_workers(args, logs):
 def output(logs, index):
     with open(os.path.join(logs, f"worker{index}")) as f:
         return f.read()
+
+
+def steps_printed(text):
+    """The steps whose progress line ("12/340 (epoch 0), ...") a worker printed."""
+    return [int(step) for step in re.findall(r"^(\d+)/\d+ \(epoch", text, re.MULTILINE)]
 
 
 def run_workers(args, logs):
@@ -143,7 +154,8 @@ def test_a_lost_worker_stops_the_others_with_one_line_and_all_resume(tmp_path):
             assert processes[0].poll() is None, output(tmp_path / "first", 0)
             assert time.monotonic() < deadline, "no checkpoint from the workers"
             time.sleep(0.1)
-        processes[1].kill()
+        processes[1].terminate()  # SIGTERM ends a training worker at once, as it does one device's run
+        assert processes[1].wait(timeout=SIGNAL_S) == -signal.SIGTERM
         killed = time.monotonic()
         assert processes[0].wait(timeout=LOST_WORKER_S) == 1
         assert time.monotonic() - killed < LOST_WORKER_S
@@ -155,24 +167,90 @@ def test_a_lost_worker_stops_the_others_with_one_line_and_all_resume(tmp_path):
     saved = newest_step(save)
 
     # Every worker restarted with --init_from resumes from the last checkpoint; Ctrl-C on the chief then stops all.
-    processes, cluster = start_workers([*args, "--init_from", save], tmp_path / "again")
+    # No checkpoint falls due in this run, and the chief is interrupted once it printed a step after the resume:
+    # it has a step to save then, however slow the machine.
+    again = tmp_path / "again"
+    processes, cluster = start_workers([*args, "--init_from", save, "--print_every", "1", "--save_every", str(NEVER)],
+                                       again)
     try:
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        while newest_step(save) <= saved:
-            assert processes[0].poll() is None, output(tmp_path / "again", 0)
-            assert time.monotonic() < deadline, "the resumed workers wrote no checkpoint"
-            time.sleep(0.1)
+        wait_for(lambda: any(step > saved for step in steps_printed(output(again, 0))), processes[0],
+                 "step after the resume")
         processes[0].send_signal(signal.SIGINT)
         assert processes[0].wait(timeout=60) == 130
         assert processes[1].wait(timeout=LOST_WORKER_S) == 1
     finally:
         for process in processes:
             end_process(process)
-    chief, other = output(tmp_path / "again", 0), output(tmp_path / "again", 1)
+    chief, other = output(again, 0), output(again, 1)
     assert f"resumed from {os.path.join(save, savedir.CHECKPOINT_NAME)}-{saved}: step {saved}," in chief
     assert f"resumed from {os.path.join(save, savedir.CHECKPOINT_NAME)}-{saved}: step {saved}," in other
     assert "interrupted: checkpoint written" in chief
+    assert newest_step(save) > saved
     assert other.strip().splitlines()[-1].startswith(f"error: worker 0 ({cluster[0]}) stopped or was lost")
+
+
+def lone_worker(data, save, *extra, peer=None, port=None):
+    """train.py as worker 0 of a two-worker cluster on 127.0.0.1 whose worker 1 never starts: (args, env, port)."""
+    port = port or free_port()
+    cluster = [f"127.0.0.1:{port}", peer or f"127.0.0.1:{free_port()}"]
+    return [*flags(data, save, "--strategy", "multi_worker", *extra)], worker_env(cluster, 0), port
+
+
+def listening(port):
+    """True when something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_worker_whose_port_is_taken_says_so_in_one_line(tmp_path):
+    data, save = make_data_dir(tmp_path / "data"), str(tmp_path / "save")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args, env, _ = lone_worker(data, save, port=port)
+        result = run_script("train.py", *args, env=env, timeout=SPAWN_TIMEOUT_S)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: worker 0 cannot listen on 127.0.0.1:{port}: Address already in use "
+                                     f"(another program has port {port}: stop it, or give this worker another port "
+                                     f"in TF_CONFIG)"), result.stderr
+    assert not os.path.exists(save)
+
+
+@pytest.mark.slow
+def test_a_worker_whose_peers_never_start_stops_with_one_line_after_the_cluster_timeout(tmp_path):
+    data, save = make_data_dir(tmp_path / "data"), str(tmp_path / "save")
+    peer = f"127.0.0.1:{free_port()}"
+    args, env, _ = lone_worker(data, save, "--cluster_timeout", 2, peer=peer)
+    result = run_script("train.py", *args, env=env, timeout=SPAWN_TIMEOUT_S)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: worker 0 waited 2 s for the cluster, but worker 1 ({peer}) did not "
+                                     f"meet it: start every worker that TF_CONFIG names, with the same cluster "
+                                     f"(--cluster_timeout sets the wait)"), result.stderr
+    assert "worker 0 waits up to 2 s for the other workers" in result.stdout
+    assert not os.path.exists(save)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_a_waiting_worker_ends_on_sigint_or_sigterm_with_one_line(tmp_path, signum, code, line):
+    data, save = make_data_dir(tmp_path / "data"), str(tmp_path / "save")
+    args, env, port = lone_worker(data, save)  # the default --cluster_timeout, minutes
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    with open(out, "w") as stdout, open(err, "w") as stderr, ctrl_c_not_ignored():
+        process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], stdout=stdout,
+                                   stderr=stderr, env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
+    try:
+        wait_for(lambda: listening(port), process, "worker listening on its port")
+        process.send_signal(signum)
+        assert process.wait(timeout=SIGNAL_S) == code
+    finally:
+        end_process(process)
+    assert err.read_text().strip().splitlines() == [line]
+    assert not os.path.exists(save)
 
 
 @pytest.mark.slow
@@ -207,6 +285,29 @@ def test_bad_strategy_settings_are_one_line_before_anything_is_written(tmp_path,
     assert train.main(flags(data, str(tmp_path / "save"), *args)) == 2
     assert message in error_line(capsys)
     assert not os.path.exists(tmp_path / "save")
+
+
+def test_workers_meet_whatever_order_they_start_in_and_free_their_ports():
+    cluster = {"chief": [f"127.0.0.1:{free_port()}"], "worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    tasks = [("chief", 0), ("worker", 0), ("worker", 1)]
+    outcomes = {}
+
+    def meet(task, delay):
+        time.sleep(delay)
+        try:
+            distribution.rendezvous(cluster, task, SPAWN_TIMEOUT_S)
+            outcomes[task] = "met"
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            outcomes[task] = repr(e)
+    threads = [threading.Thread(target=meet, args=(task, delay)) for task, delay in zip(tasks, (1.0, 0.0, 0.5))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == {task: "met" for task in tasks}
+    for addresses in cluster.values():  # TensorFlow can have every port now
+        for address in addresses:
+            socket.create_server(("", distribution.split_address(address)[1])).close()
 
 
 def test_auto_is_one_device_without_a_cluster_or_gpus():

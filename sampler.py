@@ -103,11 +103,6 @@ def choose_next(logits, previous, seeds, steps, temperature, mode, top_k, top_p,
     return tf.where(sample_here, sampled, greedy)
 
 
-def per_row(value, dtype, rows):
-    """The same setting for each of `rows` rows: a [rows] tensor."""
-    return tf.fill([rows], tf.constant(value, dtype))
-
-
 class PrimeStates:
     """The states after the most recently used primes (at most `size`), by prime: a server's clients often send
     the same prime, and its state is the same state each time. Safe between threads. A plain object, so that
@@ -260,17 +255,21 @@ class Generator(tf.Module):
         `seed` alone); each block is then [rows, ids].
         """
         previous, logits, states = self.feed_prime(prime)
-        previous, logits = tf.fill([rows], previous), tf.tile(logits[tf.newaxis], [rows, 1])
-        states = tuple(tf.tile(state, [rows, 1]) for state in states)
-        seeds = tf.constant([(seed + row) % (MAX_SEED + 1) for row in range(rows)], tf.int64)
-        settings = (per_row(temperature, tf.float32, rows), per_row(mode, tf.int32, rows), seeds,
-                    per_row(top_k, tf.int32, rows), per_row(top_p, tf.float32, rows))
+        # numpy in and out, through batch_block's concrete function: a request of a server without batching makes
+        # one TensorFlow call per block and a few array copies, where each eager op it made before cost a call
+        # (and, beside the server's other threads, a wait for the GIL: see batch_block).
+        carry = (np.full(rows, previous, np.int32), np.repeat(logits[np.newaxis], rows, axis=0),
+                 np.repeat(np.concatenate(states, axis=1), rows, axis=0))
+        settings = (np.full(rows, temperature, np.float32), np.full(rows, mode, np.int32),
+                    np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64),
+                    np.full(rows, top_k, np.int32), np.full(rows, top_p, np.float32))
         for position in range(0, n, GENERATE_BLOCK):
             if self.stopped.numpy():
                 return
-            tokens, previous, logits, states = self._block(tf.constant(GENERATE_BLOCK), tf.fill([rows], position),
-                                                           previous, logits, states, *settings)
-            tokens = tokens.numpy()[:, :n - position]
+            # The last block runs only the steps it needs (a block's first k tokens do not depend on its length).
+            steps = min(GENERATE_BLOCK, n - position)
+            tokens, *carry = self.batch_block(steps, np.full(rows, position, np.int32), *carry, *settings)
+            tokens = tokens[:, :steps]
             yield tokens if rows > 1 else tokens[0]
 
     @tf.function(autograph=False, input_signature=[

@@ -146,8 +146,8 @@ class Generator(tf.Module):
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
         # The code spells out its loops and conditions (tf.while_loop, tf.cond): without AutoGraph's conversion,
         # tracing takes a fifth of the time, which a one-off sample.py feels.
-        # reduce_retracing: run_many calls it with many row counts; one trace serves them all (XLA still compiles
-        # each shape).
+        # reduce_retracing: one trace serves every row count (XLA still compiles each shape). generate() runs it;
+        # blocks() and the batching server run the packed block below.
         self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False,
                                   reduce_retracing=True)
         self._prime_pass = tf.function(self._feed_prime, autograph=False,
@@ -206,11 +206,11 @@ class Generator(tf.Module):
 
     def batch_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
         """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
-        for the batching server: numpy in and out, and the states side by side in one array. The arguments: int32
-        [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x size] states, then
-        the rows' float32 temperature, int32 mode, int64 seeds, int32 top_k, float32 top_p. Returns (tokens
-        [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits, states). XLA
-        compiles it once per row count.
+        for the batching server and blocks(): numpy in and out, and the states side by side in one array. The
+        arguments: int32 [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x
+        size] states, then the rows' float32 temperature, int32 mode, int64 seeds, int32 top_k, float32 top_p.
+        Returns (tokens [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits,
+        states). XLA compiles it once per row count.
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
         takes it back, and while the server's request threads run Python, each taking back waits for them (up to

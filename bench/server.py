@@ -7,8 +7,9 @@ usage: python bench/server.py --data ../shared/data/tinyshakespeare/input.txt [-
 
 --setup NAME=CHECKOUT FLAGS... (repeated) replaces the two servers compared: NAME is the setup's name in the
 output, CHECKOUT a checkout of another revision whose sample_server.py is started (empty: this one; e.g. made with
-`git worktree add --detach ../old REVISION`), FLAGS what is passed to it beside the common ones. The summary then
-gives each setup's ratio to the first, as the median of the rounds' ratios.
+`git worktree add --detach ../old REVISION`), FLAGS what is passed to it beside the common ones. Each round then
+starts one setup later (odd rounds backwards), and the summary gives each setup's ratio to the first, as the
+median of the rounds' ratios.
 
 For each client count, both servers are measured in turns (--rounds times, the order swapped each round) so that
 both see the same state of the machine. Prints one JSON line per measurement (requests_per_s, tokens_per_s,
@@ -89,8 +90,8 @@ def setup(text):
     """--setup "NAME=CHECKOUT FLAGS..." -> (NAME, (the checkout's absolute path, [FLAGS])); CHECKOUT empty: this
     one."""
     words = shlex.split(text)
-    name, _, checkout = words[0].partition("=") if words else ("", "", "")
-    if not name or not _:
+    name, equals, checkout = words[0].partition("=") if words else ("", "", "")
+    if not name or not equals:
         raise argparse.ArgumentTypeError(f'expected "NAME=CHECKOUT FLAGS...", got {text!r}')
     checkout = os.path.abspath(checkout) if checkout else REPO
     if not os.path.isfile(os.path.join(checkout, "sample_server.py")):

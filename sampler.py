@@ -102,11 +102,6 @@ def choose_next(logits, previous, seeds, steps, temperature, mode, top_k, top_p,
     return tf.where(sample_here, sampled, greedy)
 
 
-def per_row(value, dtype, rows):
-    """The same setting for each of `rows` rows: a [rows] tensor."""
-    return tf.fill([rows], tf.constant(value, dtype))
-
-
 class PrimeStates:
     """The states after the most recently used primes (at most `size`), by prime: a server's clients often send
     the same prime, and its state is the same state each time. Safe between threads. A plain object, so that
@@ -150,8 +145,8 @@ class Generator(tf.Module):
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
         # The code spells out its loops and conditions (tf.while_loop, tf.cond): without AutoGraph's conversion,
         # tracing takes a fifth of the time, which a one-off sample.py feels.
-        # reduce_retracing: run_many calls it with many row counts; one trace serves them all (XLA still compiles
-        # each shape).
+        # reduce_retracing: one trace serves every row count (XLA still compiles each shape). generate() runs it;
+        # blocks() and the batching server run the packed block below.
         self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False,
                                   reduce_retracing=True)
         self._prime_pass = tf.function(self._feed_prime, autograph=False,
@@ -210,11 +205,11 @@ class Generator(tf.Module):
 
     def batch_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
         """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
-        for the batching server: numpy in and out, and the states side by side in one array. The arguments: int32
-        [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x size] states, then
-        the rows' float32 temperature, int32 mode, int64 seeds, int32 top_k, float32 top_p. Returns (tokens
-        [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits, states). XLA
-        compiles it once per row count.
+        for the batching server and blocks(): numpy in and out, and the states side by side in one array. The
+        arguments: int32 [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x
+        size] states, then the rows' float32 temperature, int32 mode, int64 seeds, int32 top_k, float32 top_p.
+        Returns (tokens [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits,
+        states). XLA compiles it once per row count.
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
         takes it back, and while the server's request threads run Python, each taking back waits for them (up to
@@ -259,17 +254,21 @@ class Generator(tf.Module):
         `seed` alone); each block is then [rows, ids].
         """
         previous, logits, states = self.feed_prime(prime)
-        previous, logits = tf.fill([rows], previous), tf.tile(logits[tf.newaxis], [rows, 1])
-        states = tuple(tf.tile(state, [rows, 1]) for state in states)
-        seeds = tf.constant([(seed + row) % (MAX_SEED + 1) for row in range(rows)], tf.int64)
-        settings = (per_row(temperature, tf.float32, rows), per_row(mode, tf.int32, rows), seeds,
-                    per_row(top_k, tf.int32, rows), per_row(top_p, tf.float32, rows))
+        # numpy in and out, through batch_block's concrete function: a request of a server without batching makes
+        # one TensorFlow call per block and a few array copies, where each eager op it made before cost a call
+        # (and, beside the server's other threads, a wait for the GIL: see batch_block).
+        carry = (np.full(rows, previous, np.int32), np.repeat(logits[np.newaxis], rows, axis=0),
+                 np.repeat(np.concatenate(states, axis=1), rows, axis=0))
+        settings = (np.full(rows, temperature, np.float32), np.full(rows, mode, np.int32),
+                    np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64),
+                    np.full(rows, top_k, np.int32), np.full(rows, top_p, np.float32))
         for position in range(0, n, GENERATE_BLOCK):
             if self.stopped.numpy():
                 return
-            tokens, previous, logits, states = self._block(tf.constant(GENERATE_BLOCK), tf.fill([rows], position),
-                                                           previous, logits, states, *settings)
-            tokens = tokens.numpy()[:, :n - position]
+            # The last block runs only the steps it needs (a block's first k tokens do not depend on its length).
+            steps = min(GENERATE_BLOCK, n - position)
+            tokens, *carry = self.batch_block(steps, np.full(rows, position, np.int32), *carry, *settings)
+            tokens = tokens[:, :steps]
             yield tokens if rows > 1 else tokens[0]
 
     @tf.function(autograph=False, input_signature=[

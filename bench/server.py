@@ -3,6 +3,13 @@
 
 usage: python bench/server.py --data ../shared/data/tinyshakespeare/input.txt [--clients 1,8,32] [-n 200]
        python bench/server.py --save_dir save ...        # a trained model instead of an untrained 3 x 128 LSTM
+       python bench/server.py --data ... --setup "old=../old" --setup "batched=" --setup "off= --max_batch 0"
+
+--setup NAME=CHECKOUT FLAGS... (repeated) replaces the two servers compared: NAME is the setup's name in the
+output, CHECKOUT a checkout of another revision whose sample_server.py is started (empty: this one; e.g. made with
+`git worktree add --detach ../old REVISION`), FLAGS what is passed to it beside the common ones. Each round then
+starts one setup later (odd rounds backwards), and the summary gives each setup's ratio to the first, as the
+median of the rounds' ratios.
 
 For each client count, both servers are measured in turns (--rounds times, the order swapped each round) so that
 both see the same state of the machine. Prints one JSON line per measurement (requests_per_s, tokens_per_s,
@@ -26,6 +33,7 @@ import http.client
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -62,7 +70,10 @@ def build_parser():
     parser.add_argument("--max_requests", type=cli.non_negative_int, default=0,
                         help="stop a measurement after this many requests in all (0: only --seconds limits)")
     parser.add_argument("--ceiling", type=int, default=1, choices=[0, 1],
-                        help="1: also measure the ceiling of batching on this machine (see above; about 20 s more)")
+                        help="1: also measure the ceiling of batching on this machine (see above; about 20 s more; "
+                             "only with a setup named batched)")
+    parser.add_argument("--setup", type=setup, action="append", dest="setups", metavar='"NAME=CHECKOUT FLAGS"',
+                        help="a server to measure (repeat it; see above); default: batched and batching_off")
     return parser
 
 
@@ -72,7 +83,20 @@ def client_counts(text):
 
 
 # The two servers compared: batching at its defaults, and batching off at the default --threads.
-SETUPS = {"batched": [], "batching_off": ["--max_batch", "0"]}
+SETUPS = {"batched": (REPO, []), "batching_off": (REPO, ["--max_batch", "0"])}
+
+
+def setup(text):
+    """--setup "NAME=CHECKOUT FLAGS..." -> (NAME, (the checkout's absolute path, [FLAGS])); CHECKOUT empty: this
+    one."""
+    words = shlex.split(text)
+    name, equals, checkout = words[0].partition("=") if words else ("", "", "")
+    if not name or not equals:
+        raise argparse.ArgumentTypeError(f'expected "NAME=CHECKOUT FLAGS...", got {text!r}')
+    checkout = os.path.abspath(checkout) if checkout else REPO
+    if not os.path.isfile(os.path.join(checkout, "sample_server.py")):
+        raise argparse.ArgumentTypeError(f"{checkout} has no sample_server.py")
+    return name, (checkout, words[1:])
 
 
 def free_port():
@@ -81,11 +105,12 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start_server(save_dir, args, port, flags):
-    """sample_server.py as a subprocess (production environment: no request log); returns the Popen."""
+def start_server(save_dir, args, port, checkout, flags):
+    """The checkout's sample_server.py as a subprocess (production environment: no request log), run in the
+    checkout so that it imports its own modules; returns the Popen."""
     flags = ["--save_dir", save_dir, "--host", HOST, "--port", str(port), "--production", "--max_n", str(args.n),
              "--queue", str(max(args.clients)), *flags]
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "sample_server.py"), *flags],
+    return subprocess.Popen([sys.executable, os.path.join(checkout, "sample_server.py"), *flags], cwd=checkout,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -120,14 +145,30 @@ class Client(threading.Thread):
     def request(self, number):
         seed = self.index * 10 ** 9 + number
         path = self.path or f"/?prime={self.args.prime}&n={self.args.n}&sample_mode=1&seed={seed}"
-        self.connection.request("GET", path)
-        response = self.connection.getresponse()
-        body = response.read()
+        try:
+            response, body = self.get(path)
+        except (http.client.RemoteDisconnected, ConnectionError):
+            # A server may close a kept-alive connection between two requests, as HTTP allows: the GET is sent
+            # again once, over a new connection, as browsers do.
+            self.connection.close()
+            try:
+                response, body = self.get(path)
+            except (http.client.HTTPException, OSError) as error:
+                self.connection.close()
+                if self.first_failure is None:
+                    self.first_failure = f"no answer: {error!r}"
+                return None
         if response.will_close:
             self.connection.close()  # http.client reconnects on the next request
         if response.status != 200 and self.first_failure is None:
             self.first_failure = f"{response.status} {body.decode(errors='replace').strip()}"
         return response.status
+
+    def get(self, path):
+        """(the response, its body) of GET path over the client's connection."""
+        self.connection.request("GET", path)
+        response = self.connection.getresponse()
+        return response, response.read()
 
     def run(self):
         for number in range(WARMUP_REQUESTS):
@@ -239,26 +280,26 @@ def result_line(setup, clients, args, latencies, failures, first_failure, second
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    setups = dict(args.setups or SETUPS)
     work = tempfile.mkdtemp(prefix="char-rnn-bench-server-")
     servers = {}
     try:
-        save_dir = args.save_dir or untrained_save_dir(args.data, work)
-        for setup, flags in SETUPS.items():
+        save_dir = os.path.abspath(args.save_dir) if args.save_dir else untrained_save_dir(args.data, work)
+        for setup, (checkout, flags) in setups.items():
             port = free_port()
-            servers[setup] = (start_server(save_dir, args, port, flags), port)
-        model = {setup: wait_until_ready(server, port) for setup, (server, port) in servers.items()}["batched"]
+            servers[setup] = (start_server(save_dir, args, port, checkout, flags), port)
+        model = [wait_until_ready(server, port) for server, port in servers.values()][0]
         results = {}
         for clients in args.clients:
             for round_ in range(args.rounds):
-                order = list(SETUPS) if round_ % 2 == 0 else list(SETUPS)[::-1]
-                for setup in order:
+                for setup in turns(list(setups), round_):
                     server, port = servers[setup]
                     measured = measure(args, port, clients, server.pid)
                     line = result_line(setup, clients, args, *measured)
                     print(json.dumps(line), flush=True)
                     results.setdefault((setup, clients), []).append(line)
         floors = None
-        if args.ceiling and cpu_seconds(os.getpid()) is not None:
+        if args.ceiling and set(SETUPS) <= set(setups) and cpu_seconds(os.getpid()) is not None:
             floors = request_floors(args, *servers["batched"])
         stop_servers(servers)
         token_ms = block_cpu_ms_per_token(save_dir, args) if floors else None
@@ -270,7 +311,7 @@ def main(argv=None):
     summary = {"project": "char-rnn-tensorflow", "mode": "server_summary", "model": model, "n": args.n,
                "rounds": args.rounds}
     for clients in args.clients:
-        for setup in SETUPS:
+        for setup in setups:
             lines = results[(setup, clients)]
             summary[f"{setup}_{clients}_requests_per_s"] = median(line["requests_per_s"] for line in lines)
             summary[f"{setup}_{clients}_p50_ms"] = median(line["p50_ms"] for line in lines)
@@ -278,12 +319,37 @@ def main(argv=None):
             summary[f"{setup}_{clients}_not_200"] = sum(line["not_200"] for line in lines)
             summary[f"{setup}_{clients}_server_cpu_ms_per_request"] = median(
                 line.get("server_cpu_ms_per_request") for line in lines)
-        summary[f"ratio_{clients}_clients"] = round(summary[f"batched_{clients}_requests_per_s"]
-                                                    / summary[f"batching_off_{clients}_requests_per_s"], 2)
+        if args.setups:
+            summary |= ratios_to_first(list(setups), clients, results)
+        else:
+            summary[f"ratio_{clients}_clients"] = round(summary[f"batched_{clients}_requests_per_s"]
+                                                        / summary[f"batching_off_{clients}_requests_per_s"], 2)
     if floors:
         summary |= ceiling(args, floors, token_ms, summary)
     print(json.dumps(summary))
     return 0
+
+
+def turns(setups, round_):
+    """The order of the setups' measurements in a round: each round starts one setup later, and odd rounds run
+    backwards, so that no setup always follows the same one (two setups: swapped each round)."""
+    shift = round_ // 2 % len(setups)
+    order = setups[shift:] + setups[:shift]
+    return order if round_ % 2 == 0 else order[::-1]
+
+
+def ratios_to_first(setups, clients, results):
+    """Each setup's requests/s over the first setup's, round by round (the two measured in the same round, close
+    in time): the median and each round's ratio, as summary fields."""
+    first = [line["requests_per_s"] for line in results[(setups[0], clients)]]
+    fields = {}
+    for setup in setups[1:]:
+        rounds = [line["requests_per_s"] / base if base else None
+                  for line, base in zip(results[(setup, clients)], first)]
+        fields[f"ratio_{setup}_to_{setups[0]}_{clients}_clients"] = median(rounds, 2)
+        fields[f"ratios_{setup}_to_{setups[0]}_{clients}_clients"] = [
+            None if ratio is None else round(ratio, 2) for ratio in rounds]
+    return fields
 
 
 def stop_servers(servers):
@@ -354,9 +420,9 @@ def ceiling(args, floors, token_ms, summary):
                 requests_per_s / summary[f"batching_off_{clients}_requests_per_s"], 2)}
 
 
-def median(values):
+def median(values, digits=1):
     values = [value for value in values if value is not None]
-    return round(statistics.median(values), 1) if values else None
+    return round(statistics.median(values), digits) if values else None
 
 
 if __name__ == "__main__":

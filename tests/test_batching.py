@@ -125,6 +125,32 @@ def test_a_block_ends_when_its_first_row_is_done(sampler):
     batcher.close()
 
 
+def test_a_lone_clients_next_request_starts_at_once_and_clients_together_wait_for_each_other(sampler, alone):
+    batcher = Batcher(sampler, max_batch=4, max_wait_s=0, max_waiting=4)
+    blocks = started(batcher)
+    try:
+        assert "".join(batcher.submit(REQUESTS[1])) == alone[1]  # a batch of one row: its client was alone
+        batcher.max_wait_s = 3600  # a request that waited for others now would wait an hour
+        answers = []
+        lone = threading.Thread(target=lambda: answers.append("".join(batcher.submit(REQUESTS[4]))), daemon=True)
+        lone.start()
+        lone.join(timeout=60)
+        assert answers == [alone[4]]
+        # A second client joins a running request: the batch has two rows, and the next idle start waits for
+        # others again (here until its four rows are filled).
+        running = batcher.submit(REQUESTS[3])
+        pieces = iter(running)
+        made = next(pieces) + next(pieces)  # the prime, then its first block: it is generating
+        assert "".join(batcher.submit(REQUESTS[0])) == alone[0]
+        assert made + "".join(pieces) == alone[3]
+        blocks.clear()
+        generations = [batcher.submit(settings) for settings in REQUESTS[:4]]
+        assert ["".join(generation) for generation in generations] == alone[:4]
+        assert blocks[0] == 4
+    finally:
+        batcher.close()
+
+
 def test_block_steps_stop_at_the_first_row_done_but_not_below_the_least():
     assert block_steps([3 * GENERATE_BLOCK]) == GENERATE_BLOCK
     assert block_steps([200, 72]) == 72

@@ -177,8 +177,23 @@ def test_new_temperatures_lengths_and_seeds_trace_the_graph_once(trained_save_di
     for temperature, n, seed, prime in [(0.5, 10, 1, "the"), (1.0, 25, 2, "a"), (1.7, 3, 3, "the cat"),
                                         (0.9, 40, 4, "t"), (2.5, 7, 5, "dog ")]:
         assert len(sampler.sample(prime, n, 1, temperature, seed, 3, 0.9)) == len(prime) + n
-    # The block of tokens is traced and compiled once (the prime's pass runs eagerly).
-    assert sampler.generator._block.experimental_get_tracing_count() == 1
+    # The block of tokens is traced once (XLA compiles it for one row).
+    assert sampler.generator._packed_block.experimental_get_tracing_count() == 1
+
+
+def test_a_sample_makes_one_compiled_call_per_block_and_no_step_past_n(sampler, monkeypatch):
+    steps = []
+    block = sampler.generator.batch_block
+
+    def counted(*args):
+        steps.append(args[0])
+        return block(*args)
+
+    monkeypatch.setattr(sampler.generator, "batch_block", counted)
+    text = sampler.sample("the", 2 * GENERATE_BLOCK + 72, mode=1, seed=3)
+    assert steps == [GENERATE_BLOCK, GENERATE_BLOCK, 72]  # the last block stops at n
+    # A shorter last block makes the same tokens: the sample is the start of a longer one.
+    assert sampler.sample("the", 3 * GENERATE_BLOCK, mode=1, seed=3).startswith(text)
 
 
 def test_a_prime_fed_again_gives_its_kept_state_and_the_oldest_kept_leaves_first(trained_save_dir):

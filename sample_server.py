@@ -101,7 +101,8 @@ def build_parser():
                         help="threads that run batches, each with its share of the --max_batch rows; a request "
                              "goes to the least loaded (0: one per CPU core, each with 16 rows or more)")
     parser.add_argument("--max_wait_ms", type=milliseconds, default=2.0,
-                        help="how long an idle server waits for more requests to start a batch with")
+                        help="how long an idle server waits for more requests to start a batch with (not after a "
+                             "batch that only ever had one row: a lone client's requests start at once)")
     parser.add_argument("--threads", type=cli.positive_int, default=4,
                         help="with --max_batch 0: requests generating text at once, each on its own thread")
     parser.add_argument("--queue", type=cli.non_negative_int, default=32,

@@ -14,10 +14,19 @@ import numpy as np
 import tensorflow as tf
 
 import savedir
-from settings import MAX_SEED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SampleSettings
+
 # The limits and checks need no model: they live in settings, so that sample.py checks its flags before TensorFlow
-# loads. The exporter and the tests know them as sampler's.
-from settings import MAX_N, check_beam_width, check_settings, check_stops  # noqa: F401
+# loads. The exporter and the tests know MAX_N and the checks as sampler's: imported for them (noqa: F401).
+from settings import (  # noqa: F401
+    MAX_N,
+    MAX_SEED,
+    MODE_SAMPLE,
+    MODE_SAMPLE_ON_SPACES,
+    SampleSettings,
+    check_beam_width,
+    check_settings,
+    check_stops,
+)
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
 GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop

@@ -116,8 +116,9 @@ WORKER_LOST = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.e
 # starts near it; a learning rate far too high may leave the loss finite but astronomical (1e30 and more at
 # --learning_rate 1e30 on some processors, NaN on others). A loss above twice ln V plus 10 nats has diverged: the
 # model then gives the right token less than a V-th of a uniform guess's probability, and e^-10 of that; the 10 nats
-# keep a small vocabulary (ln 2 is 0.69) from calling a bad patch divergence. Measured on tinyshakespeare (README):
-# sane runs up to --learning_rate 0.1 never passed 5.3 nats in a step, against a limit of 18.3 for its 65 characters.
+# keep a small vocabulary (ln 2 is 0.69) from calling a bad patch divergence. Measured on tinyshakespeare
+# (docs/save-dir.md): sane runs up to --learning_rate 0.1 never passed 5.3 nats in a step, against a limit of 18.3
+# for its 65 characters.
 DIVERGED_TIMES_LN_V = 2
 DIVERGED_SLACK_NATS = 10
 # One step's loss may spike at a high but sane learning rate: it counts once it has stayed above for this many steps.

@@ -5,9 +5,10 @@ Unrolled, every layer's cell arithmetic appears once per time step in one graph,
 while layer i works on step t+1. A training step also takes the first layer's input products from a projected
 embedding table (fewer matrix products when the vocabulary is smaller than the batch), computes each recurrent
 weight's gradient as one large product (DeferredGradients), and multiplies by a transposed copy of each weight in
-the backward pass (by_constant_weight). Each was measured on a 2-core machine at the same losses (README's
-Performance section: for the LSTM, unrolling 1.22x the tokens/s, the gathered first-layer products 1.12x, deferred
-gradients 1.10x, the transposed copies 1.08x). tests/test_model.py checks it against the layers.
+the backward pass (by_constant_weight). Each was measured on a 2-core machine at the same losses
+(docs/performance.md, "Where the training time goes": for the LSTM, unrolling 1.22x the tokens/s, the gathered
+first-layer products 1.12x, deferred gradients 1.10x, the transposed copies 1.08x). tests/test_model.py checks it
+against the layers.
 
 The math and the weights are the Keras layers' (LSTMCell, GRUCell with reset_after, SimpleRNNCell); a GPU, or a
 longer or dynamic-length sequence, uses the layers (and so cuDNN). The trainer calls loss_and_gradients, whatever

@@ -249,7 +249,7 @@ def untrained_save_dir(data, work):
     """A save dir of an untrained 3 x 128 LSTM over the vocabulary of `data`."""
     cli.quiet_tensorflow()
     from model import CharRNN
-    from settings import ModelConfig, TRAIN_DEFAULTS as DEFAULTS
+    from settings import TRAIN_DEFAULTS as DEFAULTS, ModelConfig
     from speed import write_save_dir
     from utils import TextLoader
     data_dir = os.path.join(work, "data")

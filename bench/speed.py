@@ -58,6 +58,7 @@ def build_parser():
 def train_speed(data_dir, cell):
     """A timer of training tokens/s at the default sizes for one cell type: (timer(steps), model)."""
     from tensorflow import keras
+
     from model import CharRNN
     from settings import ModelConfig
     from trainer import Progress, make_train_step
@@ -85,6 +86,7 @@ def train_speed(data_dir, cell):
 def sample_speed(model, n, flat_ns):
     """Sampling chars/s at n (the median of three runs), and seconds per token for each of flat_ns."""
     import tensorflow as tf
+
     from sampler import Generator
 
     generator = Generator(model, space_id=0)
@@ -107,6 +109,7 @@ def export_speed(model, data_dir, work, n, runs=3):
     Generator's (what sample.py runs), timed in turns so that both see the same machine state; and whether the
     two made the same ids for the same seed."""
     import tensorflow as tf
+
     import exporter
     import savedir
     from sampler import Generator
@@ -182,6 +185,7 @@ def write_save_dir(model, data_dir, save_dir):
     """A save dir holding `model` (untrained weights are as fast as trained ones), as sample.py and the server
     read it."""
     import tensorflow as tf
+
     import savedir
     from utils import TextLoader
 

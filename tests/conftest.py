@@ -84,8 +84,9 @@ def error_line(capsys):
 
 def newest_step(save_dir):
     """The step of the newest checkpoint the save dir's index names."""
-    import savedir
     import tensorflow as tf
+
+    import savedir
     return savedir.checkpoint_step(tf.train.latest_checkpoint(save_dir))
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import savedir
 import sampler
+import savedir
 from beam import BeamSearch
 from model import CharRNN
 from settings import MODE_ARGMAX, ModelConfig

@@ -20,8 +20,16 @@ import tensorflow as tf
 import distribution
 import savedir
 import train
-from conftest import (REPO, SPAWN_TIMEOUT_S, ctrl_c_not_ignored, error_line, make_data_dir, newest_step, run_script,
-                      wait_for)
+from conftest import (
+    REPO,
+    SPAWN_TIMEOUT_S,
+    ctrl_c_not_ignored,
+    error_line,
+    make_data_dir,
+    newest_step,
+    run_script,
+    wait_for,
+)
 from servers import end_process, free_port
 
 TOLERANCE = 1e-4

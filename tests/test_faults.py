@@ -9,9 +9,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import stat
-import signal
 import subprocess
 import sys
 import time
@@ -28,8 +28,20 @@ import savedir
 import train
 import trainer
 import utils
-from conftest import (REPO, SPAWN_TIMEOUT_S, TINY_TEXT, assert_best_describes_its_weights, ctrl_c_not_ignored,
-                      error_line, make_data_dir, newest_step, run_script, snapshot, train_flags, wait_for)
+from conftest import (
+    REPO,
+    SPAWN_TIMEOUT_S,
+    TINY_TEXT,
+    assert_best_describes_its_weights,
+    ctrl_c_not_ignored,
+    error_line,
+    make_data_dir,
+    newest_step,
+    run_script,
+    snapshot,
+    train_flags,
+    wait_for,
+)
 from sampler import Sampler
 from servers import free_port, get, running_server
 from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
@@ -772,6 +784,7 @@ def serving(save_dir, log_path, *flags):
 
 def test_a_stopped_generator_raises_generation_stopped_from_any_thread(trained_save_dir):
     import threading
+
     from sampler import GenerationStopped
     sampler = Sampler.load(trained_save_dir)
     expected = sampler.sample("the", 300, seed=4)

@@ -7,9 +7,9 @@ import tensorflow as tf
 from scipy import stats
 
 import sample
+import sampler as sampler_module
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
-import sampler as sampler_module
 from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, PrimeStates, Sampler, check_settings
 from settings import SampleSettings
 

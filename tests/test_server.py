@@ -15,13 +15,24 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import train
 from conftest import REPO, TINY_MODEL, make_data_dir, run_script
-from prometheus_client.parser import text_string_to_metric_families
-from servers import (REQUEST_TIMEOUT_S, START_TIMEOUT_S, Server, end_process, free_port, get, post_json, raw_exchange,
-                     read_events, running_server, stream)
 from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler
+from servers import (
+    REQUEST_TIMEOUT_S,
+    START_TIMEOUT_S,
+    Server,
+    end_process,
+    free_port,
+    get,
+    post_json,
+    raw_exchange,
+    read_events,
+    running_server,
+    stream,
+)
 from settings import SampleSettings
 
 # The README's URL asks for prime=The, so the served model must know a capital T (the shared tiny corpus has none).

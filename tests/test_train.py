@@ -15,9 +15,18 @@ import savedir
 import settings
 import train
 import utils
-from conftest import (REPO, TINY_MODEL, TINY_TEXT, assert_best_describes_its_weights, error_line, make_data_dir,
-                      newest_step, run_script, snapshot, train_flags)
-
+from conftest import (
+    REPO,
+    TINY_MODEL,
+    TINY_TEXT,
+    assert_best_describes_its_weights,
+    error_line,
+    make_data_dir,
+    newest_step,
+    run_script,
+    snapshot,
+    train_flags,
+)
 
 
 def metrics(save_dir, column):

@@ -473,11 +473,19 @@ def test_metrics_count_requests_by_endpoint_and_status(server):
     get(server.url + "/?prime=The&n=7")
     post_json(server.url + "/generate", b"{")
     get(server.url + "/nowhere/at/all")
-    after = metric_samples(server.url)
+    answered = [("/", "400"), ("/", "200"), ("/generate", "400"), ("other", "404")]
 
     def grew(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
+
+    # A request is counted once its last byte is sent, which may be a moment after the client has read it.
+    deadline = time.monotonic() + 10
+    after = metric_samples(server.url)
+    while time.monotonic() < deadline and not all(
+            grew("char_rnn_requests_total", endpoint=endpoint, status=status) for endpoint, status in answered):
+        time.sleep(0.05)
+        after = metric_samples(server.url)
 
     assert grew("char_rnn_requests_total", endpoint="/", status="400") == 1
     assert grew("char_rnn_requests_total", endpoint="/", status="200") == 1

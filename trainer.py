@@ -20,9 +20,9 @@ from tensorflow import keras
 import distribution as distribution_module
 import savedir
 import unrolled
-from cli import EXIT_INTERRUPTED
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
+from runtime import EXIT_INTERRUPTED
 from settings import RESUMED_SETTINGS, TRAIN_DEFAULTS, ModelConfig
 from utils import TextLoader, batches_in
 

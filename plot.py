@@ -292,7 +292,7 @@ def plot(args):
     check_out(args.out)
     runs = read_runs(args.save_dirs)
     data = draw(runs, args.title or default_title(runs), args.size)
-    from utils import atomic_write_bytes
+    from files import atomic_write_bytes
     atomic_write_bytes(args.out, data)
     print(f"wrote {args.out} ({args.size[0]}x{args.size[1]} pixels, {len(runs)} run{'s' * (len(runs) != 1)})")
 

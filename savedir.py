@@ -25,9 +25,9 @@ import sys
 import tensorflow as tf
 import yaml
 
+from files import atomic_write_bytes
 from model import CharRNN
 from settings import ModelConfig
-from utils import atomic_write_bytes
 
 CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"

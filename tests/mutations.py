@@ -94,7 +94,7 @@ MUTATIONS = [
              "if False:", ("tests/test_train_loop.py", "-k", "before_any_step")),
     Mutation("crlf_kept", "utils.py", "return chunks if keep_crlf else _crlf_to_lf(chunks)", "return chunks",
              ("tests/test_faults.py", "-k", "crlf")),
-    Mutation("temp_files_private", "utils.py", "    os.fchmod(fd, NEW_FILE_MODE & ~current_umask())\n", "",
+    Mutation("temp_files_private", "files.py", "    os.fchmod(fd, NEW_FILE_MODE & ~current_umask())\n", "",
              ("tests/test_faults.py", "-k", "umask")),
     Mutation("metrics_rows_replayed", "savedir.py", "kept = [row for row in rows if int(row[\"step\"]) <= step]",
              "kept = rows", ("tests/test_faults.py", "-k", "metrics")),

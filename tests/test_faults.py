@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 from tensorflow import keras
 
+import download
 import evaluate
 import sample
 import savedir
@@ -100,7 +101,7 @@ NO_VALIDATION_NOTE = "but not also the validation tail of 131 (--val_frac 0.05):
 def test_the_original_ci_trains_resumes_and_samples_on_the_first_100_lines(tmp_path):
     from conftest import REAL_CORPUS
     corpus = tmp_path / "tinyshakespeare.txt"
-    utils.download(REAL_CORPUS, str(corpus), utils.TINYSHAKESPEARE_SHA256)
+    download.download(REAL_CORPUS, str(corpus), download.TINYSHAKESPEARE_SHA256)
     with open(corpus, encoding="utf-8") as f:
         lines = [next(f) for _ in range(ORIGINAL_CI_LINES)]
     make_data_dir(tmp_path / "data" / "teenytinyshakespeare", "".join(lines))

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import tensorflow as tf
 
+import files
 import savedir
-import utils
 from conftest import REPO
 
 VOCAB = ["\n", " ", "a", "b", "c"]
@@ -137,7 +137,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
         raise InjectedFailure(failing)
     monkeypatch.setattr(os, failing, fail)
     with pytest.raises(InjectedFailure):
-        utils.atomic_write_bytes(str(path), b"new: 2\n")
+        files.atomic_write_bytes(str(path), b"new: 2\n")
     assert path.read_bytes() == b"old: 1\n"
     assert os.listdir(tmp_path) == ["config.yaml"]
 
@@ -149,9 +149,9 @@ def test_a_hard_exit_during_an_atomic_write_keeps_the_old_file(tmp_path):
     child = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {REPO!r})
-        import utils
+        import files
         os.replace = lambda *args: os._exit(9)
-        utils.atomic_write_bytes({str(path)!r}, b"new")
+        files.atomic_write_bytes({str(path)!r}, b"new")
     """)
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert result.returncode == 9, result.stderr

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import download
 import savedir
 import settings
 import train
@@ -181,12 +182,12 @@ def test_offline_default_corpus_says_where_to_put_it(tmp_path, monkeypatch, caps
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/input.txt"
-    assert train.main(train_flags(utils.DEFAULT_DATA_DIR, "save", "--data_url", url)) == 1
+    assert train.main(train_flags(download.DEFAULT_DATA_DIR, "save", "--data_url", url)) == 1
     notice, error = capsys.readouterr().err.strip().splitlines()
     assert notice.startswith(f"downloading {url}")
     assert error.startswith("error: could not download the default corpus")
     assert f"put tinyshakespeare's input.txt at {os.path.join('data', 'tinyshakespeare', 'input.txt')}" in error
-    assert not os.path.exists(os.path.join(utils.DEFAULT_DATA_DIR, "input.txt")) and not os.path.exists("save")
+    assert not os.path.exists(os.path.join(download.DEFAULT_DATA_DIR, "input.txt")) and not os.path.exists("save")
 
 
 def test_odd_code_points_reach_the_saved_vocabulary(tmp_path):

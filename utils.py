@@ -408,6 +408,13 @@ class TextLoader:
         self._x = self.train_ids[:usable].reshape(batch_size, -1)
         self._y = self.train_ids[1:usable + 1].reshape(batch_size, -1)
 
+    @classmethod
+    def from_config(cls, config):
+        """The TextLoader of a settings.TrainConfig: its data dir and its data, tokenization and batch settings."""
+        return cls(config.data_dir, config.batch_size, config.seq_length, config.val_frac, config.encoding,
+                   config.word_level, config.max_vocab, config.min_count, config.data_url, config.keep_crlf,
+                   config.cache_dir)
+
     def batch(self, index):
         """Return batch `index` of the epoch as two int32 arrays (inputs, targets) of [batch, seq_length]."""
         columns = slice(index * self.seq_length, (index + 1) * self.seq_length)

@@ -85,9 +85,9 @@ MUTATIONS = [
     Mutation("glove_header_expected", "embeddings.py", '"no_header": True}', "}",
              ("tests/test_words.py", "-k", "every_format")),
     # Faults.
-    Mutation("nan_checkpoint_saved", "trainer.py", "        if not savedir.weights_finite(self.model):\n",
+    Mutation("nan_checkpoint_saved", "trainer.py", "        if not checkpoints.weights_finite(self.model):\n",
              "        if False:\n", ("tests/test_faults.py", "-k", "nan_after_a_finite_loss")),
-    Mutation("nan_weights_loaded", "savedir.py", "    check_finite(model, path)\n    return Loaded",
+    Mutation("nan_weights_loaded", "savedir.py", "    checkpoints.check_finite(model, path)\n    return Loaded",
              "    return Loaded",
              ("tests/test_faults.py", "-k", "nan_weights")),
     Mutation("ctrl_c_saves_random_weights", "trainer.py", "if int(self.progress.step) == self.save_dir.saved_step:",

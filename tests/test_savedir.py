@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import tensorflow as tf
 
+import checkpoints
 import files
 import savedir
 from conftest import REPO
@@ -42,7 +43,7 @@ def best_step(save_dir):
     best = os.path.join(save_dir, savedir.BEST_DIR)
     info = savedir.read_yaml(os.path.join(best, savedir.MODEL_INFO_FILE))
     loaded = savedir.load(best)
-    assert savedir.checkpoint_step(loaded.path) == info["step"]
+    assert checkpoints.checkpoint_step(loaded.path) == info["step"]
     assert all(float(tf.reduce_max(tf.abs(w - info["step"]))) == 0 for w in loaded.model.weights)
     assert sorted(os.listdir(save_dir)) == [savedir.BEST_DIR], "a best.new/ or best.old/ was left behind"
     return info["step"]

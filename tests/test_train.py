@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
 import download
 import savedir
 import settings
@@ -120,7 +121,7 @@ def test_best_without_validation_split_is_the_lowest_mean_training_loss(tmp_path
     info = savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
     assert info["step"] == best_step and info["score_is"] == "mean train_loss" and info["val_loss"] is None
     assert info["score"] == pytest.approx(means[best_step], abs=1e-4)
-    assert savedir.checkpoint_step(savedir.load(os.path.join(save, savedir.BEST_DIR)).path) == best_step
+    assert checkpoints.checkpoint_step(savedir.load(os.path.join(save, savedir.BEST_DIR)).path) == best_step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def test_save_dir_keeps_the_last_5_checkpoints(tmp_path, data_dir):
     assert train.main(train_flags(data_dir, save, "--save_every", 1, "--max_steps", 12, "--val_frac", 0)) == 0
     indexes = sorted(os.path.basename(p) for p in glob.glob(os.path.join(save, "model.ckpt-*.index")))
     assert indexes == sorted(f"model.ckpt-{step}.index" for step in range(8, 13))
-    assert [savedir.checkpoint_step(p) for p in tf.train.get_checkpoint_state(save).all_model_checkpoint_paths] \
+    assert [checkpoints.checkpoint_step(p) for p in tf.train.get_checkpoint_state(save).all_model_checkpoint_paths] \
         == list(range(8, 13))
     assert newest_step(save) == 12
 

@@ -6,6 +6,7 @@ import re
 import sys
 
 from runtime import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, FLOAT32_TINY, in_float32_range
+from settings import TRAIN_DEFAULTS
 
 
 def _number(kind, check, description):
@@ -32,7 +33,7 @@ top_p = _number(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1
 
 def add_model_flags(parser):
     """--save_dir and the old --word_level flag, for the scripts that load a trained model."""
-    parser.add_argument("--save_dir", default="save",
+    parser.add_argument("--save_dir", default=TRAIN_DEFAULTS.save_dir,
                         help="save dir written by train.py (SAVE_DIR/best for the best model)")
     parser.add_argument("--word_level", action="store_true",
                         help="accepted for compatibility: word or character level comes from the saved model")

@@ -10,6 +10,7 @@ import math
 import sys
 
 import cli
+from settings import TRAIN_DEFAULTS
 
 DESCRIPTION = "Evaluate a trained char-rnn model on its validation split or on any text."
 
@@ -17,7 +18,8 @@ DESCRIPTION = "Evaluate a trained char-rnn model on its validation split or on a
 def build_parser():
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--save_dir", default="save", help="save dir written by train.py (SAVE_DIR/best too)")
+    parser.add_argument("--save_dir", default=TRAIN_DEFAULTS.save_dir,
+                        help="save dir written by train.py (SAVE_DIR/best too)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", default=None, help="evaluate on this text file instead of a split")
     source.add_argument("--split", default="val", choices=["val", "train"],

@@ -30,7 +30,7 @@ import yaml
 import checkpoints
 from files import atomic_write_bytes
 from model import CharRNN
-from runtime import warn  # noqa: F401  (sampler.py and trainer.py warn through savedir)
+from runtime import warn  # noqa: F401  (sampler.py warns through savedir)
 from settings import ModelConfig, TrainConfig
 
 CONFIG_FILE = "config.yaml"

@@ -105,7 +105,7 @@ MUTATIONS = [
              ("tests/test_train_loop.py", "-k", "clipped")),
     Mutation("epoch_not_advanced", "trainer.py", "progress.epoch.assign_add(1)", "progress.epoch.assign_add(0)",
              ("tests/test_train_loop.py", "-k", "state_is_carried")),
-    Mutation("six_checkpoints_kept", "savedir.py", "MAX_TO_KEEP = 5", "MAX_TO_KEEP = 6",
+    Mutation("six_checkpoints_kept", "checkpoints.py", "MAX_TO_KEEP = 5", "MAX_TO_KEEP = 6",
              ("tests/test_train.py", "-k", "last_5")),
     Mutation("log_dir_ignored", "savedir.py", "self.log_dir = log_dir or os.path.join(path, LOG_DIR)",
              "self.log_dir = os.path.join(path, LOG_DIR)", ("tests/test_train.py", "-k", "tensorboard")),

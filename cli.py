@@ -1,15 +1,12 @@
-"""What the three scripts share: argparse value types, quiet TensorFlow start-up, and turning errors into one
-line on stderr with an exit code."""
+"""What the scripts share: argparse value types, quiet TensorFlow start-up, and turning errors into one line on
+stderr with an exit code (runtime.py's, which the libraries take from there)."""
 import argparse
-import math
 import os
 import re
 import sys
 
-# The exit codes (README: Exit codes).
-EXIT_USAGE = 2  # something given is wrong: a flag value, a prime, what a file holds, an incompatible resume
-EXIT_FAILURE = 1  # something missing or that cannot be written: no text, no checkpoint, a full disk; a NaN loss
-EXIT_INTERRUPTED = 130  # Ctrl-C
+from runtime import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, FLOAT32_TINY, in_float32_range
+from settings import TRAIN_DEFAULTS
 
 
 def _number(kind, check, description):
@@ -26,15 +23,6 @@ def _number(kind, check, description):
 
 
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-# TensorFlow computes in float32: a value outside its normal range would become 0 or infinity there.
-FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
-
-
-def in_float32_range(value):
-    """True for a number > 0 that float32 holds as a normal number (not rounded to 0, not overflowing)."""
-    return math.isfinite(value) and FLOAT32_TINY <= value <= FLOAT32_MAX
-
-
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 positive_float = _number(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
@@ -45,7 +33,7 @@ top_p = _number(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1
 
 def add_model_flags(parser):
     """--save_dir and the old --word_level flag, for the scripts that load a trained model."""
-    parser.add_argument("--save_dir", default="save",
+    parser.add_argument("--save_dir", default=TRAIN_DEFAULTS.save_dir,
                         help="save dir written by train.py (SAVE_DIR/best for the best model)")
     parser.add_argument("--word_level", action="store_true",
                         help="accepted for compatibility: word or character level comes from the saved model")

@@ -4,6 +4,7 @@ usage: python evaluate.py --save_dir save                      # the validation 
        python evaluate.py --save_dir save/best --text other.txt
 """
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -17,7 +18,8 @@ DESCRIPTION = "Evaluate a trained char-rnn model on its validation split or on a
 def build_parser():
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--save_dir", default="save", help="save dir written by train.py (SAVE_DIR/best too)")
+    parser.add_argument("--save_dir", default=TRAIN_DEFAULTS.save_dir,
+                        help="save dir written by train.py (SAVE_DIR/best too)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", default=None, help="evaluate on this text file instead of a split")
     source.add_argument("--split", default="val", choices=["val", "train"],
@@ -31,38 +33,33 @@ def build_parser():
 
 
 def split_ids(config, vocab, split, data_dir=None):
-    """The token ids of the training run's validation or training split (of `data_dir`, or the one config.yaml
-    names), checked against the model's vocab; returns (ids, a description of them)."""
-    import savedir
+    """The token ids of the training run's validation or training split (of `data_dir`, or the one `config`, the
+    run's settings.TrainConfig, names), checked against the model's vocab; returns (ids, a description of them)."""
     from utils import TextLoader
-    data_dir = data_dir or config.get("data_dir")
+    data_dir = data_dir or config.data_dir
     if data_dir is None:
         raise ValueError("this save dir's config.yaml does not say which data it was trained on; "
                          "give --data_dir or use --text")
-
-    def setting(name):  # a config.yaml from an older version may lack a setting: it had the default
-        return config.get(name, getattr(TRAIN_DEFAULTS, name))
-    loader = TextLoader(data_dir, setting("batch_size"), setting("seq_length"), setting("val_frac"),
-                        setting("encoding"), config["word_level"], setting("max_vocab"), setting("min_count"),
-                        keep_crlf=savedir.keeps_crlf(config, vocab), cache_dir=config.get("cache_dir"))
+    # A default corpus that is missing comes from $CHAR_RNN_DATA_URL or its public address, not from the mirror
+    # the run was given.
+    loader = TextLoader.from_config(dataclasses.replace(config, data_dir=data_dir, data_url=None))
     if loader.vocab != vocab:
         raise ValueError(f"{data_dir} no longer holds the text this model was trained on "
                          f"(its vocabulary differs); evaluate with --text instead")
     ids = loader.val_ids if split == "val" else loader.train_ids
     if len(ids) < 2:
-        raise ValueError(f"the {split} split is empty (val_frac {setting('val_frac')}); use --text")
+        raise ValueError(f"the {split} split is empty (val_frac {config.val_frac}); use --text")
     return ids, f"{split} split of {data_dir}"
 
 
-def text_ids(path, config, vocab, unk_token, encoding):
+def text_ids(path, loaded, encoding):
     """The token ids of a text file, refusing tokens the model does not know (unless it has an unk token)."""
-    import savedir
     from utils import encode_tokens, read_text_chunks, tokenize
-    text = "".join(read_text_chunks(path, encoding or config.get("encoding", "utf-8"),
-                                    savedir.keeps_crlf(config, vocab)))
-    index = {token: i for i, token in enumerate(vocab)}
-    word_level = config["word_level"]
-    return encode_tokens(tokenize(text, word_level), index, unk_token, word_level, what=path), path
+    config = loaded.train_config
+    text = "".join(read_text_chunks(path, encoding or config.encoding, config.keep_crlf))
+    index = {token: i for i, token in enumerate(loaded.vocab)}
+    return encode_tokens(tokenize(text, config.word_level), index, loaded.unk_token, config.word_level,
+                         what=path), path
 
 
 def evaluate(args):
@@ -70,9 +67,9 @@ def evaluate(args):
     from evaluation import full_pass_loss
     loaded = savedir.load(args.save_dir)
     if args.text:
-        ids, source = text_ids(args.text, loaded.config, loaded.vocab, loaded.unk_token, args.encoding)
+        ids, source = text_ids(args.text, loaded, args.encoding)
     else:
-        ids, source = split_ids(loaded.config, loaded.vocab, args.split, args.data_dir)
+        ids, source = split_ids(loaded.train_config, loaded.vocab, args.split, args.data_dir)
     loss, count = full_pass_loss(loaded.model, ids)
     result = {"source": source, "tokens": count, "loss_nats": loss, "bits_per_token": loss / math.log(2),
               "perplexity": math.exp(loss), "checkpoint": loaded.path}

@@ -19,10 +19,11 @@ import types
 
 import tensorflow as tf
 
-from cli import FLOAT32_MAX, FLOAT32_TINY
+from files import current_umask
+from runtime import FLOAT32_MAX, FLOAT32_TINY
 from sampler import MAX_N, MAX_SEED, Sampler
 from settings import MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES
-from utils import CRLF, NEWLINE, NUM_CODE_POINTS, current_umask
+from utils import CRLF, NEWLINE, NUM_CODE_POINTS
 
 INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")

@@ -102,6 +102,17 @@ def read_curves(save_dir):
     when there is none). Rows with a loss that is not finite are left out. Raises FileNotFoundError or
     ValueError with a one-line message.
     """
+    path = metrics_path(save_dir)
+    header, rows = read_rows(path)
+    train, val = losses_by_step(path, header, rows)
+    if not train and not val:
+        raise ValueError(f"{path} has no rows yet: train.py writes one at each progress line and each save")
+    train_rows = [(step, loss, elapsed) for step, (loss, elapsed) in sorted(train.items()) if math.isfinite(loss)]
+    return train_rows, timed_val_rows(train_rows, val)
+
+
+def metrics_path(save_dir):
+    """The path of save_dir/metrics.csv; raises when there is no save dir or no such file in it."""
     if not os.path.exists(save_dir):
         raise FileNotFoundError(f"save dir {save_dir} does not exist")
     if not os.path.isdir(save_dir):
@@ -112,6 +123,11 @@ def read_curves(save_dir):
         if os.path.basename(os.path.normpath(save_dir)) == "best":
             hint = " (best/ has no curves: give the save dir above it)"
         raise FileNotFoundError(f"{save_dir} has no {METRICS_FILE}: it is not a save dir written by train.py{hint}")
+    return path
+
+
+def read_rows(path):
+    """(header, the rows after it) of a metrics.csv that has every column of NEEDED_COLUMNS."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -123,9 +139,14 @@ def read_curves(save_dir):
     missing = [column for column in NEEDED_COLUMNS if column not in header]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} column: it is not a metrics.csv written by train.py")
+    return header, rows[1:]
+
+
+def losses_by_step(path, header, rows):
+    """({step: (train_loss, elapsed_s or None)}, {step: val_loss}) of the rows, the last row of a step winning."""
     index = {column: header.index(column) for column in NEEDED_COLUMNS}
     train, val = {}, {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in enumerate(rows, start=2):
         if not any(cell.strip() for cell in row):
             continue  # a blank line
         if len(row) != len(header):
@@ -141,9 +162,12 @@ def read_curves(save_dir):
             train[step] = (_number(cells["train_loss"], path, line, "train_loss"), elapsed)
         if cells["val_loss"]:
             val[step] = _number(cells["val_loss"], path, line, "val_loss")
-    if not train and not val:
-        raise ValueError(f"{path} has no rows yet: train.py writes one at each progress line and each save")
-    train_rows = [(step, loss, elapsed) for step, (loss, elapsed) in sorted(train.items()) if math.isfinite(loss)]
+    return train, val
+
+
+def timed_val_rows(train_rows, val):
+    """The finite validation losses as [(step, loss, elapsed_s)], each timed by the last training row at or
+    before its step (None when there is none)."""
     val_rows = []
     timed = [(step, elapsed) for step, _, elapsed in train_rows if elapsed is not None]
     position, elapsed = 0, None
@@ -153,7 +177,7 @@ def read_curves(save_dir):
             position += 1
         if math.isfinite(loss):
             val_rows.append((step, loss, elapsed))
-    return train_rows, val_rows
+    return val_rows
 
 
 def run_label(save_dir, name):
@@ -234,7 +258,6 @@ def draw(runs, title, size):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import StrMethodFormatter
 
     figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
@@ -242,35 +265,53 @@ def draw(runs, title, size):
     divisor, unit = time_unit(runs)
     cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
-    any_val = any(run.val for run in runs)
     smoothed_any = False
     for number, run in enumerate(runs):
         colour = cycle[number % len(cycle)]
-        steps = [step for step, _, _ in run.train]
-        losses = [loss for _, loss, _ in run.train]
-        times = [math.nan if elapsed is None else elapsed / divisor for _, _, elapsed in run.train]
-        window = max(1, len(losses) // SMOOTHING_POINTS)
-        for axes, xs in ((by_step, steps), (by_time, times)):
-            if window > 1:
-                axes.plot(xs, losses, color=colour, linewidth=0.6, alpha=0.3)
-                axes.plot(xs, moving_average(losses, window), color=colour, linewidth=1.6)
-            else:
-                axes.plot(xs, losses, color=colour, linewidth=1.2, alpha=0.8, marker="." if len(xs) == 1 else None)
-        smoothed_any = smoothed_any or window > 1
-        if run.val:
-            val_steps = [step for step, _, _ in run.val]
-            val_losses = [loss for _, loss, _ in run.val]
-            val_times = [math.nan if elapsed is None else elapsed / divisor for _, _, elapsed in run.val]
-            for axes, xs in ((by_step, val_steps), (by_time, val_times)):
-                axes.plot(xs, val_losses, color=colour, linestyle="--", linewidth=1.2, marker="o", markersize=4,
-                          markeredgecolor="white", markeredgewidth=0.6)
+        smoothed_any = draw_run(run, colour, (by_step, by_time), divisor) or smoothed_any
         handles.append(Line2D([], [], color=colour, linewidth=3, label=run.label))
     handles.append(Line2D([], [], color="grey", linewidth=1.6,
                           label="training loss (moving average; light: raw)" if smoothed_any
                           else "training loss"))
-    if any_val:
+    if any(run.val for run in runs):
         handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=1.2, marker="o", markersize=4,
                               label="validation loss"))
+    label_axes(by_step, by_time, unit)
+    figure.suptitle(title)
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), MAX_LEGEND_COLUMNS),
+                  frameon=False, fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def draw_run(run, colour, axes_pair, divisor):
+    """Draw one run's curves on both axes (by step, by time in units of `divisor` seconds); returns whether its
+    training loss was smoothed."""
+    steps = [step for step, _, _ in run.train]
+    losses = [loss for _, loss, _ in run.train]
+    times = [math.nan if elapsed is None else elapsed / divisor for _, _, elapsed in run.train]
+    window = max(1, len(losses) // SMOOTHING_POINTS)
+    for axes, xs in zip(axes_pair, (steps, times)):
+        if window > 1:
+            axes.plot(xs, losses, color=colour, linewidth=0.6, alpha=0.3)
+            axes.plot(xs, moving_average(losses, window), color=colour, linewidth=1.6)
+        else:
+            axes.plot(xs, losses, color=colour, linewidth=1.2, alpha=0.8, marker="." if len(xs) == 1 else None)
+    if run.val:
+        val_steps = [step for step, _, _ in run.val]
+        val_losses = [loss for _, loss, _ in run.val]
+        val_times = [math.nan if elapsed is None else elapsed / divisor for _, _, elapsed in run.val]
+        for axes, xs in zip(axes_pair, (val_steps, val_times)):
+            axes.plot(xs, val_losses, color=colour, linestyle="--", linewidth=1.2, marker="o", markersize=4,
+                      markeredgecolor="white", markeredgewidth=0.6)
+    return window > 1
+
+
+def label_axes(by_step, by_time, unit):
+    """The axes' labels, titles, grids and left edges."""
+    from matplotlib.ticker import StrMethodFormatter
+
     by_step.set_xlabel("step")
     by_step.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # 120,000 rather than 1.2 x 1e5
     by_step.set_ylabel("loss (nats per token)")
@@ -280,19 +321,13 @@ def draw(runs, title, size):
     for axes in (by_step, by_time):
         axes.grid(True, alpha=0.3)
         axes.set_xlim(left=0)
-    figure.suptitle(title)
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), MAX_LEGEND_COLUMNS),
-                  frameon=False, fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
 
 
 def plot(args):
     check_out(args.out)
     runs = read_runs(args.save_dirs)
     data = draw(runs, args.title or default_title(runs), args.size)
-    from utils import atomic_write_bytes
+    from files import atomic_write_bytes
     atomic_write_bytes(args.out, data)
     print(f"wrote {args.out} ({args.size[0]}x{args.size[1]} pixels, {len(runs)} run{'s' * (len(runs) != 1)})")
 

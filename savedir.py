@@ -1,5 +1,6 @@
-"""Everything about a save directory: its file names, config and vocabulary, checkpoints, best/, the
-compatibility checks of a resume, the lock against two trainers, and `load()` for sampling and serving.
+"""Everything about a save directory: its file names, config and vocabulary (read back typed: `read_saved`),
+crash-safe saves and best/, the compatibility checks of a resume, the lock against two trainers, and `load()` for
+sampling and serving. Finding and restoring the checkpoints themselves is checkpoints.py's.
 
 Layout of a save dir (best/ holds the same files for the best model so far, plus model_info.yaml):
     config.yaml                 model and training settings (plain YAML, read with yaml.safe_load)
@@ -11,6 +12,7 @@ No pickle: loading a model never executes code from a file.
 """
 import contextlib
 import csv
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -25,9 +27,11 @@ import sys
 import tensorflow as tf
 import yaml
 
+import checkpoints
+from files import atomic_write_bytes
 from model import CharRNN
-from settings import ModelConfig
-from utils import atomic_write_bytes
+from runtime import warn  # noqa: F401  (sampler.py warns through savedir)
+from settings import ModelConfig, TrainConfig
 
 CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"
@@ -36,17 +40,9 @@ METRICS_FILE = "metrics.csv"
 LOCK_FILE = "train.lock"
 LOG_DIR = "logs"  # TensorBoard's logs, inside the save dir unless --log_dir says otherwise
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
-CHECKPOINT_NAME = "model.ckpt"
 BEST_DIR = "best"
-MAX_TO_KEEP = 5  # checkpoints kept in a save dir; older ones are the fallback for a damaged newest one
 # Settings that decide the shape or meaning of the weights: a resume must keep every one of them.
 WEIGHT_FIELDS = ("model", "rnn_size", "num_layers", "word_level", "embedding_size", "vocab_size")
-_STEP_FROM_PATH = re.compile(r"-(\d+)$")
-
-
-def warn(message):
-    """Print a one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,20 +108,50 @@ def keeps_crlf(config, vocab):
     return bool(config.get("keep_crlf", "\r" in vocab))
 
 
-def read_settings(save_dir):
-    """(config.yaml's settings, the vocabulary) of a save dir; keep_crlf is filled in for an older config."""
+def saved_settings(config, model_config, unk_token):
+    """What config.yaml holds: every flag of `config` (a TrainConfig), the model's config (with what the data
+    decided) and the unk token."""
+    return {**dataclasses.asdict(config), **model_config.to_dict(), "unk_token": unk_token}
+
+
+def train_config(saved, vocab):
+    """The TrainConfig of a config.yaml's settings. A setting added after the model was trained takes its default
+    (the run had no other), keep_crlf as keeps_crlf says; data_dir has none (a config.yaml without one does not say
+    where its text is); entries that are no flag (the model's config, the unk token) are left out."""
+    flags = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in saved.items() if name in flags}
+    values.setdefault("data_dir", None)
+    values.setdefault("keep_crlf", keeps_crlf(saved, vocab))
+    return TrainConfig(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """A save dir's config.yaml and vocab.json, typed: the run's flags (settings.TrainConfig), the network
+    (settings.ModelConfig), the tokens in id order and the unknown-word token."""
+    train_config: TrainConfig
+    model_config: ModelConfig
+    vocab: list
+    unk_token: str | None
+
+    @property
+    def config(self):
+        """config.yaml's settings by name, as train.py writes them (an older config.yaml's missing ones filled)."""
+        return saved_settings(self.train_config, self.model_config, self.unk_token)
+
+
+def read_saved(save_dir):
+    """Read a save dir's config.yaml and vocab.json into a Saved (see train_config for an older config.yaml)."""
     config = read_config(save_dir)
-    vocab, _ = read_vocab(save_dir)
-    config.setdefault("keep_crlf", keeps_crlf(config, vocab))
-    return config, vocab
+    vocab, unk_token = read_vocab(save_dir)
+    return Saved(train_config(config, vocab), ModelConfig.from_dict(config), vocab, unk_token)
 
 
 def check_resumable(save_dir, settings, vocab):
     """Raise (before anything is written) when save_dir holds no checkpoint or a model that a run with these
     settings and vocabulary cannot continue."""
-    old_config, old_vocab = read_settings(save_dir)
-    check_compatible(old_config, old_vocab, settings, vocab)
-    if not has_checkpoint(save_dir):
+    check_compatible(read_config(save_dir), read_vocab(save_dir)[0], settings, vocab)
+    if not checkpoints.has_checkpoint(save_dir):
         raise FileNotFoundError(f"no checkpoint in {save_dir} to resume from")
 
 
@@ -141,78 +167,7 @@ def check_compatible(saved_config, saved_vocab, config, vocab):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def has_checkpoint(directory):
-    """True when a directory holds at least one checkpoint index file."""
-    return bool(glob.glob(os.path.join(directory, CHECKPOINT_NAME + "-*.index")))
-
-
-def checkpoint_paths(directory):
-    """Checkpoint prefixes in a directory, newest first (the `checkpoint` file first, then any others)."""
-    listed = []
-    state = None
-    with contextlib.suppress(tf.errors.OpError, ValueError):
-        state = tf.train.get_checkpoint_state(directory)
-    if state is not None:
-        listed = [os.path.join(directory, os.path.basename(p)) for p in state.all_model_checkpoint_paths]
-    found = [p[:-len(".index")] for p in glob.glob(os.path.join(directory, CHECKPOINT_NAME + "-*.index"))]
-    paths = {p for p in listed + found if os.path.exists(p + ".index")}
-    return sorted(paths, key=checkpoint_step, reverse=True)
-
-
-def _listed_but_missing(directory, paths):
-    """Checkpoints the `checkpoint` index names, newer than the newest usable one, whose .index file is gone."""
-    state = None
-    with contextlib.suppress(tf.errors.OpError, ValueError):
-        state = tf.train.get_checkpoint_state(directory)
-    if state is None:
-        return []
-    newest = checkpoint_step(paths[0]) if paths else -1
-    listed = [os.path.join(directory, os.path.basename(p)) for p in state.all_model_checkpoint_paths]
-    return [p for p in listed if checkpoint_step(p) > newest and not os.path.exists(p + ".index")]
-
-
-def checkpoint_step(path):
-    """The step number in a checkpoint prefix such as save/model.ckpt-1000."""
-    match = _STEP_FROM_PATH.search(path)
-    return int(match.group(1)) if match else -1
-
-
-def restore_newest(checkpoint, directory):
-    """Restore the newest intact checkpoint of `directory` into `checkpoint`; return its path.
-
-    A damaged newest checkpoint is skipped with a warning. Raises FileNotFoundError when none is usable.
-    """
-    paths = checkpoint_paths(directory)
-    for missing in _listed_but_missing(directory, paths):
-        warn(f"checkpoint {missing} is listed in {directory}/checkpoint but its .index file is missing; "
-             f"using the newest one left")
-    if not paths:
-        raise FileNotFoundError(f"no checkpoint in {directory}: train a model there first with "
-                                f"`python train.py --save_dir {directory}`")
-    for path in paths:
-        try:
-            # Every variable that exists here must get a value; values the file has beyond them (the
-            # optimizer's, when only the model is restored) are expected.
-            checkpoint.read(path).assert_existing_objects_matched().expect_partial()
-            return path
-        except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:  # IndexError: a truncated file
-            warn(f"checkpoint {path} is damaged ({e.__class__.__name__}); trying the one before it")
-    raise FileNotFoundError(f"every checkpoint in {directory} is damaged; retrain, or resume from a copy")
-
-
-def weights_finite(model):
-    """True when every weight of the model is a finite number."""
-    return all(bool(tf.reduce_all(tf.math.is_finite(weight))) for weight in model.weights)
-
-
-def check_finite(model, path):
-    """Raise ValueError when the weights restored from checkpoint `path` hold NaN or infinity."""
-    if not weights_finite(model):
-        raise ValueError(f"checkpoint {path} holds NaN or infinite weights (the training diverged): "
-                         f"use an earlier checkpoint or retrain with a lower --learning_rate")
+# Saving checkpoints crash-safely
 
 
 @contextlib.contextmanager
@@ -245,12 +200,6 @@ def plain_reason(error):
     return line.rsplit("; ", 1)[-1].strip() or error.__class__.__name__
 
 
-def checkpoint_manager(checkpoint, directory):
-    """A CheckpointManager writing model.ckpt-<step> files with relative paths into `directory`."""
-    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=MAX_TO_KEEP,
-                                      checkpoint_name=CHECKPOINT_NAME)
-
-
 def save_best(save_dir, checkpoint, step, config, vocab, unk_token, info):
     """Replace save_dir/best with the current weights and their model_info.yaml, crash-safely.
 
@@ -260,7 +209,8 @@ def save_best(save_dir, checkpoint, step, config, vocab, unk_token, info):
     best, new, old = (os.path.join(save_dir, BEST_DIR + suffix) for suffix in ("", ".new", ".old"))
     shutil.rmtree(new, ignore_errors=True)
     os.makedirs(new)
-    tf.train.CheckpointManager(checkpoint, new, max_to_keep=1, checkpoint_name=CHECKPOINT_NAME).save(step)
+    tf.train.CheckpointManager(checkpoint, new, max_to_keep=1,
+                               checkpoint_name=checkpoints.CHECKPOINT_NAME).save(step)
     write_config(new, config)
     write_vocab(new, vocab, unk_token)
     write_yaml(os.path.join(new, MODEL_INFO_FILE), info)
@@ -286,8 +236,8 @@ def remove_unfinished_checkpoints(save_dir):
     """Remove the model.ckpt-<step>_temp/ folders a save killed mid-write left (TensorFlow writes a checkpoint
     there and renames its files out at the end), saying so in one line. Only the holder of the lock may: another
     trainer could be writing one."""
-    leftovers = sorted(path for path in glob.glob(os.path.join(glob.escape(save_dir), CHECKPOINT_NAME + "-*_temp"))
-                       if os.path.isdir(path))
+    pattern = os.path.join(glob.escape(save_dir), checkpoints.CHECKPOINT_NAME + "-*_temp")
+    leftovers = sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     if leftovers:
@@ -343,7 +293,7 @@ class SaveDir:
 
         Raises ValueError before anything is written when the run would overwrite another model.
         """
-        if not resuming_here and has_checkpoint(self.path):
+        if not resuming_here and checkpoints.has_checkpoint(self.path):
             raise ValueError(f"{self.path} already holds a trained model; resume it with --init_from "
                              f"{self.path}, or give another --save_dir")
         os.makedirs(self.path, exist_ok=True)
@@ -357,7 +307,7 @@ class SaveDir:
     def attach(self, checkpoint):
         """Save `checkpoint` (weights, optimizer, counters) here from now on; open the metrics."""
         self.checkpoint = checkpoint
-        self.manager = checkpoint_manager(checkpoint, self.path)
+        self.manager = checkpoints.checkpoint_manager(checkpoint, self.path)
         self.metrics = MetricsLog(self.path, self.log_dir)
 
     def restore(self, checkpoint, directory):
@@ -365,9 +315,9 @@ class SaveDir:
 
         Metrics rows after it (steps the run will replay) are dropped. Returns (path, the elapsed_s it was made at).
         """
-        path = restore_newest(checkpoint, directory)
-        check_finite(checkpoint.model, path)
-        step = checkpoint_step(path)
+        path = checkpoints.restore_newest(checkpoint, directory)
+        checkpoints.check_finite(checkpoint.model, path)
+        step = checkpoints.checkpoint_step(path)
         if os.path.abspath(directory) == os.path.abspath(self.path):
             self.saved_step = step
         return path, self.metrics.keep_until(step)
@@ -437,17 +387,18 @@ def _csv_value(value):
 
 
 def build_model(config):
-    """Create the CharRNN a config.yaml's settings describe, with all its weights built."""
-    model = CharRNN(ModelConfig.from_dict(config))
+    """Create the CharRNN a ModelConfig (or a config.yaml's settings) describes, with all its weights built."""
+    model = CharRNN(config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config))
     model.build_weights()
     return model
 
 
-class Loaded:
-    """A model restored for inference: config (dict), vocab (tokens in id order), unk_token, model, path."""
-
-    def __init__(self, config, vocab, unk_token, model, path):
-        self.config, self.vocab, self.unk_token, self.model, self.path = config, vocab, unk_token, model, path
+@dataclasses.dataclass(frozen=True)
+class Loaded(Saved):
+    """A model restored for inference: a save dir's Saved settings, its model (the CharRNN) and its checkpoint's
+    path."""
+    model: CharRNN
+    path: str
 
 
 def load(save_dir):
@@ -458,12 +409,11 @@ def load(save_dir):
     """
     if not os.path.isdir(save_dir):
         raise FileNotFoundError(f"save dir {save_dir} does not exist: train a model first or give --save_dir")
-    config = read_config(save_dir)
-    vocab, unk_token = read_vocab(save_dir)
-    if len(vocab) != config["vocab_size"]:
-        raise ValueError(f"{save_dir}: vocab.json has {len(vocab)} tokens but config.yaml says "
-                         f"{config['vocab_size']}; the save dir is damaged")
-    model = build_model(config)
-    path = restore_newest(tf.train.Checkpoint(model=model), save_dir)
-    check_finite(model, path)
-    return Loaded(config, vocab, unk_token, model, path)
+    saved = read_saved(save_dir)
+    if len(saved.vocab) != saved.model_config.vocab_size:
+        raise ValueError(f"{save_dir}: vocab.json has {len(saved.vocab)} tokens but config.yaml says "
+                         f"{saved.model_config.vocab_size}; the save dir is damaged")
+    model = build_model(saved.model_config)
+    path = checkpoints.restore_newest(tf.train.Checkpoint(model=model), save_dir)
+    checkpoints.check_finite(model, path)
+    return Loaded(saved.train_config, saved.model_config, saved.vocab, saved.unk_token, model, path)

@@ -10,7 +10,7 @@ import dataclasses
 import numbers
 import os
 
-from cli import FLOAT32_MAX, FLOAT32_TINY, in_float32_range
+from runtime import FLOAT32_MAX, FLOAT32_TINY, in_float32_range
 
 DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
 CELL_TYPES = ("lstm", "gru", "rnn")

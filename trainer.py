@@ -17,13 +17,14 @@ import time
 import tensorflow as tf
 from tensorflow import keras
 
+import checkpoints
 import distribution as distribution_module
 import savedir
 import unrolled
-from cli import EXIT_INTERRUPTED
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
-from settings import RESUMED_SETTINGS, TRAIN_DEFAULTS, ModelConfig
+from runtime import EXIT_INTERRUPTED, warn
+from settings import RESUMED_SETTINGS, ModelConfig
 from utils import TextLoader, batches_in
 
 
@@ -44,11 +45,6 @@ class Progress(tf.Module):
 
     def reset_state(self):
         self.state.assign(tf.zeros_like(self.state))
-
-
-def saved_settings(config, model_config, unk_token):
-    """What config.yaml holds: every flag, the model's config (with what the data decided) and the unk token."""
-    return {**dataclasses.asdict(config), **model_config.to_dict(), "unk_token": unk_token}
 
 
 class Adam(keras.optimizers.Adam):
@@ -276,7 +272,7 @@ class Trainer:
         train_loss = float(progress.loss_sum) / count if count else math.nan
         if count:
             self.check_loss("the training loss", train_loss, f"before step {int(progress.step)}")
-        if not savedir.weights_finite(self.model):
+        if not checkpoints.weights_finite(self.model):
             self.diverged(f"the weights became NaN or infinite by step {int(progress.step)}")
         step = int(progress.step)
         val_loss = None
@@ -340,22 +336,20 @@ def with_resume_settings(config):
     if not config.init_from:
         return config
     if config.word2vec_embedding:
-        savedir.warn("--word2vec_embedding ignored: the weights come from --init_from")
+        warn("--word2vec_embedding ignored: the weights come from --init_from")
         config = dataclasses.replace(config, word2vec_embedding=None)
     missing = [name for name in RESUMED_SETTINGS if getattr(config, name) is None]
     if not missing:
         return config
-    old_config, _ = savedir.read_settings(config.init_from)
-    taken = {name: old_config.get(name, getattr(TRAIN_DEFAULTS, name)) for name in missing}
+    saved = savedir.read_saved(config.init_from).train_config  # with the defaults of settings added since
+    taken = {name: getattr(saved, name) for name in missing}
     print("from the checkpoint: " + ", ".join(f"{name} {value}" for name, value in taken.items()))
     return dataclasses.replace(config, **taken)
 
 
 def load_text(config):
     """The TextLoader of config's data, after one line saying how many tokens it holds and how they are used."""
-    loader = TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac, config.encoding,
-                        config.word_level, config.max_vocab, config.min_count, config.data_url, config.keep_crlf,
-                        config.cache_dir)
+    loader = TextLoader.from_config(config)
     print(f"{len(loader.ids):,} tokens, vocabulary of {loader.vocab_size}: {len(loader.train_ids):,} for training "
           f"({loader.num_batches} batches of {config.batch_size}x{config.seq_length}), "
           f"{len(loader.val_ids):,} for validation")
@@ -370,7 +364,7 @@ def network(config, loader):
     """
     embedding_size, vectors = config.rnn_size, None
     if config.init_from:
-        embedding_size = savedir.read_settings(config.init_from)[0].get("embedding_size", config.rnn_size)
+        embedding_size = savedir.read_saved(config.init_from).model_config.embedding_size
     elif config.word2vec_embedding:
         import embeddings  # gensim is slow to import; only word2vec users pay for it
         vectors = embeddings.embedding_matrix(config.word2vec_embedding, loader.vocab, config.seed)
@@ -395,7 +389,7 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     loader = load_text(config)
     model_config, vectors = network(config, loader)
-    settings = saved_settings(config, model_config, loader.unk_token)
+    settings = savedir.saved_settings(config, model_config, loader.unk_token)
     if config.init_from:
         savedir.check_resumable(config.init_from, settings, loader.vocab)
     resuming_here = bool(config.init_from) and os.path.abspath(config.init_from) == os.path.abspath(config.save_dir)

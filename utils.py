@@ -14,25 +14,17 @@ import dataclasses
 import errno
 import hashlib
 import heapq
-import http.client
 import json
 import os
 import re
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zlib
 
 import numpy as np
 
-INPUT_FILE = "input.txt"
-DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DATA_URL_ENV = "CHAR_RNN_DATA_URL"  # mirror of the default corpus (URL or local path), for air-gapped machines
-DOWNLOAD_TIMEOUT_S = 30
-NEW_FILE_MODE = 0o666  # before the umask, as open() creates files
+from download import ensure_input
+from files import atomic_write_bytes, new_temp_file
 
 CACHE_PREFIX = "cache-"
 CACHE_VERSION = 1  # bump when the cache layout or tokenization changes
@@ -50,87 +42,6 @@ _WORDS_AND_NEWLINES = re.compile(r"\n|[^\s]+")
 class NoTextError(FileNotFoundError):
     """input.txt is there but holds no text (empty, or only whitespace): the text is missing as much as with no
     input.txt at all, so the scripts exit with the same code (1, as for a save dir without a checkpoint)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The default corpus
-
-
-def ensure_input(data_dir, data_url=None):
-    """Return the path of data_dir/input.txt, downloading the default corpus if it is missing.
-
-    Only the default data dir is downloaded (from `data_url`, $CHAR_RNN_DATA_URL or the public address);
-    any other data dir without input.txt is a FileNotFoundError.
-    """
-    path = os.path.join(data_dir, INPUT_FILE)
-    if os.path.isfile(path):
-        return path
-    if os.path.normpath(data_dir) != os.path.normpath(DEFAULT_DATA_DIR):
-        raise FileNotFoundError(f"{path} not found: put your text in {INPUT_FILE} inside --data_dir")
-    source = data_url or os.environ.get(DATA_URL_ENV) or TINYSHAKESPEARE_URL
-    download(source, path, TINYSHAKESPEARE_SHA256)
-    return path
-
-
-def download(source, path, sha256):
-    """Fetch `source` (a URL or a local path) to `path`, check its SHA-256, and write it atomically."""
-    print(f"downloading {source} -> {path}", file=sys.stderr)
-    try:
-        if "://" in source:
-            with urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                data = response.read()
-        else:
-            with open(source, "rb") as f:
-                data = f.read()
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not download the default corpus from {source} ({getattr(e, 'reason', e)}); "
-            f"put tinyshakespeare's input.txt at {path}, or give a mirror with --data_url or ${DATA_URL_ENV}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"the file from {source} has SHA-256 {digest}, expected {sha256}: "
-                         f"it is not tinyshakespeare; nothing was written to {path}")
-    atomic_write_bytes(path, data)
-
-
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` so that a crash leaves either the old file or the whole new one.
-
-    The file gets the permissions an ordinary new file gets (0666 less the umask), as TensorFlow's checkpoints do,
-    so that a server running as another user can read a save dir.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = _new_temp_file(directory)
-    except OSError as error:  # name the file the user knows, not a temporary one
-        raise OSError(error.errno, error.strerror, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(error, OSError):
-            raise OSError(error.errno, error.strerror, path) from None
-        raise
-
-
-def _new_temp_file(directory, suffix=""):
-    """(fd, path) of a new hidden temporary file in `directory`, with an ordinary new file's permissions."""
-    fd, path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.fchmod(fd, NEW_FILE_MODE & ~current_umask())
-    return fd, path
-
-
-def current_umask():
-    """The process's umask (reading it means setting it: it is put straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,7 +347,7 @@ def _write_cache(input_path, tokenization, stem, settings):
     counts, total, dropped = _count_tokens(input_path, tokenization, directory)
     vocab, unk_token = build_vocab(counts, tokenization.max_vocab, tokenization.min_count, dropped)
     check_trainable(input_path, vocab, tokenization.word_level)  # before anything is written
-    fd, tmp_ids = _new_temp_file(directory, ".npy")
+    fd, tmp_ids = new_temp_file(directory, ".npy")
     try:
         with os.fdopen(fd, "wb") as out:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(id_dtype(len(vocab)))),
@@ -496,6 +407,13 @@ class TextLoader:
         # One row per parallel stream; targets are the next token, with no wrap-around.
         self._x = self.train_ids[:usable].reshape(batch_size, -1)
         self._y = self.train_ids[1:usable + 1].reshape(batch_size, -1)
+
+    @classmethod
+    def from_config(cls, config):
+        """The TextLoader of a settings.TrainConfig: its data dir and its data, tokenization and batch settings."""
+        return cls(config.data_dir, config.batch_size, config.seq_length, config.val_frac, config.encoding,
+                   config.word_level, config.max_vocab, config.min_count, config.data_url, config.keep_crlf,
+                   config.cache_dir)
 
     def batch(self, index):
         """Return batch `index` of the epoch as two int32 arrays (inputs, targets) of [batch, seq_length]."""

@@ -29,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import cli  # noqa: E402
+from settings import TRAIN_DEFAULTS  # noqa: E402
 
-SIZES = {"rnn_size": 128, "num_layers": 3, "batch_size": 50, "seq_length": 50}
+SIZES = {name: getattr(TRAIN_DEFAULTS, name) for name in ("rnn_size", "num_layers", "batch_size", "seq_length")}
 SETUPS = ("one", "mirrored", "multi_worker")
 FLOAT_BYTES = 4
 

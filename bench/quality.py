@@ -45,13 +45,13 @@ def main(argv=None):
         return code
     train_seconds = time.perf_counter() - started
     loaded = savedir.load(save_dir)
-    val_ids, _ = evaluate.split_ids(loaded.config, loaded.vocab, "val")  # the run's own tokenization settings
+    run, network = loaded.train_config, loaded.model_config
+    val_ids, _ = evaluate.split_ids(run, loaded.vocab, "val")  # the run's own tokenization settings
     val_loss, count = full_pass_loss(loaded.model, val_ids, num_streams=1)
-    result = {"project": "char-rnn-tensorflow", "mode": "quality", "model": loaded.config["model"],
-              "rnn_size": loaded.config["rnn_size"], "num_layers": loaded.config["num_layers"],
-              "batch_size": loaded.config["batch_size"], "seq_length": loaded.config["seq_length"],
-              "num_epochs": loaded.config["num_epochs"], "preset": loaded.config.get("preset"),
-              "dropout": loaded.config["dropout"], "vocab_size": loaded.config["vocab_size"],
+    result = {"project": "char-rnn-tensorflow", "mode": "quality", "model": network.model,
+              "rnn_size": network.rnn_size, "num_layers": network.num_layers, "batch_size": run.batch_size,
+              "seq_length": run.seq_length, "num_epochs": run.num_epochs, "preset": run.preset,
+              "dropout": network.dropout, "vocab_size": network.vocab_size,
               "train_seconds": round(train_seconds, 1), "val_loss_nats": round(val_loss, 4),
               "val_bits_per_token": round(val_loss / math.log(2), 4), "val_tokens": count + 1}
     print(json.dumps(result))

@@ -249,14 +249,12 @@ def untrained_save_dir(data, work):
     """A save dir of an untrained 3 x 128 LSTM over the vocabulary of `data`."""
     cli.quiet_tensorflow()
     from model import CharRNN
-    from settings import TRAIN_DEFAULTS as DEFAULTS, ModelConfig
-    from speed import write_save_dir
-    from utils import TextLoader
+    from settings import ModelConfig
+    from speed import default_loader, write_save_dir
     data_dir = os.path.join(work, "data")
     os.makedirs(data_dir)
     shutil.copyfile(data, os.path.join(data_dir, "input.txt"))
-    loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
-    model = CharRNN(ModelConfig(loader.vocab_size, DEFAULTS.model, DEFAULTS.rnn_size, DEFAULTS.num_layers))
+    model = CharRNN(ModelConfig(default_loader(data_dir).vocab_size))  # the default cell, rnn_size and num_layers
     model.build_weights()
     return write_save_dir(model, data_dir, os.path.join(work, "save"))
 

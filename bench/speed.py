@@ -55,22 +55,30 @@ def build_parser():
     return parser
 
 
+def default_loader(data_dir):
+    """The TextLoader of train.py's default settings over data_dir's text, without a validation split."""
+    import dataclasses
+
+    from settings import TRAIN_DEFAULTS
+    from utils import TextLoader
+    return TextLoader.from_config(dataclasses.replace(TRAIN_DEFAULTS, data_dir=data_dir, val_frac=0.0))
+
+
 def train_speed(data_dir, cell):
     """A timer of training tokens/s at the default sizes for one cell type: (timer(steps), model)."""
     from tensorflow import keras
 
     from model import CharRNN
-    from settings import ModelConfig
+    from settings import TRAIN_DEFAULTS as DEFAULTS, ModelConfig
     from trainer import Progress, make_train_step
-    from utils import TextLoader
 
-    loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
-    model = CharRNN(ModelConfig(loader.vocab_size, cell, 128, 3))
+    loader = default_loader(data_dir)
+    model = CharRNN(ModelConfig(loader.vocab_size, cell))  # the default rnn_size and num_layers
     model.build_weights()
-    optimizer = keras.optimizers.Adam(0.002)
+    optimizer = keras.optimizers.Adam(DEFAULTS.learning_rate)
     optimizer.build(model.trainable_variables)
-    progress = Progress(model.num_states, 50, 128, 50)
-    step = make_train_step(model, optimizer, progress, 5.0)
+    progress = Progress(model.num_states, DEFAULTS.batch_size, DEFAULTS.rnn_size, DEFAULTS.seq_length)
+    step = make_train_step(model, optimizer, progress, DEFAULTS.grad_clip)
     for i in range(5):  # warm-up: tracing and the first allocations
         step(*loader.batch(i))
 
@@ -79,7 +87,7 @@ def train_speed(data_dir, cell):
         for i in range(steps):
             loss = step(*loader.batch((5 + i) % loader.num_batches))
         float(loss)
-        return steps * 50 * 50 / (time.perf_counter() - start)
+        return steps * DEFAULTS.batch_size * DEFAULTS.seq_length / (time.perf_counter() - start)
     return timer, model
 
 
@@ -113,10 +121,10 @@ def export_speed(model, data_dir, work, n, runs=3):
     import exporter
     import savedir
     from sampler import Generator
-    from utils import TextLoader
+    from settings import TrainConfig
 
-    vocab = TextLoader(data_dir, 50, 50, val_frac=0.0).vocab
-    loaded = savedir.Loaded({**model.model_config.to_dict(), "word_level": False}, vocab, None, model, "bench")
+    vocab = default_loader(data_dir).vocab
+    loaded = savedir.Loaded(TrainConfig(data_dir=data_dir), model.model_config, vocab, None, model, "bench")
     export_dir = os.path.join(work, "export", "1")
     exporter.write_export(loaded, export_dir)
     generate = tf.saved_model.load(export_dir).signatures["serving_default"]
@@ -186,16 +194,16 @@ def write_save_dir(model, data_dir, save_dir):
     read it."""
     import tensorflow as tf
 
+    import checkpoints
     import savedir
-    from utils import TextLoader
 
     if os.path.isdir(save_dir):
         return save_dir
-    loader = TextLoader(data_dir, 50, 50, val_frac=0.0)
+    loader = default_loader(data_dir)
     os.makedirs(save_dir)
     savedir.write_config(save_dir, {**model.model_config.to_dict(), "word_level": False})
     savedir.write_vocab(save_dir, loader.vocab)
-    savedir.checkpoint_manager(tf.train.Checkpoint(model=model), save_dir).save(0)
+    checkpoints.checkpoint_manager(tf.train.Checkpoint(model=model), save_dir).save(0)
     return save_dir
 
 

@@ -86,12 +86,13 @@ def newest_step(save_dir):
     """The step of the newest checkpoint the save dir's index names."""
     import tensorflow as tf
 
-    import savedir
-    return savedir.checkpoint_step(tf.train.latest_checkpoint(save_dir))
+    import checkpoints
+    return checkpoints.checkpoint_step(tf.train.latest_checkpoint(save_dir))
 
 
 def assert_best_describes_its_weights(save_dir, data_dir):
     """best/model_info.yaml names the step of the checkpoint beside it and that model's validation loss."""
+    import checkpoints
     import evaluation
     import savedir
     import utils
@@ -100,7 +101,7 @@ def assert_best_describes_its_weights(save_dir, data_dir):
         best = os.path.join(save_dir, savedir.BEST_DIR + ".old")
     info = savedir.read_yaml(os.path.join(best, savedir.MODEL_INFO_FILE))
     loaded = savedir.load(best)
-    assert savedir.checkpoint_step(loaded.path) == info["step"]
+    assert checkpoints.checkpoint_step(loaded.path) == info["step"]
     loader = utils.TextLoader(data_dir, 4, 10)
     val_loss, _ = evaluation.full_pass_loss(loaded.model, loader.val_ids)
     assert val_loss == pytest.approx(info["val_loss"], abs=1e-4)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
 import distribution
 import savedir
 import train
@@ -104,7 +105,7 @@ def train_losses(save):
 
 def checkpoint_values(save, step):
     """Every value the checkpoint of `step` holds (weights, Adam's slots, counters, carried state, dropout seeds)."""
-    reader = tf.train.load_checkpoint(os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{step}"))
+    reader = tf.train.load_checkpoint(os.path.join(save, f"{checkpoints.CHECKPOINT_NAME}-{step}"))
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if "OBJECT_GRAPH" not in name and not name.startswith("save_counter")}
 
@@ -158,7 +159,7 @@ def test_a_lost_worker_stops_the_others_with_one_line_and_all_resume(tmp_path):
     processes, cluster = start_workers(args, tmp_path / "first")
     try:
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        while not savedir.has_checkpoint(save):
+        while not checkpoints.has_checkpoint(save):
             assert processes[0].poll() is None, output(tmp_path / "first", 0)
             assert time.monotonic() < deadline, "no checkpoint from the workers"
             time.sleep(0.1)
@@ -190,8 +191,8 @@ def test_a_lost_worker_stops_the_others_with_one_line_and_all_resume(tmp_path):
         for process in processes:
             end_process(process)
     chief, other = output(again, 0), output(again, 1)
-    assert f"resumed from {os.path.join(save, savedir.CHECKPOINT_NAME)}-{saved}: step {saved}," in chief
-    assert f"resumed from {os.path.join(save, savedir.CHECKPOINT_NAME)}-{saved}: step {saved}," in other
+    assert f"resumed from {os.path.join(save, checkpoints.CHECKPOINT_NAME)}-{saved}: step {saved}," in chief
+    assert f"resumed from {os.path.join(save, checkpoints.CHECKPOINT_NAME)}-{saved}: step {saved}," in other
     assert "interrupted: checkpoint written" in chief
     assert newest_step(save) > saved
     assert other.strip().splitlines()[-1].startswith(f"error: worker 0 ({cluster[0]}) stopped or was lost")

@@ -22,6 +22,8 @@ import pytest
 import tensorflow as tf
 from tensorflow import keras
 
+import checkpoints
+import download
 import evaluate
 import sample
 import savedir
@@ -50,7 +52,7 @@ from test_old_save_dir import EXPECTED as OLD_EXPECTED, OLD_SAVE_DIR
 def models(files):
     """The part of a snapshot that holds models: checkpoints, their index, and best/."""
     return {name: digest for name, digest in files.items()
-            if name.startswith((savedir.CHECKPOINT_NAME, savedir.BEST_DIR + os.sep)) or name == "checkpoint"}
+            if name.startswith((checkpoints.CHECKPOINT_NAME, savedir.BEST_DIR + os.sep)) or name == "checkpoint"}
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ NO_VALIDATION_NOTE = "but not also the validation tail of 131 (--val_frac 0.05):
 def test_the_original_ci_trains_resumes_and_samples_on_the_first_100_lines(tmp_path):
     from conftest import REAL_CORPUS
     corpus = tmp_path / "tinyshakespeare.txt"
-    utils.download(REAL_CORPUS, str(corpus), utils.TINYSHAKESPEARE_SHA256)
+    download.download(REAL_CORPUS, str(corpus), download.TINYSHAKESPEARE_SHA256)
     with open(corpus, encoding="utf-8") as f:
         lines = [next(f) for _ in range(ORIGINAL_CI_LINES)]
     make_data_dir(tmp_path / "data" / "teenytinyshakespeare", "".join(lines))
@@ -299,7 +301,7 @@ def sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays):
                 wait_for(lambda: "resumed from" in log_path.read_text() and
                          " (epoch " in log_path.read_text().split("resumed from")[1], process, "training step")
             else:
-                wait_for(lambda: savedir.has_checkpoint(save), process, "first checkpoint")
+                wait_for(lambda: checkpoints.has_checkpoint(save), process, "first checkpoint")
             delay = rng.uniform(0.0, 1.0)
             delays.append(delay)
             time.sleep(delay)
@@ -313,7 +315,7 @@ def sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays):
         try:
             assert_best_describes_its_weights(save, data_dir)
             # Continue in this process: it must resume and end cleanly when given more steps.
-            target = max(savedir.checkpoint_step(p) for p in savedir.checkpoint_paths(save)) + 2
+            target = max(checkpoints.checkpoint_step(p) for p in checkpoints.checkpoint_paths(save)) + 2
             assert train.main(flags + ["--init_from", save, "--max_steps", str(target)]) == 0
             assert newest_step(save) == target
             assert_best_describes_its_weights(save, data_dir)
@@ -325,7 +327,7 @@ def sigkill_at_random_moments(tmp_path, data_dir, capsys, rng, delays):
 @pytest.mark.parametrize("suffix", [".data-00000-of-00001", ".index"])
 def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, capsys, suffix):
     save, data = trained_copy
-    newest, before = savedir.checkpoint_paths(save)[:2]
+    newest, before = checkpoints.checkpoint_paths(save)[:2]
     with open(newest + suffix, "r+b") as f:
         f.truncate(os.path.getsize(newest + suffix) // 2)
 
@@ -334,20 +336,20 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(trained_copy, 
     err = capsys.readouterr().err
     assert f"warning: checkpoint {newest} is damaged" in err and "trying the one before it" in err
 
-    target = savedir.checkpoint_step(newest) + 3
+    target = checkpoints.checkpoint_step(newest) + 3
     assert train.main(train_flags(data, save, "--init_from", save, "--max_steps", target)) == 0
     captured = capsys.readouterr()
     assert f"warning: checkpoint {newest} is damaged" in captured.err
-    assert f"resumed from {before}: step {savedir.checkpoint_step(before)}" in captured.out
+    assert f"resumed from {before}: step {checkpoints.checkpoint_step(before)}" in captured.out
     assert newest_step(save) == target
 
 
 def test_the_next_run_removes_the_unfinished_checkpoint_of_a_killed_save_in_one_line(trained_copy, capsys):
     save, data = trained_copy
-    newest = savedir.checkpoint_paths(save)[0]
-    step = savedir.checkpoint_step(newest)
+    newest = checkpoints.checkpoint_paths(save)[0]
+    step = checkpoints.checkpoint_step(newest)
     # What a SIGKILL in the middle of TensorFlow's write of the next checkpoint leaves, for good until now.
-    leftover = os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{step + 1}_temp")
+    leftover = os.path.join(save, f"{checkpoints.CHECKPOINT_NAME}-{step + 1}_temp")
     os.makedirs(leftover)
     with open(os.path.join(leftover, "part-00000-of-00001.data-00000-of-00001.tempstate1234"), "wb") as f:
         f.write(b"\0" * 100)
@@ -415,7 +417,7 @@ def test_a_resume_whose_loss_blows_up_saves_nothing_and_keeps_the_last_good_chec
                                                                                         capsys):
     save, data = trained_copy
     before = models(snapshot(save))
-    newest = savedir.checkpoint_paths(save)[0]
+    newest = checkpoints.checkpoint_paths(save)[0]
     blow_up_the_weights_from(monkeypatch, first_step=1)
     code = train.main(train_flags(data, save, "--init_from", save, "--save_every", 1))
     assert code == 1
@@ -423,7 +425,7 @@ def test_a_resume_whose_loss_blows_up_saves_nothing_and_keeps_the_last_good_chec
     assert "the validation loss became " in line and " nats (2 x the " in line  # finite, but far above ln V
     assert "training stopped" in line and f"the last good checkpoint, {newest}, is kept" in line
     assert models(snapshot(save)) == before  # no new checkpoint, best/ untouched
-    assert savedir.weights_finite(savedir.load(save).model)
+    assert checkpoints.weights_finite(savedir.load(save).model)
 
 
 def test_a_mean_training_loss_far_above_a_uniform_guess_is_never_saved(tmp_path, data_dir, monkeypatch, capsys):
@@ -433,7 +435,7 @@ def test_a_mean_training_loss_far_above_a_uniform_guess_is_never_saved(tmp_path,
     assert train.main(train_flags(data_dir, save, "--val_frac", 0, "--save_every", 5, "--max_steps", 20)) == 1
     line = error_line(capsys)
     assert "the training loss became " in line and "before step 10, above " in line and "model.ckpt-5, is kept" in line
-    assert [savedir.checkpoint_step(path) for path in savedir.checkpoint_paths(save)] == [5]
+    assert [checkpoints.checkpoint_step(path) for path in checkpoints.checkpoint_paths(save)] == [5]
 
 
 @pytest.mark.parametrize("steps_above, code", [(trainer.DIVERGED_STEPS - 1, 0), (trainer.DIVERGED_STEPS, 1)])
@@ -456,7 +458,7 @@ def test_a_training_loss_far_above_a_uniform_guess_stops_once_it_lasts_diverged_
     if code:
         line = error_line(capsys)
         assert f"for {steps_above} steps ({BLOWN_UP_LOGIT:g} at step {spike[-1]})" in line
-        assert "no checkpoint was written" in line and not savedir.has_checkpoint(save)
+        assert "no checkpoint was written" in line and not checkpoints.has_checkpoint(save)
     else:
         assert newest_step(save) == 40
 
@@ -504,8 +506,8 @@ def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(tmp_path, d
     assert train.main(train_flags(data_dir, save, "--val_frac", 0, "--save_every", 5, "--max_steps", 20)) == 1
     line = error_line(capsys)
     assert "the weights became NaN or infinite by step 10" in line and "model.ckpt-5, is kept" in line
-    assert [savedir.checkpoint_step(path) for path in savedir.checkpoint_paths(save)] == [5]
-    assert savedir.weights_finite(savedir.load(save).model)
+    assert [checkpoints.checkpoint_step(path) for path in checkpoints.checkpoint_paths(save)] == [5]
+    assert checkpoints.weights_finite(savedir.load(save).model)
 
 
 def test_diverging_from_scratch_says_no_checkpoint_was_written(tmp_path, data_dir, monkeypatch, capsys):
@@ -513,7 +515,7 @@ def test_diverging_from_scratch_says_no_checkpoint_was_written(tmp_path, data_di
     save = str(tmp_path / "save")
     assert train.main(train_flags(data_dir, save, "--save_every", 1)) == 1
     assert "no checkpoint was written" in error_line(capsys)
-    assert not savedir.has_checkpoint(save)
+    assert not checkpoints.has_checkpoint(save)
 
 
 @pytest.mark.parametrize("value", ["1e39", "1e-46", "inf"])
@@ -534,11 +536,11 @@ def poison_newest_checkpoint(save):
     optimizer.build(model.trainable_variables)
     progress = trainer.Progress(model.num_states, config["batch_size"], config["rnn_size"], config["seq_length"])
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, progress=progress)
-    newest = savedir.checkpoint_paths(save)[0]
+    newest = checkpoints.checkpoint_paths(save)[0]
     checkpoint.read(newest).assert_existing_objects_matched()
     model.head.kernel.assign(model.head.kernel * np.nan)
     progress.step.assign_add(1)
-    return savedir.checkpoint_manager(checkpoint, save).save(checkpoint_number=int(progress.step))
+    return checkpoints.checkpoint_manager(checkpoint, save).save(checkpoint_number=int(progress.step))
 
 
 def test_sample_evaluate_and_resume_refuse_nan_weights_in_one_line(trained_copy, capsys):
@@ -575,7 +577,7 @@ def test_a_temperature_float32_rounds_to_zero_is_refused_and_a_tiny_one_is_argma
 
 def test_a_deleted_newest_index_falls_back_with_a_warning(trained_copy, capsys):
     save, _ = trained_copy
-    newest, before = savedir.checkpoint_paths(save)[:2]
+    newest, before = checkpoints.checkpoint_paths(save)[:2]
     os.remove(newest + ".index")
     assert savedir.load(save).path == before
     err = capsys.readouterr().err
@@ -637,7 +639,7 @@ def test_a_full_disk_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, da
         assert_plain_out_of_space_line(error_line(capsys), save)
         assert not glob.glob(os.path.join(save, "*_temp*")) and not os.path.exists(os.path.join(save, "best.new"))
         assert models(snapshot(save)) == before
-        assert savedir.checkpoint_step(savedir.load(save).path) == 4
+        assert checkpoints.checkpoint_step(savedir.load(save).path) == 4
         os.remove(filler)
         assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 8)) == 0
 
@@ -649,7 +651,7 @@ def test_an_out_of_space_checkpoint_write_is_one_line_and_removes_its_temporary_
     before = models(snapshot(save))
 
     def full(manager, checkpoint_number):
-        temporary = os.path.join(save, f"{savedir.CHECKPOINT_NAME}-{checkpoint_number}_temp")
+        temporary = os.path.join(save, f"{checkpoints.CHECKPOINT_NAME}-{checkpoint_number}_temp")
         os.makedirs(temporary)  # as TensorFlow does, and with its message (TensorFlow 2.21, a full tmpfs)
         raise tf.errors.ResourceExhaustedError(None, None, TF_OUT_OF_SPACE.format(temporary=temporary))
     monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
@@ -676,7 +678,7 @@ def test_a_log_dir_that_cannot_be_made_is_one_line_before_training(tmp_path, dat
     save = tmp_path / "save"
     assert train.main(train_flags(data_dir, str(save), "--log_dir", tmp_path / "a-file" / "logs")) == 1
     assert str(tmp_path / "a-file") in error_line(capsys)
-    assert not savedir.has_checkpoint(str(save))
+    assert not checkpoints.has_checkpoint(str(save))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -689,7 +691,7 @@ def test_init_from_takes_the_model_settings_from_the_checkpoint(tmp_path, capsys
     assert train.main(["--data_dir", data, "--save_dir", str(old), "--init_from", str(old), "--max_steps", "274"]) == 0
     out = capsys.readouterr().out
     assert "from the checkpoint: model lstm, rnn_size 8, num_layers 2" in out
-    assert savedir.checkpoint_step(savedir.checkpoint_paths(str(old))[0]) == 274
+    assert checkpoints.checkpoint_step(checkpoints.checkpoint_paths(str(old))[0]) == 274
     # A setting given that differs is still refused, naming it.
     assert train.main(["--data_dir", data, "--save_dir", str(old), "--init_from", str(old), "--rnn_size", "16"]) == 2
     assert "rnn_size is 16 here but 8" in error_line(capsys)
@@ -698,17 +700,17 @@ def test_init_from_takes_the_model_settings_from_the_checkpoint(tmp_path, capsys
 def test_resuming_into_another_save_dir_with_no_step_left_writes_best_there(trained_copy, tmp_path):
     save, data = trained_copy
     other = str(tmp_path / "other")
-    done = savedir.checkpoint_step(savedir.checkpoint_paths(save)[0])
+    done = checkpoints.checkpoint_step(checkpoints.checkpoint_paths(save)[0])
     assert train.main(train_flags(data, other, "--init_from", save, "--max_steps", done)) == 0
     info = savedir.read_yaml(os.path.join(other, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
     assert info["step"] == done and info["score_is"] == "val_loss"
-    assert savedir.checkpoint_step(savedir.load(os.path.join(other, savedir.BEST_DIR)).path) == done
+    assert checkpoints.checkpoint_step(savedir.load(os.path.join(other, savedir.BEST_DIR)).path) == done
 
 
 def test_metrics_keep_one_row_per_step_and_the_clock_goes_on_after_a_crash(tmp_path, data_dir):
     save = str(tmp_path / "save")
     assert train.main(train_flags(data_dir, save, "--max_steps", 10, "--save_every", 5, "--print_every", 1)) == 0
-    newest = savedir.checkpoint_paths(save)[0]
+    newest = checkpoints.checkpoint_paths(save)[0]
     for path in glob.glob(newest + ".*"):  # as if killed after step 10's row but before its checkpoint
         os.remove(path)
     assert train.main(train_flags(data_dir, save, "--init_from", save, "--max_steps", 10, "--save_every", 5,
@@ -751,7 +753,7 @@ def test_ctrl_c_while_tensorflow_loads_is_one_line_and_exit_130(tmp_path, data_d
     started = time.monotonic()
     code, err, save = interrupt_train(tmp_path, data_dir, lambda out: time.monotonic() - started > 0.5)
     assert code == 130 and err == ["interrupted"], err
-    assert not savedir.has_checkpoint(save)
+    assert not checkpoints.has_checkpoint(save)
 
 
 @pytest.mark.slow
@@ -760,7 +762,7 @@ def test_ctrl_c_before_the_first_step_writes_no_checkpoint(tmp_path, data_dir):
     assert code == 130
     assert err[-1] == "interrupted: nothing new to save (no step was made)" or err == ["interrupted"], err
     assert not any("Traceback" in line for line in err)
-    assert not savedir.has_checkpoint(save)
+    assert not checkpoints.has_checkpoint(save)
     # The save dir is free for a fresh run, and sample.py says there is no model instead of sampling noise.
     assert train.main(train_flags(data_dir, save, "--max_steps", 2)) == 0
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+import checkpoints
 import evaluation
 import savedir
 import train
@@ -59,4 +60,4 @@ def test_old_save_dir_resumes_training(old_save_dir, tmp_path, capsys):
                        "--val_frac", "0", "--max_steps", "275", "--print_every", "1000"])
     assert code == 0, capsys.readouterr().err
     assert "resumed from" in capsys.readouterr().out
-    assert savedir.checkpoint_step(savedir.checkpoint_paths(str(old_save_dir))[0]) == 275
+    assert checkpoints.checkpoint_step(checkpoints.checkpoint_paths(str(old_save_dir))[0]) == 275

@@ -10,8 +10,9 @@ import textwrap
 import pytest
 import tensorflow as tf
 
+import checkpoints
+import files
 import savedir
-import utils
 from conftest import REPO
 
 VOCAB = ["\n", " ", "a", "b", "c"]
@@ -42,7 +43,7 @@ def best_step(save_dir):
     best = os.path.join(save_dir, savedir.BEST_DIR)
     info = savedir.read_yaml(os.path.join(best, savedir.MODEL_INFO_FILE))
     loaded = savedir.load(best)
-    assert savedir.checkpoint_step(loaded.path) == info["step"]
+    assert checkpoints.checkpoint_step(loaded.path) == info["step"]
     assert all(float(tf.reduce_max(tf.abs(w - info["step"]))) == 0 for w in loaded.model.weights)
     assert sorted(os.listdir(save_dir)) == [savedir.BEST_DIR], "a best.new/ or best.old/ was left behind"
     return info["step"]
@@ -137,7 +138,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
         raise InjectedFailure(failing)
     monkeypatch.setattr(os, failing, fail)
     with pytest.raises(InjectedFailure):
-        utils.atomic_write_bytes(str(path), b"new: 2\n")
+        files.atomic_write_bytes(str(path), b"new: 2\n")
     assert path.read_bytes() == b"old: 1\n"
     assert os.listdir(tmp_path) == ["config.yaml"]
 
@@ -149,9 +150,9 @@ def test_a_hard_exit_during_an_atomic_write_keeps_the_old_file(tmp_path):
     child = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {REPO!r})
-        import utils
+        import files
         os.replace = lambda *args: os._exit(9)
-        utils.atomic_write_bytes({str(path)!r}, b"new")
+        files.atomic_write_bytes({str(path)!r}, b"new")
     """)
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert result.returncode == 9, result.stderr

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
+import download
 import savedir
 import settings
 import train
@@ -128,7 +130,7 @@ def test_best_without_validation_split_is_the_lowest_mean_training_loss(tmp_path
     info = savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
     assert info["step"] == best_step and info["score_is"] == "mean train_loss" and info["val_loss"] is None
     assert info["score"] == pytest.approx(means[best_step], abs=1e-4)
-    assert savedir.checkpoint_step(savedir.load(os.path.join(save, savedir.BEST_DIR)).path) == best_step
+    assert checkpoints.checkpoint_step(savedir.load(os.path.join(save, savedir.BEST_DIR)).path) == best_step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,12 +192,12 @@ def test_offline_default_corpus_says_where_to_put_it(tmp_path, monkeypatch, caps
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/input.txt"
-    assert train.main(train_flags(utils.DEFAULT_DATA_DIR, "save", "--data_url", url)) == 1
+    assert train.main(train_flags(download.DEFAULT_DATA_DIR, "save", "--data_url", url)) == 1
     notice, error = capsys.readouterr().err.strip().splitlines()
     assert notice.startswith(f"downloading {url}")
     assert error.startswith("error: could not download the default corpus")
     assert f"put tinyshakespeare's input.txt at {os.path.join('data', 'tinyshakespeare', 'input.txt')}" in error
-    assert not os.path.exists(os.path.join(utils.DEFAULT_DATA_DIR, "input.txt")) and not os.path.exists("save")
+    assert not os.path.exists(os.path.join(download.DEFAULT_DATA_DIR, "input.txt")) and not os.path.exists("save")
 
 
 def test_odd_code_points_reach_the_saved_vocabulary(tmp_path):
@@ -342,7 +344,7 @@ def test_save_dir_keeps_the_last_5_checkpoints(tmp_path, data_dir):
     assert train.main(train_flags(data_dir, save, "--save_every", 1, "--max_steps", 12, "--val_frac", 0)) == 0
     indexes = sorted(os.path.basename(p) for p in glob.glob(os.path.join(save, "model.ckpt-*.index")))
     assert indexes == sorted(f"model.ckpt-{step}.index" for step in range(8, 13))
-    assert [savedir.checkpoint_step(p) for p in tf.train.get_checkpoint_state(save).all_model_checkpoint_paths] \
+    assert [checkpoints.checkpoint_step(p) for p in tf.train.get_checkpoint_state(save).all_model_checkpoint_paths] \
         == list(range(8, 13))
     assert newest_step(save) == 12
 

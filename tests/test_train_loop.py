@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from tensorflow import keras
 
+import checkpoints
 import evaluation
 import savedir
 import settings
@@ -27,7 +28,7 @@ def build_trainer(data_dir, save_dir, **overrides):
     loader = utils.TextLoader(config.data_dir, config.batch_size, config.seq_length, config.val_frac)
     model_config, _ = trainer.network(config, loader)
     save = savedir.SaveDir(config.save_dir, config.log_dir)
-    save.prepare(trainer.saved_settings(config, model_config, loader.unk_token), loader.vocab, loader.unk_token,
+    save.prepare(savedir.saved_settings(config, model_config, loader.unk_token), loader.vocab, loader.unk_token,
                  resuming_here=config.init_from == save_dir)
     return trainer.Trainer(config, loader, model_config, save)
 
@@ -182,7 +183,7 @@ def test_ctrl_c_in_the_loop_before_any_step_saves_nothing(tmp_path, data_dir, mo
     save = str(tmp_path / "save")
     assert train.main(train_flags(data_dir, save, "--max_steps", 5)) == trainer.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted: nothing new to save (no step was made)"
-    assert not savedir.has_checkpoint(save)
+    assert not checkpoints.has_checkpoint(save)
 
 
 def test_ctrl_c_saves_a_checkpoint_but_never_makes_it_best(tmp_path, monkeypatch, capsys):
@@ -206,7 +207,7 @@ def test_ctrl_c_saves_a_checkpoint_but_never_makes_it_best(tmp_path, monkeypatch
     argv = ["--data_dir", data, "--save_dir", save, "--rnn_size", "16", "--num_layers", "1", "--batch_size", "4",
             "--seq_length", "10", "--seed", "1", "--save_every", "10", "--max_steps", "60", "--learning_rate", "0.01"]
     assert train.main(argv) == trainer.EXIT_INTERRUPTED
-    assert savedir.checkpoint_step(tf.train.latest_checkpoint(save)) == 25
+    assert checkpoints.checkpoint_step(tf.train.latest_checkpoint(save)) == 25
     assert f"interrupted: checkpoint written to {os.path.join(save, 'model.ckpt-25')}" in capsys.readouterr().err
     info = savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))
     assert info["step"] in (10, 20) and info["score_is"] == "val_loss", info
@@ -256,7 +257,7 @@ def test_resumed_run_ends_after_num_epochs_and_prints_that_total(tmp_path, data_
     first = capsys.readouterr().out
     assert train.main(flags + ["--init_from", save]) == 0
     out = capsys.readouterr().out
-    assert savedir.checkpoint_step(tf.train.latest_checkpoint(save)) == total
+    assert checkpoints.checkpoint_step(tf.train.latest_checkpoint(save)) == total
     totals = {line.split()[0].split("/")[1] for line in out.splitlines() if " (epoch " in line}
     assert totals == {str(total)}, totals  # progress and val_loss lines
     assert "50/60 (epoch 0), val_loss" in first

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+import download
 import utils
 from conftest import TINY_TEXT, make_data_dir
 
@@ -28,7 +29,7 @@ def decode(loader, ids):
 
 def write_bytes(directory, data):
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, utils.INPUT_FILE), "wb") as f:
+    with open(os.path.join(directory, download.INPUT_FILE), "wb") as f:
         f.write(data)
     return str(directory)
 
@@ -231,7 +232,7 @@ def test_invalid_utf8_is_refused_with_its_byte_offset(tmp_path, monkeypatch, chu
     directory = write_bytes(tmp_path / "data", data)
     with pytest.raises(ValueError, match=rf"byte offset {offset}\b.*--encoding"):
         load(directory)
-    assert not [name for name in os.listdir(directory) if name != utils.INPUT_FILE]  # no cache left behind
+    assert not [name for name in os.listdir(directory) if name != download.INPUT_FILE]  # no cache left behind
 
 
 def test_latin1_encoding_reads_what_utf8_refuses(tmp_path):
@@ -388,8 +389,8 @@ def served_corpus(tmp_path, monkeypatch):
     served = tmp_path / "served"
     served.mkdir()
     (served / "corpus.txt").write_bytes(content)
-    monkeypatch.setattr(utils, "TINYSHAKESPEARE_SHA256", hashlib.sha256(content).hexdigest())
-    monkeypatch.delenv(utils.DATA_URL_ENV, raising=False)
+    monkeypatch.setattr(download, "TINYSHAKESPEARE_SHA256", hashlib.sha256(content).hexdigest())
+    monkeypatch.delenv(download.DATA_URL_ENV, raising=False)
     workdir = tmp_path / "work"
     workdir.mkdir()
     monkeypatch.chdir(workdir)  # the default data dir, data/tinyshakespeare, is relative
@@ -405,59 +406,59 @@ def closed_port_url():
 
 
 def default_dir_entries():
-    return os.listdir(utils.DEFAULT_DATA_DIR) if os.path.isdir(utils.DEFAULT_DATA_DIR) else []
+    return os.listdir(download.DEFAULT_DATA_DIR) if os.path.isdir(download.DEFAULT_DATA_DIR) else []
 
 
 def test_download_with_the_right_checksum_is_written(served_corpus):
     url, content = served_corpus
-    path = utils.ensure_input(utils.DEFAULT_DATA_DIR, data_url=url)
-    assert path == os.path.join(utils.DEFAULT_DATA_DIR, utils.INPUT_FILE)
+    path = download.ensure_input(download.DEFAULT_DATA_DIR, data_url=url)
+    assert path == os.path.join(download.DEFAULT_DATA_DIR, download.INPUT_FILE)
     with open(path, "rb") as f:
         assert f.read() == content
-    assert default_dir_entries() == [utils.INPUT_FILE]  # no temporary file left beside it
-    loader = utils.TextLoader(utils.DEFAULT_DATA_DIR, 4, 10)  # and it is what training reads
+    assert default_dir_entries() == [download.INPUT_FILE]  # no temporary file left beside it
+    loader = utils.TextLoader(download.DEFAULT_DATA_DIR, 4, 10)  # and it is what training reads
     assert decode(loader, loader.ids) == TINY_TEXT
 
 
 def test_download_from_the_mirror_environment_variable(served_corpus, monkeypatch):
     url, content = served_corpus
-    monkeypatch.setenv(utils.DATA_URL_ENV, url)
-    with open(utils.ensure_input(utils.DEFAULT_DATA_DIR), "rb") as f:
+    monkeypatch.setenv(download.DATA_URL_ENV, url)
+    with open(download.ensure_input(download.DEFAULT_DATA_DIR), "rb") as f:
         assert f.read() == content
 
 
 def test_download_from_a_local_mirror_path(served_corpus, tmp_path):
     _, content = served_corpus
-    with open(utils.ensure_input(utils.DEFAULT_DATA_DIR, data_url=str(tmp_path / "served" / "corpus.txt")),
+    with open(download.ensure_input(download.DEFAULT_DATA_DIR, data_url=str(tmp_path / "served" / "corpus.txt")),
               "rb") as f:
         assert f.read() == content
 
 
 def test_download_with_a_wrong_checksum_writes_nothing(served_corpus, monkeypatch):
     url, content = served_corpus
-    monkeypatch.setattr(utils, "TINYSHAKESPEARE_SHA256", "0" * 64)
+    monkeypatch.setattr(download, "TINYSHAKESPEARE_SHA256", "0" * 64)
     with pytest.raises(ValueError, match=f"SHA-256 {hashlib.sha256(content).hexdigest()}, expected 0000"):
-        utils.ensure_input(utils.DEFAULT_DATA_DIR, data_url=url)
+        download.ensure_input(download.DEFAULT_DATA_DIR, data_url=url)
     assert default_dir_entries() == []
 
 
 def test_download_cut_short_writes_nothing(tmp_path, served_corpus):
     with http_server(str(tmp_path), ShortBodyHandler) as base:
         with pytest.raises((ValueError, FileNotFoundError), match="put tinyshakespeare's input.txt at"):
-            utils.ensure_input(utils.DEFAULT_DATA_DIR, data_url=f"{base}/input.txt")
+            download.ensure_input(download.DEFAULT_DATA_DIR, data_url=f"{base}/input.txt")
     assert default_dir_entries() == []
 
 
 def test_offline_says_where_to_put_the_file(served_corpus):
     target = os.path.join("data", "tinyshakespeare", "input.txt")
     with pytest.raises(FileNotFoundError, match=f"put tinyshakespeare's input.txt at {target}"):
-        utils.ensure_input(utils.DEFAULT_DATA_DIR, data_url=closed_port_url())
+        download.ensure_input(download.DEFAULT_DATA_DIR, data_url=closed_port_url())
     assert default_dir_entries() == []
 
 
 def test_other_data_dir_without_input_is_an_error_and_downloads_nothing(served_corpus, monkeypatch):
     url, _ = served_corpus
-    monkeypatch.setenv(utils.DATA_URL_ENV, url)
+    monkeypatch.setenv(download.DATA_URL_ENV, url)
     with pytest.raises(FileNotFoundError, match=r"mydata/input\.txt not found: put your text in input\.txt"):
-        utils.ensure_input("mydata")
+        download.ensure_input("mydata")
     assert not os.path.exists("mydata") and default_dir_entries() == []

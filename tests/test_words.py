@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
+import download
 import embeddings
 import evaluate
 import evaluation
@@ -113,7 +114,7 @@ def test_unknown_prime_word_is_refused_by_name_without_a_cap(word_models):
 @pytest.mark.slow
 def test_one_epoch_on_tinyshakespeare_at_word_level(tmp_path, capsys):
     data = tmp_path / "data"
-    utils.download(REAL_CORPUS, str(data / utils.INPUT_FILE), utils.TINYSHAKESPEARE_SHA256)
+    download.download(REAL_CORPUS, str(data / download.INPUT_FILE), download.TINYSHAKESPEARE_SHA256)
     save = str(tmp_path / "save")
     # Long sequences and a capped vocabulary keep a full epoch (23 batches) down to seconds; a higher
     # learning rate lets so few steps learn how often lines break (about one token in six).

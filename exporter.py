@@ -19,9 +19,8 @@ import types
 
 import tensorflow as tf
 
-from cli import FLOAT32_MAX, FLOAT32_TINY
-from sampler import MAX_N, MAX_SEED, Sampler
-from settings import MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES
+from sampler import Sampler
+from settings import CHECKED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES
 from utils import CRLF, NEWLINE, NUM_CODE_POINTS, current_umask
 
 INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
@@ -82,7 +81,8 @@ class ExportedModel(tf.Module):
     def generate(self, prime, n, temperature, sample_mode, top_k, top_p, seed):
         """What sample.py prints (without its final newline) for these settings: {"text": the prime followed
         by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
-        with tf.control_dependencies(check_settings(n, temperature, sample_mode, top_k, top_p, seed)):
+        values = {"n": n, "temperature": temperature, "mode": sample_mode, "top_k": top_k, "top_p": top_p, "seed": seed}
+        with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
             prime = tf.strings.regex_replace(prime, CRLF, NEWLINE)
@@ -156,23 +156,19 @@ class ExportedModel(tf.Module):
                 "states": "h, c of each LSTM layer (h of each GRU or RNN layer), first layer first"}
 
 
-def check_settings(n, temperature, mode, top_k, top_p, seed):
-    """sampler.check_settings as graph asserts: a bad setting fails the call with the same one-line reason."""
-    modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
-    tiny, largest = tf.constant(FLOAT32_TINY, tf.float32), tf.constant(FLOAT32_MAX, tf.float32)
-    return [
-        tf.debugging.Assert((n >= 0) & (n <= MAX_N), [f"n must be an integer from 0 to {MAX_N}, got", n]),
-        tf.debugging.Assert(tf.reduce_any(tf.equal(mode, list(SAMPLE_MODES))),
-                            [f"sample_mode must be one of {modes}, got", mode]),
-        tf.debugging.Assert(tf.math.is_finite(temperature) & (temperature >= tiny) & (temperature <= largest),
-                            [f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, got",
-                             temperature]),
-        tf.debugging.Assert((top_k >= 0) & (top_k <= MAX_N),
-                            [f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got", top_k]),
-        tf.debugging.Assert((top_p >= tiny) & (top_p <= 1),
-                            ["top_p must be a number in (0, 1] (1 keeps every token), got", top_p]),
-        tf.debugging.Assert(seed >= 0, [f"seed must be an integer in [0, {MAX_SEED}], got", seed]),
-    ]
+def check_settings(values):
+    """settings.check_settings as graph asserts, in its order and with its reasons: a bad setting fails the call
+    with the same one-line reason (the value it got follows it). values: {name: scalar tensor}, by SampleSettings
+    field."""
+    asserts = []
+    for setting in CHECKED:
+        value = values[setting.name]
+        if setting.choices is not None:
+            valid = tf.reduce_any(tf.equal(value, list(setting.choices)))
+        else:
+            valid = (value >= tf.constant(setting.low, value.dtype)) & (value <= tf.constant(setting.high, value.dtype))
+        asserts.append(tf.debugging.Assert(valid, [f"{setting.reason()}, got", value]))
+    return asserts
 
 
 # ----------------------------------------------------------------------------------------------------------

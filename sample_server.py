@@ -5,7 +5,8 @@ usage: python sample_server.py [--port 8080] [--production] [--save_dir save] [-
 
 Endpoints: GET / (the text, as sample.py prints it; the web page to a browser that sends no parameters),
 GET /sample.json (the text and the settings used, seed included), GET /stream (the text as Server-Sent Events while
-it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /metrics (Prometheus),
+it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /settings (the sampling settings
+with their defaults and limits, as JSON: the web page builds its form from it), GET /metrics (Prometheus),
 GET /health ("ok" and the model served). A bad request answers 400 with a one-line reason (JSON from /generate);
 a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
 
@@ -18,7 +19,6 @@ import html
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import sys
@@ -34,7 +34,7 @@ from cherrypy.process.wspbus import states
 
 import cli
 from service_metrics import ServiceMetrics
-from settings import MAX_PRIME, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
+from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings, pick_seed
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
                "GET /?prime=The&n=200&sample_mode=2 answers what sample.py prints for the same settings and seed.")
@@ -54,18 +54,17 @@ LISTEN_BACKLOG = 128  # connections the kernel holds before CherryPy accepts the
 SLOT_POLL_S = 0.1  # how often a waiting request checks whether the server is shutting down
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
-# A seed the server picks for a request without one: any seed works, a short one is easy to send back.
-AUTO_SEED_LIMIT = 2 ** 31
 MAX_DIGITS = 20  # longer numbers are refused before int() spends time on them
 SHOWN_VALUE_CHARS = 40  # a refused value is quoted in the reason up to this length
 MAX_BATCH = 1024  # the largest --max_batch (each row holds a worker thread)
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
 
-# Query parameters of GET / and GET /sample.json, and the original server's defaults.
-PARAMETERS = ("prime", "n", "sample_mode", "temperature", "seed", "top_k", "top_p")
-DEFAULT_PRIME = "The "
-DEFAULT_N = 200
-DEFAULT_SAMPLE_MODE = MODE_SAMPLE_ON_SPACES
+# Query parameters of GET / and GET /sample.json (and the fields of POST /generate): the sampling settings, by the
+# names that settings.SETTINGS declares; their defaults are the original server's (Setting.served_default).
+PARAMETERS = tuple(setting.http for setting in SETTINGS)
+DEFAULT_PRIME = SETTINGS_BY_HTTP["prime"].served_default
+DEFAULT_N = SETTINGS_BY_HTTP["n"].served_default
+DEFAULT_SAMPLE_MODE = SETTINGS_BY_HTTP["sample_mode"].served_default
 
 
 seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
@@ -86,7 +85,8 @@ def build_parser():
                         help="use CherryPy's production environment (no engine or request log on screen)")
     cli.add_model_flags(parser)
     # Sampling
-    parser.add_argument("--temperature", type=cli.positive_float, default=0.8,
+    parser.add_argument("--temperature", type=cli.positive_float,
+                        default=SETTINGS_BY_HTTP["temperature"].served_default,
                         help="temperature of requests that give none (the original server's fixed value)")
     # Limits
     parser.add_argument("--max_n", type=cli.positive_int, default=2000,
@@ -132,6 +132,18 @@ class Limits:
         """The largest POST /generate body, in bytes (see JSON_BYTES_PER_PRIME_CHAR)."""
         return JSON_BYTES_PER_PRIME_CHAR * self.max_prime + JSON_BODY_OVERHEAD
 
+    def describe(self, setting):
+        """A setting's declaration as JSON (GET /settings), with what the flags make of it here: n from 1 to
+        --max_n, the default temperature --temperature's, the prime at most --max_prime characters."""
+        described = setting.describe()
+        if setting.name == "n":
+            described.update(default=min(DEFAULT_N, self.max_n), low=1, high=self.max_n)
+        elif setting.name == "temperature":
+            described.update(default=self.temperature)
+        elif setting.name == "prime":
+            described.update(high=self.max_prime)
+        return described
+
 
 def parse_request(params, limits):
     """Query parameters (CherryPy gives a str, or a list when repeated) -> SampleSettings.
@@ -147,17 +159,22 @@ def parse_request(params, limits):
     prime = params.get("prime", DEFAULT_PRIME)
     if len(prime) > limits.max_prime:
         raise ValueError(f"prime is {len(prime)} characters long; the limit is {limits.max_prime} (--max_prime)")
-    seed = integer(params, "seed", None, 0, None)
-    return SampleSettings(
-        prime=prime,
-        n=integer(params, "n", min(DEFAULT_N, limits.max_n), 1, limits.max_n, "--max_n"),  # never above --max_n
-        mode=sample_mode(params),
-        temperature=number(params, "temperature", limits.temperature, cli.positive_float,
-                           "a finite number > 0 (1.2e-38 to 3.4e+38)"),
-        # Without a seed the server picks one, so that the answer says which seed repeats it.
-        seed=secrets.randbelow(AUTO_SEED_LIMIT) if seed is None else seed,
-        top_k=integer(params, "top_k", 0, 0, None),
-        top_p=number(params, "top_p", SampleSettings.top_p, cli.top_p, "a number in (0, 1]"))
+    values = {setting.name: parameter(params, setting, limits) for setting in SETTINGS if setting.name != "prime"}
+    if values["seed"] is None:  # the server picks one, so that the answer says which seed repeats it
+        values["seed"] = pick_seed()
+    return SampleSettings(prime=prime, **values)
+
+
+def parameter(params, setting, limits):
+    """One setting's query parameter, read and checked as its declaration says, or its default when absent."""
+    if setting.name == "n":  # never above --max_n
+        return integer(params, "n", min(DEFAULT_N, limits.max_n), 1, limits.max_n, "--max_n")
+    if setting.choices is not None:
+        return choice(params, setting)
+    if setting.kind is int:  # the sampler checks the top
+        return integer(params, setting.http, setting.served_default, setting.low, None)
+    default = limits.temperature if setting.name == "temperature" else setting.served_default
+    return number(params, setting.http, default, setting.parse, setting.query_what or setting.what)
 
 
 _DIGITS = re.compile(r"[0-9]{1,%d}" % MAX_DIGITS)
@@ -174,15 +191,14 @@ def integer(params, name, default, low, high, flag=None):
     raise ValueError(f"{name} must be {bound}{f' ({flag})' if flag else ''}, got {shown(text)}")
 
 
-def sample_mode(params):
-    """params["sample_mode"] as one of SAMPLE_MODES, or the default when absent."""
-    text = params.get("sample_mode")
+def choice(params, setting):
+    """A setting of few values (sample_mode) as one of its choices, or its default when absent."""
+    text = params.get(setting.http)
     if text is None:
-        return DEFAULT_SAMPLE_MODE
-    if text in {str(mode) for mode in SAMPLE_MODES}:
+        return setting.served_default
+    if text in {str(value) for value in setting.choices}:
         return int(text)
-    modes = ", ".join(f"{mode} ({meaning})" for mode, meaning in SAMPLE_MODES.items())
-    raise ValueError(f"sample_mode must be one of {modes}, got {shown(text)}")
+    raise ValueError(f"{setting.reason()}, got {shown(text)}")
 
 
 def number(params, name, default, parse, what):
@@ -226,8 +242,8 @@ def parse_json_request(body, limits):
     return parse_request(params, limits)
 
 
-JSON_TYPES = {"prime": str, "n": int, "sample_mode": int, "temperature": (int, float), "seed": int, "top_k": int,
-              "top_p": (int, float)}
+JSON_KINDS = {str: str, int: int, float: (int, float)}  # a float setting takes a JSON integer too
+JSON_TYPES = {setting.http: JSON_KINDS[setting.kind] for setting in SETTINGS}
 JSON_TYPE_NAMES = {str: "string", int: "integer", (int, float): "number"}
 
 
@@ -399,7 +415,7 @@ class ModelPlugin(SimplePlugin):
 
 
 class SampleService:
-    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /metrics, /health and
+    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health and
     POST /generate."""
 
     def __init__(self, model, limits, metrics):
@@ -471,6 +487,15 @@ class SampleService:
             return page.read()
 
     @cherrypy.expose
+    def settings(self, **params):
+        """GET /settings: the sampling settings as settings.SETTINGS declares them, with this server's defaults and
+        limits (Limits.describe), as a JSON list; the web page builds its form from it."""
+        if params:
+            raise cherrypy.HTTPError(400, "/settings takes no parameters")
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        return json.dumps([self.limits.describe(setting) for setting in SETTINGS]).encode("utf-8")
+
+    @cherrypy.expose
     def metrics(self, **params):
         """Prometheus' text format: requests by endpoint and status, latency, queue depth, batch size, tokens."""
         if params:
@@ -524,8 +549,7 @@ class SampleService:
 
 def settings_json(request):
     """The settings a request was generated with, as the JSON answers name them."""
-    return {"prime": request.prime, "n": request.n, "sample_mode": request.mode, "temperature": request.temperature,
-            "seed": request.seed, "top_k": request.top_k, "top_p": request.top_p}
+    return {setting.http: getattr(request, setting.name) for setting in SETTINGS}
 
 
 def server_sent_event(name, data):

@@ -7,14 +7,13 @@ into ids (refusing unknown tokens by name), runs the generator and returns the p
 text; sampler.sample(prime, n, ...) is the same with the settings as arguments.
 """
 import collections
-import secrets
 import threading
 
 import numpy as np
 import tensorflow as tf
 
 import savedir
-from settings import MAX_SEED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SampleSettings
+from settings import MAX_SEED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SampleSettings, pick_seed
 # The limits and checks need no model: they live in settings, so that sample.py checks its flags before TensorFlow
 # loads. The exporter and the tests know them as sampler's.
 from settings import MAX_N, check_beam_width, check_settings, check_stops  # noqa: F401
@@ -407,7 +406,7 @@ class Sampler:
         mode = settings.mode
         if self.word_level and mode == MODE_SAMPLE_ON_SPACES:
             mode = MODE_SAMPLE  # every word follows a space, so "sample on spaces" samples at every step
-        seed = secrets.randbelow(MAX_SEED) if settings.seed is None else settings.seed
+        seed = pick_seed() if settings.seed is None else settings.seed
         return prime, ids, mode, seed
 
     def sample(self, *args, **kwargs):

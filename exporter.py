@@ -91,7 +91,8 @@ class ExportedModel(tf.Module):
         mode = sample_mode
         if self.word_level:  # every word follows a space, so "sample on spaces" samples at every step
             mode = tf.where(tf.equal(mode, MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, mode)
-        generated = self.parts.generator.generate(ids, n, temperature, mode, seed, top_k, top_p)
+        values.update(mode=mode)
+        generated = self.parts.generator.generate(ids, **values)
         return {"text": self.join(prime, tf.gather(self.vocabulary, generated)), "token_ids": generated}
 
     def _step(self, token_ids, states):

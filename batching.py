@@ -5,7 +5,7 @@ Batcher(sampler, max_batch, max_wait_s, max_waiting) runs one thread. submit(set
 returns a Generation at once; iterating it yields the request's text piece by piece (the prime, then the text of
 each block of at most GENERATE_BLOCK tokens) as the thread makes them. Between two blocks the thread takes the
 requests that arrived (feeding each one's prime) and drops the rows that are done or whose client left, so a short
-request never waits for a long one to end. Each row keeps its own prime, n, mode, temperature, top_k, top_p, seed and
+request never waits for a long one to end. Each row keeps its own prime, sampling settings (the seed among them) and
 position in its sample, so its text is the one sample.py makes for the same settings: the rows share the matrix
 products of the model's step and nothing else.
 

@@ -5,7 +5,8 @@ Inside the graph travel what sample.py does around the network: the vocabulary (
 (code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
 Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
-    serving_default = generate: prime, n, temperature, sample_mode, top_k, top_p, seed -> text, token_ids
+    serving_default = generate: prime and each sampling setting (settings.SETTINGS, by the server's names: n,
+                      sample_mode, temperature, seed, top_k, top_p) -> text, token_ids
     step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
 An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
 `step` needs; it also marks the folder as an export, which --force may replace).
@@ -27,6 +28,9 @@ INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
 SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURES = ("serving_default", "generate", "step")
+# generate's inputs: the prime, then every checked sampling setting, named as the server's parameters.
+GENERATE_INPUTS = [tf.TensorSpec([], tf.string, name="prime")] + [
+    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in CHECKED]
 MAX_UNKNOWN_SHOWN = 10  # as utils.encode_tokens: an error names at most this many unknown tokens
 # Python's \s, which utils.tokenize splits words on, is every code point for which str.isspace() holds; RE2's
 # \s is ASCII only, so the graph's tokenizer spells the class out.
@@ -69,26 +73,18 @@ class ExportedModel(tf.Module):
         generate = self.generate.get_concrete_function()
         return {"serving_default": generate, "generate": generate, "step": self.step.get_concrete_function()}
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([], tf.string, name="prime"),
-        tf.TensorSpec([], tf.int32, name="n"),
-        tf.TensorSpec([], tf.float32, name="temperature"),
-        tf.TensorSpec([], tf.int32, name="sample_mode"),
-        tf.TensorSpec([], tf.int32, name="top_k"),
-        tf.TensorSpec([], tf.float32, name="top_p"),
-        tf.TensorSpec([], tf.int64, name="seed"),
-    ])
-    def generate(self, prime, n, temperature, sample_mode, top_k, top_p, seed):
-        """What sample.py prints (without its final newline) for these settings: {"text": the prime followed
-        by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
-        values = {"n": n, "temperature": temperature, "mode": sample_mode, "top_k": top_k, "top_p": top_p, "seed": seed}
+    @tf.function(input_signature=GENERATE_INPUTS)
+    def generate(self, prime, *settings):
+        """What sample.py prints (without its final newline) for these settings (GENERATE_INPUTS' order): {"text":
+        the prime followed by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
+        values = {setting.name: value for setting, value in zip(CHECKED, settings)}
         with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
             prime = tf.strings.regex_replace(prime, CRLF, NEWLINE)
         ids = self.encode(prime)
         ids = tf.cond(tf.size(ids) > 0, lambda: ids, lambda: tf.constant([self.start_id]))
-        mode = sample_mode
+        mode = values["mode"]
         if self.word_level:  # every word follows a space, so "sample on spaces" samples at every step
             mode = tf.where(tf.equal(mode, MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, mode)
         values.update(mode=mode)

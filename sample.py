@@ -18,12 +18,12 @@ DESCRIPTION = "Generate text from a trained char-rnn model: the prime followed b
 
 
 def build_parser():
-    """The original's flags and defaults, plus --seed, --top_k, --top_p (settings.SETTINGS declares the sampling
-    settings), --stop, --num_samples, --beam_width, -i."""
+    """The original's flags and defaults, the sampling settings added since (settings.SETTINGS declares them
+    all), --stop, --num_samples, --beam_width and -i."""
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_flags(parser)
-    for setting in SETTINGS:  # -n, --prime, --sample, --temperature, --seed, --top_k, --top_p
+    for setting in SETTINGS:
         choices = None if setting.choices is None else list(setting.choices)
         parser.add_argument(setting.flag, dest=flag_dest(setting), type=setting.parse, default=setting.default,
                             choices=choices, help=setting.help)

@@ -262,9 +262,9 @@ class Generator(tf.Module):
     def blocks(self, prime, n, settings, rows=1):
         """generate(), block by block as they are made, for the SampleSettings `settings` (its mode and seed those
         drawn with, see Sampler.prepare; its prime and n are not read): yields int32 numpy arrays of at most
-        GENERATE_BLOCK ids, n in all (fewer once stop() was called). The same ids as generate(); the loop over the blocks is Python's,
-        so nothing but one block is traced and compiled (quicker to start), and the caller sees each block at once
-        (to print it, or to stop at a stop string).
+        GENERATE_BLOCK ids, n in all (fewer once stop() was called). The same ids as generate(); the loop over the
+        blocks is Python's, so nothing but one block is traced and compiled (quicker to start), and the caller sees
+        each block at once (to print it, or to stop at a stop string).
 
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
         settings.seed alone); each block is then [rows, ids].

@@ -5,7 +5,7 @@ Batcher(sampler, max_batch, max_wait_s, max_waiting) runs one thread. submit(set
 returns a Generation at once; iterating it yields the request's text piece by piece (the prime, then the text of
 each block of at most GENERATE_BLOCK tokens) as the thread makes them. Between two blocks the thread takes the
 requests that arrived (feeding each one's prime) and drops the rows that are done or whose client left, so a short
-request never waits for a long one to end. Each row keeps its own prime, n, mode, temperature, top_k, top_p, seed and
+request never waits for a long one to end. Each row keeps its own prime, sampling settings (the seed among them) and
 position in its sample, so its text is the one sample.py makes for the same settings: the rows share the matrix
 products of the model's step and nothing else.
 
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from sampler import GENERATE_BLOCK, GenerationStopped, SampleText
+from sampler import GENERATE_BLOCK, GenerationStopped, SampleText, row_settings
 
 _DONE = object()  # the end of a Generation's pieces
 
@@ -45,10 +45,11 @@ class Busy(Exception):
 
 class Generation:
     """One request in the batcher. Iterate it for the text pieces; close() it when its client leaves early, and
-    its row is freed before the next block. seed is the seed it draws with; made counts the tokens made so far."""
+    its row is freed before the next block. settings are those it draws with (Sampler.prepare: the seed picked
+    when none was given); made counts the tokens made so far."""
 
-    def __init__(self, text, settings, ids, mode, seed):
-        self.text, self.settings, self.ids, self.mode, self.seed = text, settings, ids, mode, seed
+    def __init__(self, text, settings, ids):
+        self.text, self.settings, self.ids = text, settings, ids
         self.made = 0
         self.cancelled = self.finished = False
         self.row = None  # its _Row, once its prime is fed
@@ -126,8 +127,8 @@ class Batcher:
 
     def prepare(self, settings):
         """A Generation for the request, its settings checked (ValueError); it holds no place yet."""
-        prime, ids, mode, seed = self.sampler.prepare(settings, ())
-        return Generation(SampleText(self.sampler, prime), settings, ids, mode, seed)
+        prime, ids, drawn = self.sampler.prepare(settings, ())
+        return Generation(SampleText(self.sampler, prime), drawn, ids)
 
     def take_place(self):
         """Count a request in; raises Busy when every place is taken, GenerationStopped once closed."""
@@ -259,17 +260,12 @@ class Batcher:
     def _block(self, rows):
         """One compiled block over the rows (padded with copies of the first up to the bucket size)."""
         padded = rows + [rows[0]] * (bucket(len(rows), self.max_batch) - len(rows))
-        settings = [row.generation.settings for row in padded]
         steps = block_steps([row.generation.settings.n - row.position for row in rows])
         tokens, previous, logits, states = self.generator.batch_block(
             steps, np.array([row.position for row in padded], np.int32),
             np.array([row.previous for row in padded], np.int32),
             np.stack([row.logits for row in padded]), np.stack([row.states for row in padded]),
-            np.array([s.temperature for s in settings], np.float32),
-            np.array([row.generation.mode for row in padded], np.int32),
-            np.array([row.generation.seed for row in padded], np.int64),
-            np.array([s.top_k for s in settings], np.int32),
-            np.array([s.top_p for s in settings], np.float32))
+            row_settings([row.generation.settings for row in padded]))
         made = 0
         for i, row in enumerate(rows):
             generation = row.generation

@@ -1,34 +1,14 @@
-"""What the scripts share: argparse value types, quiet TensorFlow start-up, and turning errors into one line on
+"""What the scripts share: argparse value types (from value_types.py), quiet TensorFlow start-up, and turning errors into one line on
 stderr with an exit code (runtime.py's, which the libraries take from there)."""
-import argparse
 import os
 import re
 import sys
 
-from runtime import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, FLOAT32_TINY, in_float32_range
+from runtime import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 from settings import TRAIN_DEFAULTS
 
-
-def _number(kind, check, description):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
-        return value
-    parse.__name__ = description  # argparse names the type in its messages
-    return parse
-
-
-non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-positive_float = _number(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
-fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
-# float32 rounds numbers below 1.2e-38 to 0: the smallest top_p is the smallest normal float32.
-top_p = _number(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1]")
+# The scripts' flag types, as cli.positive_int and the like.
+from value_types import fraction, non_negative_int, positive_float, positive_int, probability, top_p  # noqa: F401
 
 
 def add_model_flags(parser):

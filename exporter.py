@@ -5,7 +5,8 @@ Inside the graph travel what sample.py does around the network: the vocabulary (
 (code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
 Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
-    serving_default = generate: prime, n, temperature, sample_mode, top_k, top_p, seed -> text, token_ids
+    serving_default = generate: prime and each sampling setting (settings.SETTINGS, by the server's parameter
+                      names) -> text, token_ids
     step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
 An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
 `step` needs; it also marks the folder as an export, which --force may replace).
@@ -20,15 +21,17 @@ import types
 import tensorflow as tf
 
 from files import current_umask
-from runtime import FLOAT32_MAX, FLOAT32_TINY
-from sampler import MAX_N, MAX_SEED, Sampler
-from settings import MODE_SAMPLE, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES
+from sampler import Sampler
+from settings import CHECKED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES
 from utils import CRLF, NEWLINE, NUM_CODE_POINTS
 
 INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
 SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURES = ("serving_default", "generate", "step")
+# generate's inputs: the prime, then every checked sampling setting, named as the server's parameters.
+GENERATE_INPUTS = [tf.TensorSpec([], tf.string, name="prime")] + [
+    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in CHECKED]
 MAX_UNKNOWN_SHOWN = 10  # as utils.encode_tokens: an error names at most this many unknown tokens
 # Python's \s, which utils.tokenize splits words on, is every code point for which str.isspace() holds; RE2's
 # \s is ASCII only, so the graph's tokenizer spells the class out.
@@ -71,28 +74,22 @@ class ExportedModel(tf.Module):
         generate = self.generate.get_concrete_function()
         return {"serving_default": generate, "generate": generate, "step": self.step.get_concrete_function()}
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([], tf.string, name="prime"),
-        tf.TensorSpec([], tf.int32, name="n"),
-        tf.TensorSpec([], tf.float32, name="temperature"),
-        tf.TensorSpec([], tf.int32, name="sample_mode"),
-        tf.TensorSpec([], tf.int32, name="top_k"),
-        tf.TensorSpec([], tf.float32, name="top_p"),
-        tf.TensorSpec([], tf.int64, name="seed"),
-    ])
-    def generate(self, prime, n, temperature, sample_mode, top_k, top_p, seed):
-        """What sample.py prints (without its final newline) for these settings: {"text": the prime followed
-        by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
-        with tf.control_dependencies(check_settings(n, temperature, sample_mode, top_k, top_p, seed)):
+    @tf.function(input_signature=GENERATE_INPUTS)
+    def generate(self, prime, *settings):
+        """What sample.py prints (without its final newline) for these settings (GENERATE_INPUTS' order): {"text":
+        the prime followed by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
+        values = {setting.name: value for setting, value in zip(CHECKED, settings)}
+        with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
             prime = tf.strings.regex_replace(prime, CRLF, NEWLINE)
         ids = self.encode(prime)
         ids = tf.cond(tf.size(ids) > 0, lambda: ids, lambda: tf.constant([self.start_id]))
-        mode = sample_mode
+        mode = values["mode"]
         if self.word_level:  # every word follows a space, so "sample on spaces" samples at every step
             mode = tf.where(tf.equal(mode, MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, mode)
-        generated = self.parts.generator.generate(ids, n, temperature, mode, seed, top_k, top_p)
+        values.update(mode=mode)
+        generated = self.parts.generator.generate(ids, **values)
         return {"text": self.join(prime, tf.gather(self.vocabulary, generated)), "token_ids": generated}
 
     def _step(self, token_ids, states):
@@ -157,23 +154,19 @@ class ExportedModel(tf.Module):
                 "states": "h, c of each LSTM layer (h of each GRU or RNN layer), first layer first"}
 
 
-def check_settings(n, temperature, mode, top_k, top_p, seed):
-    """sampler.check_settings as graph asserts: a bad setting fails the call with the same one-line reason."""
-    modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
-    tiny, largest = tf.constant(FLOAT32_TINY, tf.float32), tf.constant(FLOAT32_MAX, tf.float32)
-    return [
-        tf.debugging.Assert((n >= 0) & (n <= MAX_N), [f"n must be an integer from 0 to {MAX_N}, got", n]),
-        tf.debugging.Assert(tf.reduce_any(tf.equal(mode, list(SAMPLE_MODES))),
-                            [f"sample_mode must be one of {modes}, got", mode]),
-        tf.debugging.Assert(tf.math.is_finite(temperature) & (temperature >= tiny) & (temperature <= largest),
-                            [f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, got",
-                             temperature]),
-        tf.debugging.Assert((top_k >= 0) & (top_k <= MAX_N),
-                            [f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got", top_k]),
-        tf.debugging.Assert((top_p >= tiny) & (top_p <= 1),
-                            ["top_p must be a number in (0, 1] (1 keeps every token), got", top_p]),
-        tf.debugging.Assert(seed >= 0, [f"seed must be an integer in [0, {MAX_SEED}], got", seed]),
-    ]
+def check_settings(values):
+    """settings.check_settings as graph asserts, in its order and with its reasons: a bad setting fails the call
+    with the same one-line reason (the value it got follows it). values: {name: scalar tensor}, by SampleSettings
+    field."""
+    asserts = []
+    for setting in CHECKED:
+        value = values[setting.name]
+        if setting.choices is not None:
+            valid = tf.reduce_any(tf.equal(value, list(setting.choices)))
+        else:
+            valid = (value >= tf.constant(setting.low, value.dtype)) & (value <= tf.constant(setting.high, value.dtype))
+        asserts.append(tf.debugging.Assert(valid, [f"{setting.reason()}, got", value]))
+    return asserts
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,25 +4,33 @@ At a terminal it prompts, shows each answer's seed, keeps a line history (readli
 the settings; Ctrl-D or Ctrl-C (or :quit) leaves. From a pipe it reads one prime a line and prints each answer on
 its own line(s), without prompts. The commands (a line starting with ":"):
 
-    :n 200   :sample 0|1|2   :temperature 0.8   :top_k 5   :top_p 0.9   :seed 7 | :seed random
+    (each sampling setting of settings.SETTINGS but the prime, by its flag's name)
+    :n 200   :sample 0|1|2   :temperature 0.8   :seed 7 | :seed random   :top_k 5   :top_p 0.9
     :stop TEXT (add a stop string; \\n is a line break)   :stop (clear them)   :settings   :help   :quit
 
 A prime longer than the server's default limit (settings.MAX_PRIME characters) is refused in one line.
 """
 import argparse
 import dataclasses
-import secrets
 import sys
 
 import cli
-from settings import MAX_PRIME, MAX_SEED, SAMPLE_MODES
+from settings import MAX_PRIME, SETTINGS, pick_seed
 
 PROMPT = "prime> "
-# Each settable field and how its value is read (the same checks as the flags; the sampler checks ranges).
-FIELDS = {"n": ("n", cli.non_negative_int), "sample": ("mode", int), "temperature": ("temperature", cli.positive_float),
-          "top_k": ("top_k", cli.non_negative_int), "top_p": ("top_p", cli.top_p), "seed": ("seed", None)}
-HELP = (":n N  :sample " + "|".join(map(str, SAMPLE_MODES)) + "  :temperature T  :top_k K  :top_p P  "
-        ":seed S|random  :stop TEXT|(none)  :settings  :help  :quit   (anything else is a prime)")
+# Each settable field by its :command (its sample.py flag's name; the prime is a line of its own): the setting
+# declared in settings.SETTINGS, read as its flag is (the sampler checks the ranges).
+FIELDS = {setting.flag.lstrip("-"): setting for setting in SETTINGS if setting.name != "prime"}
+
+
+def usage(command, setting):
+    if setting.choices is not None:
+        return f":{command} " + "|".join(map(str, setting.choices))
+    return f":{command} {command.split('_')[-1][0].upper()}" + ("|random" if setting.name == "seed" else "")
+
+
+HELP = ("  ".join(usage(command, setting) for command, setting in FIELDS.items())
+        + "  :stop TEXT|(none)  :settings  :help  :quit   (anything else is a prime)")
 
 
 class Session:
@@ -52,31 +60,30 @@ class Session:
         return True
 
     def set(self, name, value):
-        field, parse = FIELDS[name]
+        setting = FIELDS[name]
         try:
-            if name == "seed":
-                parsed = None if value == "random" else cli.non_negative_int(value)
-            else:
-                parsed = parse(value)
-            if name == "sample" and parsed not in SAMPLE_MODES:
-                raise ValueError(f"sample mode must be one of {', '.join(map(str, SAMPLE_MODES))}")
-            self.settings = dataclasses.replace(self.settings, **{field: parsed})
+            parsed = None if setting.name == "seed" and value == "random" else setting.parse(value)
+            if setting.choices is not None and parsed not in setting.choices:
+                raise ValueError(f"{setting.http.replace('_', ' ')} must be one of "
+                                 f"{', '.join(map(str, setting.choices))}")
+            self.settings = dataclasses.replace(self.settings, **{setting.name: parsed})
         except (ValueError, argparse.ArgumentTypeError) as e:  # one line, and the loop goes on
             print(f"error: :{name} {value!r}: {e}", file=self.err)
             return
         print(self.describe(), file=self.err)
 
     def describe(self):
-        s = self.settings
-        return (f"n {s.n}, sample {s.mode}, temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, "
-                f"seed {'random' if s.seed is None else s.seed}, stops {self.stops!r}")
+        shown = {setting.name: getattr(self.settings, setting.name) for setting in FIELDS.values()}
+        shown["seed"] = "random" if shown["seed"] is None else shown["seed"]
+        return ", ".join([*(f"{command} {shown[setting.name]}" for command, setting in FIELDS.items()),
+                          f"stops {self.stops!r}"])
 
     def answer(self, prime, show_seed):
         """Generate for one prime, writing the text as it comes; a bad prime or setting is one line on stderr."""
         if len(prime) > MAX_PRIME:  # the server's limit: a long prime takes one step per token to feed
             print(f"error: the prime is {len(prime)} characters long; the limit is {MAX_PRIME}", file=self.err)
             return
-        seed = secrets.randbelow(MAX_SEED) if self.settings.seed is None else self.settings.seed
+        seed = pick_seed() if self.settings.seed is None else self.settings.seed
         settings = dataclasses.replace(self.settings, prime=prime, seed=seed)
         try:
             for piece in self.sampler.stream(settings, self.stops):

@@ -12,34 +12,21 @@ import os
 import sys
 
 import cli
-from settings import SAMPLE_MODES, SampleSettings, check_beam_width, check_settings, check_stops
+from settings import SETTINGS, SampleSettings, check_beam_width, check_settings, check_stops
 
-DEFAULTS = SampleSettings()
 DESCRIPTION = "Generate text from a trained char-rnn model: the prime followed by n sampled tokens."
 
 
 def build_parser():
-    """The original's flags and defaults, plus --seed, --top_k, --top_p, --stop, --num_samples, --beam_width, -i."""
+    """The original's flags and defaults, the sampling settings added since (settings.SETTINGS declares them
+    all), --stop, --num_samples, --beam_width and -i."""
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_flags(parser)
-    parser.add_argument("-n", type=cli.non_negative_int, default=DEFAULTS.n,
-                        help="number of tokens (characters, or words at word level) to sample")
-    parser.add_argument("--prime", default=DEFAULTS.prime,
-                        help="prime text fed to the network first; empty: start as if at a new line")
-    parser.add_argument("--sample", type=int, default=DEFAULTS.mode, choices=list(SAMPLE_MODES),
-                        help="0 to use argmax at each timestep, 1 to sample at each timestep, 2 to sample only "
-                             "after a space (argmax elsewhere; at word level the same as 1)")
-    parser.add_argument("--temperature", type=cli.positive_float, default=DEFAULTS.temperature,
-                        help="divides the logits: below 1 more conservative, above 1 more varied; any value > 0 that "
-                             "float32 holds (1.2e-38 to 3.4e+38)")
-    parser.add_argument("--top_k", type=cli.non_negative_int, default=DEFAULTS.top_k,
-                        help="sample only among the k likeliest tokens (0: all)")
-    parser.add_argument("--top_p", type=cli.top_p, default=DEFAULTS.top_p,
-                        help="nucleus sampling: only among the fewest likeliest tokens whose probabilities add up to "
-                             "at least p (1: all); after --temperature and --top_k")
-    parser.add_argument("--seed", type=cli.non_negative_int, default=DEFAULTS.seed,
-                        help="random seed, for repeatable output (default: a random one)")
+    for setting in SETTINGS:
+        choices = None if setting.choices is None else list(setting.choices)
+        parser.add_argument(setting.flag, dest=flag_dest(setting), type=setting.parse, default=setting.default,
+                            choices=choices, help=setting.help)
     parser.add_argument("--stop", action="append", type=cli.escaped_text, default=[], metavar="TEXT",
                         help="end the sample right before the first place its generated text contains TEXT (which is "
                              "not printed); repeatable; \\n, \\t, \\r and \\\\ are read as escapes")
@@ -54,6 +41,16 @@ def build_parser():
                         help="read primes in a loop (from the terminal, or one a line from a pipe) and answer each as "
                              "it is generated; :help lists the commands that change the settings")
     return parser
+
+
+def flag_dest(setting):
+    """The attribute of a setting's flag in the parsed arguments: -n is args.n, --sample args.sample."""
+    return setting.flag.lstrip("-")
+
+
+def settings_of(args):
+    """The SampleSettings that the flags give."""
+    return SampleSettings(**{setting.name: getattr(args, flag_dest(setting)) for setting in SETTINGS})
 
 
 def check_flags(args, settings):
@@ -91,7 +88,7 @@ def print_stream(sampler, settings, stops):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    settings = SampleSettings(args.prime, args.n, args.sample, args.temperature, args.seed, args.top_k, args.top_p)
+    settings = settings_of(args)
 
     def sample():
         check_flags(args, settings)

@@ -5,7 +5,8 @@ usage: python sample_server.py [--port 8080] [--production] [--save_dir save] [-
 
 Endpoints: GET / (the text, as sample.py prints it; the web page to a browser that sends no parameters),
 GET /sample.json (the text and the settings used, seed included), GET /stream (the text as Server-Sent Events while
-it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /metrics (Prometheus),
+it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /settings (the sampling settings
+with their defaults and limits, as JSON: the web page builds its form from it), GET /metrics (Prometheus),
 GET /health ("ok" and the model served). A bad request answers 400 with a one-line reason (JSON from /generate);
 a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
 
@@ -13,12 +14,10 @@ Concurrent requests are generated together, as the rows of one batch (batching.p
 request alone on its own thread instead.
 """
 import argparse
-import dataclasses
 import html
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import sys
@@ -33,8 +32,9 @@ from cherrypy.process.plugins import SimplePlugin
 from cherrypy.process.wspbus import states
 
 import cli
+from request_parsing import Limits, parse_json_request, parse_request, settings_json
 from service_metrics import ServiceMetrics
-from settings import MAX_PRIME, MODE_SAMPLE_ON_SPACES, SAMPLE_MODES, SampleSettings
+from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
                "GET /?prime=The&n=200&sample_mode=2 answers what sample.py prints for the same settings and seed.")
@@ -42,10 +42,6 @@ PLAIN_TEXT = "text/plain; charset=utf-8"
 JSON_TYPE = "application/json"
 EVENT_STREAM = "text/event-stream; charset=utf-8"
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.html")
-# The largest JSON body POST /generate reads: room for a prime of --max_prime characters each written as a
-# 12-byte escaped surrogate pair, and the other fields.
-JSON_BYTES_PER_PRIME_CHAR = 12
-JSON_BODY_OVERHEAD = 4096
 MAX_PORT = 65535
 # Worker threads beyond --max_batch (or --threads) + --queue: with every place taken, these still answer 503 and
 # /health at once.
@@ -54,19 +50,8 @@ LISTEN_BACKLOG = 128  # connections the kernel holds before CherryPy accepts the
 SLOT_POLL_S = 0.1  # how often a waiting request checks whether the server is shutting down
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
-# A seed the server picks for a request without one: any seed works, a short one is easy to send back.
-AUTO_SEED_LIMIT = 2 ** 31
-MAX_DIGITS = 20  # longer numbers are refused before int() spends time on them
-SHOWN_VALUE_CHARS = 40  # a refused value is quoted in the reason up to this length
 MAX_BATCH = 1024  # the largest --max_batch (each row holds a worker thread)
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
-
-# Query parameters of GET / and GET /sample.json, and the original server's defaults.
-PARAMETERS = ("prime", "n", "sample_mode", "temperature", "seed", "top_k", "top_p")
-DEFAULT_PRIME = "The "
-DEFAULT_N = 200
-DEFAULT_SAMPLE_MODE = MODE_SAMPLE_ON_SPACES
-
 
 seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
 batch_rows = cli._number(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
@@ -86,7 +71,8 @@ def build_parser():
                         help="use CherryPy's production environment (no engine or request log on screen)")
     cli.add_model_flags(parser)
     # Sampling
-    parser.add_argument("--temperature", type=cli.positive_float, default=0.8,
+    parser.add_argument("--temperature", type=cli.positive_float,
+                        default=SETTINGS_BY_HTTP["temperature"].served_default,
                         help="temperature of requests that give none (the original server's fixed value)")
     # Limits
     parser.add_argument("--max_n", type=cli.positive_int, default=2000,
@@ -115,147 +101,6 @@ def build_parser():
                         help="on SIGTERM, SIGHUP or Ctrl-C, seconds a generation in progress may still run to "
                              "finish; then it stops and its request is answered 503")
     return parser
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Request parameters: strings in, checked values out
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What the flags allow a request: the largest n, the longest prime, the default temperature."""
-    max_n: int
-    max_prime: int
-    temperature: float
-
-    @property
-    def max_body(self):
-        """The largest POST /generate body, in bytes (see JSON_BYTES_PER_PRIME_CHAR)."""
-        return JSON_BYTES_PER_PRIME_CHAR * self.max_prime + JSON_BODY_OVERHEAD
-
-
-def parse_request(params, limits):
-    """Query parameters (CherryPy gives a str, or a list when repeated) -> SampleSettings.
-
-    Raises ValueError with a one-line reason for an unknown or repeated parameter or a bad value.
-    """
-    unknown = [name for name in params if name not in PARAMETERS]
-    if unknown:
-        raise ValueError(f"unknown parameter {shown(unknown[0])}; the parameters are {', '.join(PARAMETERS)}")
-    for name, value in params.items():
-        if isinstance(value, list):
-            raise ValueError(f"parameter {name} is given {len(value)} times; give it once")
-    prime = params.get("prime", DEFAULT_PRIME)
-    if len(prime) > limits.max_prime:
-        raise ValueError(f"prime is {len(prime)} characters long; the limit is {limits.max_prime} (--max_prime)")
-    seed = integer(params, "seed", None, 0, None)
-    return SampleSettings(
-        prime=prime,
-        n=integer(params, "n", min(DEFAULT_N, limits.max_n), 1, limits.max_n, "--max_n"),  # never above --max_n
-        mode=sample_mode(params),
-        temperature=number(params, "temperature", limits.temperature, cli.positive_float,
-                           "a finite number > 0 (1.2e-38 to 3.4e+38)"),
-        # Without a seed the server picks one, so that the answer says which seed repeats it.
-        seed=secrets.randbelow(AUTO_SEED_LIMIT) if seed is None else seed,
-        top_k=integer(params, "top_k", 0, 0, None),
-        top_p=number(params, "top_p", SampleSettings.top_p, cli.top_p, "a number in (0, 1]"))
-
-
-_DIGITS = re.compile(r"[0-9]{1,%d}" % MAX_DIGITS)
-
-
-def integer(params, name, default, low, high, flag=None):
-    """params[name] as an int in [low, high], or default when absent. high None: the sampler checks the top."""
-    text = params.get(name)
-    if text is None:
-        return default
-    if _DIGITS.fullmatch(text) and low <= int(text) and (high is None or int(text) <= high):
-        return int(text)
-    bound = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-    raise ValueError(f"{name} must be {bound}{f' ({flag})' if flag else ''}, got {shown(text)}")
-
-
-def sample_mode(params):
-    """params["sample_mode"] as one of SAMPLE_MODES, or the default when absent."""
-    text = params.get("sample_mode")
-    if text is None:
-        return DEFAULT_SAMPLE_MODE
-    if text in {str(mode) for mode in SAMPLE_MODES}:
-        return int(text)
-    modes = ", ".join(f"{mode} ({meaning})" for mode, meaning in SAMPLE_MODES.items())
-    raise ValueError(f"sample_mode must be one of {modes}, got {shown(text)}")
-
-
-def number(params, name, default, parse, what):
-    """params[name] read by `parse` (one of cli's flag types), or default when absent; a value it refuses is a
-    ValueError saying that `name` must be `what`."""
-    text = params.get(name)
-    if text is None:
-        return default
-    try:
-        return parse(text)
-    except argparse.ArgumentTypeError:
-        raise ValueError(f"{name} must be {what}, got {shown(text)}") from None
-
-
-def parse_json_request(body, limits):
-    """A POST /generate body (bytes: a JSON object of PARAMETERS) -> SampleSettings; the values are checked as
-    parse_request checks the query's, with the JSON types required (n an integer, temperature a number, ...).
-
-    Raises ValueError with a one-line reason for malformed JSON, an unknown field or a bad value.
-    """
-    try:
-        fields = json.loads(body, parse_constant=refuse_constant, object_pairs_hook=unique_fields)
-    except RecursionError:
-        raise ValueError("the body is not valid JSON (nested too deeply)") from None
-    except RepeatedField:
-        raise
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"the body is not valid JSON ({error})") from None
-    if not isinstance(fields, dict):
-        raise ValueError('the body must be a JSON object, like {"prime": "The", "n": 200}')
-    params = {}
-    for name, value in fields.items():
-        if name not in PARAMETERS:
-            raise ValueError(f"unknown field {shown(name)}; the fields are {', '.join(PARAMETERS)}")
-        if name == "seed" and value is None:
-            continue  # null: the server picks one
-        kind = JSON_TYPES[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ValueError(f"{name} must be a JSON {JSON_TYPE_NAMES[kind]}, got {shown(json.dumps(value))}")
-        params[name] = value if isinstance(value, str) else repr(value)
-    return parse_request(params, limits)
-
-
-JSON_TYPES = {"prime": str, "n": int, "sample_mode": int, "temperature": (int, float), "seed": int, "top_k": int,
-              "top_p": (int, float)}
-JSON_TYPE_NAMES = {str: "string", int: "integer", (int, float): "number"}
-
-
-def refuse_constant(name):
-    """json.loads' hook for NaN and Infinity, which JSON does not have."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-class RepeatedField(ValueError):
-    """A JSON object names a field more than once."""
-
-
-def unique_fields(pairs):
-    """json.loads' hook for every JSON object (nested ones too): a dict of the (name, value) pairs; a name given
-    twice is refused, as a repeated query parameter is (json.loads would keep the last value)."""
-    fields = dict(pairs)
-    if len(fields) < len(pairs):
-        names = [name for name, _ in pairs]
-        repeated = next(name for name in names if names.count(name) > 1)
-        raise RepeatedField(f"field {shown(repeated)} is given {names.count(repeated)} times; give it once")
-    return fields
-
-
-def shown(value):
-    """A value quoted for a one-line reason, cut short when long."""
-    text = str(value)
-    return repr(text) if len(text) <= SHOWN_VALUE_CHARS else repr(text[:SHOWN_VALUE_CHARS]) + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,7 +245,7 @@ class ModelPlugin(SimplePlugin):
 
 
 class SampleService:
-    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /metrics, /health and
+    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health and
     POST /generate."""
 
     def __init__(self, model, limits, metrics):
@@ -472,6 +317,15 @@ class SampleService:
             return page.read()
 
     @cherrypy.expose
+    def settings(self, **params):
+        """GET /settings: the sampling settings as settings.SETTINGS declares them, with this server's defaults and
+        limits (Limits.describe), as a JSON list; the web page builds its form from it."""
+        if params:
+            raise cherrypy.HTTPError(400, "/settings takes no parameters")
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        return json.dumps([self.limits.describe(setting) for setting in SETTINGS]).encode("utf-8")
+
+    @cherrypy.expose
     def metrics(self, **params):
         """Prometheus' text format: requests by endpoint and status, latency, queue depth, batch size, tokens."""
         if params:
@@ -521,12 +375,6 @@ class SampleService:
             raise cherrypy.HTTPError(503, str(error))
         except GenerationStopped:
             raise cherrypy.HTTPError(503, "the server is shutting down") from None
-
-
-def settings_json(request):
-    """The settings a request was generated with, as the JSON answers name them."""
-    return {"prime": request.prime, "n": request.n, "sample_mode": request.mode, "temperature": request.temperature,
-            "seed": request.seed, "top_k": request.top_k, "top_p": request.top_p}
 
 
 def server_sent_event(name, data):

@@ -7,25 +7,23 @@ into ids (refusing unknown tokens by name), runs the generator and returns the p
 text; sampler.sample(prime, n, ...) is the same with the settings as arguments.
 """
 import collections
-import secrets
+import dataclasses
 import threading
 
 import numpy as np
 import tensorflow as tf
 
 import savedir
-
-# The limits and checks need no model: they live in settings, so that sample.py checks its flags before TensorFlow
-# loads. The exporter and the tests know MAX_N and the checks as sampler's: imported for them (noqa: F401).
-from settings import (  # noqa: F401
-    MAX_N,
+from settings import (
     MAX_SEED,
     MODE_SAMPLE,
     MODE_SAMPLE_ON_SPACES,
+    SETTINGS,
     SampleSettings,
     check_beam_width,
     check_settings,
     check_stops,
+    pick_seed,
 )
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
@@ -36,6 +34,21 @@ PRIMES_KEPT = 256  # how many primes' states feed_prime keeps (the most recently
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
 EMPTY_PRIME_START = NEWLINE
+# The settings that reach the generator with one value per row (the prime reaches it as ids, n as the number of
+# steps): choose_next reads them by name from a dict of [rows] tensors, the rows' settings.
+ROW_SETTINGS = tuple(setting for setting in SETTINGS if setting.dtype is not None and setting.name != "n")
+
+
+def row_settings(samples):
+    """The generator's settings of rows that sample these SampleSettings (their mode and seed the ones drawn
+    with, see Sampler.prepare): {name: numpy [rows] of the setting's dtype}."""
+    return {setting.name: np.array([getattr(sample, setting.name) for sample in samples], setting.dtype)
+            for setting in ROW_SETTINGS}
+
+
+def row_specs(rows):
+    """The TensorSpecs of row_settings' dict for `rows` rows (None: any number)."""
+    return {setting.name: tf.TensorSpec([rows], setting.dtype) for setting in ROW_SETTINGS}
 
 
 class GenerationStopped(Exception):
@@ -85,10 +98,12 @@ def uniform_draw(step_seed):
     return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
 
 
-def choose_next(logits, previous, seeds, steps, temperature, mode, top_k, top_p, space_id):
-    """Pick the next token id of each row from logits [rows, vocab] (see Generator.generate for the settings,
-    each a [rows] vector; row r draws with the seed pair [seeds[r], steps[r]]). The rows share no arithmetic:
-    each row's choice is what it would be alone."""
+def choose_next(logits, previous, steps, settings, space_id):
+    """Pick the next token id of each row from logits [rows, vocab]: settings holds the rows' settings by name
+    (ROW_SETTINGS; see Generator.generate for what each means), each a [rows] vector; row r draws with the seed
+    pair [seed[r], steps[r]]. The rows share no arithmetic: each row's choice is what it would be alone."""
+    temperature, mode, seeds = settings["temperature"], settings["mode"], settings["seed"]
+    top_k, top_p = settings["top_k"], settings["top_p"]
     # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN. Then
     # top-k, then top-p over the k kept (the order of Hugging Face's and llama.cpp's samplers).
     scaled = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature[:, tf.newaxis]
@@ -185,11 +200,11 @@ class Generator(tf.Module):
             (tf.constant(0), tf.zeros([1, self.model.vocab_size]), self.model.zero_state(1)))
         return prime[-1], logits[0], states
 
-    def _generate_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+    def _generate_block(self, steps, positions, previous, logits, states, settings):
         """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits
-        [rows, vocab], states): row r is at token positions[r] of its sample and draws with seeds[r],
-        temperature[r], mode[r], top_k[r] and top_p[r] (each a vector over the rows, so that the rows of a batch
-        may be different requests). Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the
+        [rows, vocab], states): row r is at token positions[r] of its sample and draws with its settings, the r-th
+        values of the dict `settings` (ROW_SETTINGS by name, each a vector over the rows, so that the rows of a
+        batch may be different requests). Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the
         rest zeros) and the new carry. The rows share the model's matrix products only: each row's choice depends
         on its own logits and settings alone."""
         tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
@@ -197,8 +212,7 @@ class Generator(tf.Module):
         positions = tf.cast(positions, tf.int64)
 
         def body(i, previous, logits, states, tokens):
-            token = choose_next(logits, previous, seeds, positions + tf.cast(i, tf.int64), temperature, mode, top_k,
-                                top_p, self.space_id)
+            token = choose_next(logits, previous, positions + tf.cast(i, tf.int64), settings, self.space_id)
             next_logits, next_states = self.model.step(token, states, table)
             return i + 1, token, next_logits, next_states, tokens.write(i, token)
 
@@ -206,17 +220,17 @@ class Generator(tf.Module):
             lambda i, *_: i < steps, body, (tf.constant(0), previous, logits, states, tokens))
         return tf.transpose(tokens.stack()), previous, logits, states
 
-    def _generate_packed_block(self, steps, positions, previous, logits, states, *settings):
+    def _generate_packed_block(self, steps, positions, previous, logits, states, settings):
         """_generate_block with the states side by side in one [rows, num_states x size] tensor, in and out."""
         states = tuple(tf.split(states, self.model.num_states, axis=1))
-        tokens, previous, logits, states = self._generate_block(steps, positions, previous, logits, states, *settings)
+        tokens, previous, logits, states = self._generate_block(steps, positions, previous, logits, states, settings)
         return tokens, previous, logits, tf.concat(states, axis=1)
 
-    def batch_block(self, steps, positions, previous, logits, states, temperature, mode, seeds, top_k, top_p):
+    def batch_block(self, steps, positions, previous, logits, states, settings):
         """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
         for the batching server and blocks(): numpy in and out, and the states side by side in one array. The
         arguments: int32 [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x
-        size] states, then the rows' float32 temperature, int32 mode, int64 seeds, int32 top_k, float32 top_p.
+        size] states, then the rows' settings (row_settings: a dict of [rows] arrays, by name).
         Returns (tokens [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits,
         states). XLA compiles it once per row count.
 
@@ -231,11 +245,10 @@ class Generator(tf.Module):
                     tf.TensorSpec([], tf.int32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int32),
                     tf.TensorSpec(rows + [self.model.vocab_size], tf.float32),
                     tf.TensorSpec(rows + [self.model.num_states * self.model.rnn_size], tf.float32),
-                    tf.TensorSpec(rows, tf.float32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int64),
-                    tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.float32))
+                    row_specs(None))
         outputs = self._packed_block_call(
-            tf.constant(steps, tf.int32), *(tf.constant(value) for value in (
-                positions, previous, logits, states, temperature, mode, seeds, top_k, top_p)))
+            tf.constant(steps, tf.int32), *(tf.constant(value) for value in (positions, previous, logits, states)),
+            {name: tf.constant(value) for name, value in settings.items()})
         return tuple(output.numpy() for output in outputs)
 
     def feed_prime(self, prime):
@@ -253,14 +266,15 @@ class Generator(tf.Module):
             self._primes.put(key, fed)
         return fed
 
-    def blocks(self, prime, n, temperature, mode, seed, top_k, top_p, rows=1):
-        """generate(), block by block as they are made: yields int32 numpy arrays of at most GENERATE_BLOCK ids,
-        n in all (fewer once stop() was called). The same ids as generate(); the loop over the blocks is Python's,
-        so nothing but one block is traced and compiled (quicker to start), and the caller sees each block at once
-        (to print it, or to stop at a stop string).
+    def blocks(self, prime, n, settings, rows=1):
+        """generate(), block by block as they are made, for the SampleSettings `settings` (its mode and seed those
+        drawn with, see Sampler.prepare; its prime and n are not read): yields int32 numpy arrays of at most
+        GENERATE_BLOCK ids, n in all (fewer once stop() was called). The same ids as generate(); the loop over the
+        blocks is Python's, so nothing but one block is traced and compiled (quicker to start), and the caller sees
+        each block at once (to print it, or to stop at a stop string).
 
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
-        `seed` alone); each block is then [rows, ids].
+        settings.seed alone); each block is then [rows, ids].
         """
         previous, logits, states = self.feed_prime(prime)
         # numpy in and out, through batch_block's concrete function: a request of a server without batching makes
@@ -268,15 +282,14 @@ class Generator(tf.Module):
         # (and, beside the server's other threads, a wait for the GIL: see batch_block).
         carry = (np.full(rows, previous, np.int32), np.repeat(logits[np.newaxis], rows, axis=0),
                  np.repeat(np.concatenate(states, axis=1), rows, axis=0))
-        settings = (np.full(rows, temperature, np.float32), np.full(rows, mode, np.int32),
-                    np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64),
-                    np.full(rows, top_k, np.int32), np.full(rows, top_p, np.float32))
+        seed, settings = settings.seed, row_settings([settings] * rows)
+        settings["seed"] = np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64)
         for position in range(0, n, GENERATE_BLOCK):
             if self.stopped.numpy():
                 return
             # The last block runs only the steps it needs (a block's first k tokens do not depend on its length).
             steps = min(GENERATE_BLOCK, n - position)
-            tokens, *carry = self.batch_block(steps, np.full(rows, position, np.int32), *carry, *settings)
+            tokens, *carry = self.batch_block(steps, np.full(rows, position, np.int32), *carry, settings)
             tokens = tokens[:, :steps]
             yield tokens if rows > 1 else tokens[0]
 
@@ -298,13 +311,14 @@ class Generator(tf.Module):
         probabilities reach top_p; seed makes the draw repeatable.
         """
         previous, logits, states = self._feed_prime(prime)
+        settings = {name: value[tf.newaxis] for name, value in
+                    dict(temperature=temperature, mode=mode, seed=seed, top_k=top_k, top_p=top_p).items()}
         num_blocks = (n + GENERATE_BLOCK - 1) // GENERATE_BLOCK
         blocks = tf.TensorArray(tf.int32, size=num_blocks, element_shape=[GENERATE_BLOCK])
 
         def body(b, previous, logits, states, blocks):
             tokens, previous, logits, states = self._block(
-                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states,
-                temperature[tf.newaxis], mode[tf.newaxis], seed[tf.newaxis], top_k[tf.newaxis], top_p[tf.newaxis])
+                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, settings)
             return b + 1, previous, logits, states, blocks.write(b, tokens[0])
 
         def more(b, *_):
@@ -364,11 +378,10 @@ class Sampler:
         searched); the text ends right before it, and no more blocks are generated. The last len(longest) - 1
         characters are held back until it is clear that no stop string begins in them.
         """
-        prime, ids, mode, seed = self.prepare(settings, stops)
+        prime, ids, drawn = self.prepare(settings, stops)
         yield prime
         text = SampleText(self, prime, stops)
-        for block in self.generator.blocks(ids, settings.n, settings.temperature, mode, seed, settings.top_k,
-                                           settings.top_p):
+        for block in self.generator.blocks(ids, settings.n, drawn):
             yield text.add(block)
             if text.stopped:
                 return
@@ -379,11 +392,11 @@ class Sampler:
     def run_many(self, settings, count, stops=()):
         """`count` samples of one prime, generated together as the rows of one batch: [(seed, text)], sample i
         drawn with settings.seed + i (a random seed when None), each text as run() makes it."""
-        prime, ids, mode, seed = self.prepare(settings, stops)
+        prime, ids, drawn = self.prepare(settings, stops)
+        seed = drawn.seed
         texts = [SampleText(self, prime, stops) for _ in range(count)]
         pieces = [[prime] for _ in range(count)]
-        for block in self.generator.blocks(ids, settings.n, settings.temperature, mode, seed, settings.top_k,
-                                           settings.top_p, rows=count):
+        for block in self.generator.blocks(ids, settings.n, drawn, rows=count):
             for text, row, kept in zip(texts, block, pieces):
                 if not text.stopped:
                     kept.append(text.add(row))
@@ -408,7 +421,8 @@ class Sampler:
         return self.join(prime, [self.vocab[i] for i in found]), log_probability
 
     def prepare(self, settings, stops):
-        """Check the settings: (the prime with its line breaks normalized, its ids, the mode, the seed)."""
+        """Check the settings: (the prime with its line breaks normalized, its ids, the settings drawn with: the
+        mode that the level samples with, and the seed, picked when none is given)."""
         check_settings(settings)
         check_stops(stops)
         prime = normalize_newlines(settings.prime, self.keep_crlf)
@@ -416,8 +430,8 @@ class Sampler:
         mode = settings.mode
         if self.word_level and mode == MODE_SAMPLE_ON_SPACES:
             mode = MODE_SAMPLE  # every word follows a space, so "sample on spaces" samples at every step
-        seed = secrets.randbelow(MAX_SEED) if settings.seed is None else settings.seed
-        return prime, ids, mode, seed
+        seed = pick_seed() if settings.seed is None else settings.seed
+        return prime, ids, dataclasses.replace(settings, mode=mode, seed=seed)
 
     def sample(self, *args, **kwargs):
         """run(SampleSettings(prime, n, mode, temperature, seed, top_k, top_p)): the settings as arguments."""

@@ -12,7 +12,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Endpoints counted by name; any other path counts as "other", so that scanners cannot grow the label set.
-ENDPOINTS = ("/", "/sample.json", "/stream", "/generate", "/ui", "/metrics", "/health")
+ENDPOINTS = ("/", "/sample.json", "/stream", "/generate", "/ui", "/settings", "/metrics", "/health")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

@@ -9,8 +9,10 @@ check_beam_width) need no model, so sample.py refuses a bad flag with them befor
 import dataclasses
 import numbers
 import os
+import secrets
 
-from runtime import FLOAT32_MAX, FLOAT32_TINY, in_float32_range
+import value_types
+from runtime import FLOAT32_MAX, FLOAT32_TINY
 
 DEFAULT_DATA_DIR = os.path.join("data", "tinyshakespeare")
 CELL_TYPES = ("lstm", "gru", "rnn")
@@ -117,6 +119,9 @@ class ModelConfig:
 
 # Sampling: the modes of sample.py's --sample and the server's sample_mode, and what one sample is asked for.
 MAX_SEED = 2 ** 63 - 1
+# A seed picked for a sample asked without one (sample.py, -i, the server) is below this: short to read and send
+# back. The draw uses the low 32 bits of a seed anyway (sampler.uniform_draw), so larger picks would add nothing.
+PICKED_SEEDS = 2 ** 31
 MAX_N = 2 ** 30  # the generator counts tokens in int32
 MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
 # The longest prime the server takes by default (--max_prime) and sample.py -i takes: feeding a prime is one step
@@ -124,6 +129,11 @@ MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
 MAX_PRIME = 1000
 MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
 SAMPLE_MODES = {MODE_ARGMAX: "argmax", MODE_SAMPLE: "sample", MODE_SAMPLE_ON_SPACES: "sample after spaces"}
+
+
+def pick_seed():
+    """A random seed in [0, PICKED_SEEDS), for a sample asked without one."""
+    return secrets.randbelow(PICKED_SEEDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,25 +150,103 @@ class SampleSettings:
     top_p: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The declaration of one sampling setting, from which every surface takes it: sample.py's flag, -i's
+    :command, the server's query parameter and JSON field (with their 400 reasons), the JSON answers, the web
+    page's field (GET /settings serves these), the check of a request and the export's signature.
+
+    name: the SampleSettings field; kind: int, float or str; default: sample.py's (SampleSettings'); low, high:
+    the inclusive limits (None: none), or choices: the values allowed, with their meanings; flag: sample.py's;
+    http: the query parameter and JSON field (also the export's input); parse: reads a flag or a query value
+    (argparse's type); what: what the check says a value must be; query_what: what a query value must be, where
+    it says more than `what`; served: the server's default where it is not sample.py's (the original server's);
+    dtype: the generator's tensor type of the setting (None: not a tensor, the prime).
+    """
+    name: str
+    kind: type
+    help: str
+    flag: str
+    http: str
+    parse: object
+    what: str = ""
+    low: object = None
+    high: object = None
+    choices: dict | None = None
+    query_what: str | None = None
+    served: object = None  # None: sample.py's default
+    dtype: str | None = None
+
+    @property
+    def default(self):
+        return getattr(SampleSettings, self.name)
+
+    @property
+    def served_default(self):
+        return self.default if self.served is None else self.served
+
+    def valid(self, value):
+        """Whether the check takes this value (None is a random seed)."""
+        if self.name == "seed" and value is None:
+            return True
+        if self.choices is not None:
+            return value in self.choices
+        if self.kind is str:
+            return isinstance(value, str)
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not (integral if self.kind is int else isinstance(value, (int, float))):
+            return False
+        return self.low <= value <= self.high
+
+    def reason(self):
+        """What a value must be, as the check words it (without the value it got)."""
+        return f"{self.http} must be {self.what}"
+
+    def describe(self):
+        """The declaration as JSON (GET /settings; the web page builds its form from it)."""
+        return {"name": self.http, "type": self.kind.__name__, "default": self.served_default, "low": self.low,
+                "high": self.high, "help": self.help, "flag": self.flag,
+                "choices": None if self.choices is None else {str(k): v for k, v in self.choices.items()}}
+
+
+_MODES = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
+# Every sampling setting, in the order of the server's parameters, the check and the JSON answers.
+SETTINGS = (
+    Setting("prime", str, "prime text fed to the network first; empty: start as if at a new line", "--prime",
+            "prime", str, served="The "),
+    Setting("n", int, "number of tokens (characters, or words at word level) to sample", "-n", "n",
+            value_types.non_negative_int, f"an integer from 0 to {MAX_N}", 0, MAX_N, served=200, dtype="int32"),
+    Setting("mode", int, "0 to use argmax at each timestep, 1 to sample at each timestep, 2 to sample only after a "
+            "space (argmax elsewhere; at word level the same as 1)", "--sample", "sample_mode", int,
+            f"one of {_MODES}", choices=SAMPLE_MODES, served=MODE_SAMPLE_ON_SPACES, dtype="int32"),
+    Setting("temperature", float, "divides the logits: below 1 more conservative, above 1 more varied; any value > 0 "
+            "that float32 holds (1.2e-38 to 3.4e+38)", "--temperature", "temperature", value_types.positive_float,
+            f"a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}", FLOAT32_TINY, FLOAT32_MAX,
+            query_what="a finite number > 0 (1.2e-38 to 3.4e+38)", served=0.8, dtype="float32"),
+    Setting("seed", int, "random seed, for repeatable output (default: a random one)", "--seed", "seed",
+            value_types.non_negative_int, f"an integer in [0, {MAX_SEED}]", 0, MAX_SEED, dtype="int64"),
+    # top_k goes to the generator as int32, which would wrap values above MAX_N.
+    Setting("top_k", int, "sample only among the k likeliest tokens (0: all)", "--top_k", "top_k",
+            value_types.non_negative_int, f"an integer from 0 to {MAX_N} "
+            "(0 keeps every token)", 0, MAX_N, dtype="int32"),
+    Setting("top_p", float, "nucleus sampling: only among the fewest likeliest tokens whose probabilities add up to "
+            "at least p (1: all); after --temperature and --top_k", "--top_p", "top_p", value_types.top_p,
+            "a number in (0, 1] (1 keeps every token)", FLOAT32_TINY, 1.0, query_what="a number in (0, 1]",
+            dtype="float32"),
+)
+SETTINGS_BY_HTTP = {setting.http: setting for setting in SETTINGS}
+CHECKED = tuple(setting for setting in SETTINGS if setting.what)  # every setting but the prime, which any text is
+# The settings that reach the generator as tensors, one value per row (the prime reaches it as ids).
+ROW_SETTINGS = tuple(setting for setting in SETTINGS if setting.dtype is not None)
+
+
 def check_settings(settings):
     """Raise ValueError with a one-line reason when a sampling setting is out of range (no model needed, so that
-    sample.py checks its flags before TensorFlow loads)."""
-    n, mode, temperature, seed, top_k = settings.n, settings.mode, settings.temperature, settings.seed, settings.top_k
-    top_p = settings.top_p
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= MAX_N:
-        raise ValueError(f"n must be an integer from 0 to {MAX_N}, got {n!r}")
-    if mode not in SAMPLE_MODES:
-        modes = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
-        raise ValueError(f"sample mode must be one of {modes}, got {mode!r}")
-    if not (isinstance(temperature, (int, float)) and in_float32_range(temperature)):
-        raise ValueError(f"temperature must be a number from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}, "
-                         f"got {temperature!r}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    if not 0 <= top_k <= MAX_N:  # top_k goes to the generator as int32, which would wrap larger values
-        raise ValueError(f"top_k must be an integer from 0 to {MAX_N} (0 keeps every token), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and FLOAT32_TINY <= top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}")
+    sample.py checks its flags before TensorFlow loads). The settings are checked in SETTINGS' order."""
+    for setting in CHECKED:
+        value = getattr(settings, setting.name)
+        if not setting.valid(value):
+            raise ValueError(f"{setting.reason()}, got {value!r}")
 
 
 def check_stops(stops):

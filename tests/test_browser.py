@@ -4,6 +4,7 @@ Needs Debian's chromium and chromium-driver (`apt-get install -y chromium chromi
 when missing). Without them these tests fail saying so; CHAR_RNN_NO_BROWSER=1 skips them instead.
 """
 import contextlib
+import json
 import os
 import shutil
 
@@ -170,3 +171,21 @@ def test_a_refused_setting_shows_the_servers_one_line_reason_and_no_text(server)
         assert not element(driver, "error").is_displayed()
         assert element(driver, "output").get_attribute("textContent") == post_generate(server, SETTINGS)
         screenshot(driver, "ui-wide.png")
+
+
+def test_the_page_has_a_field_for_every_declared_setting_and_its_top_p_gives_the_json_apis_text(server):
+    with chromium(*DESKTOP) as driver:
+        open_page(driver, server)
+        status, _, body = get(server.url + "/settings")
+        assert status == 200
+        for setting in json.loads(body):
+            assert element(driver, "seed_input" if setting["name"] == "seed" else setting["name"]).is_displayed()
+        nucleus = dict(SETTINGS, top_p=0.3)
+        fill(driver, **nucleus)
+        element(driver, "generate").click()
+        assert wait_for_the_end(driver) == "done", element(driver, "error").text
+        status, _, answer = post_json(server.url + "/generate", nucleus)
+        assert status == 200, answer
+        assert element(driver, "output").get_attribute("textContent") == answer["text"]
+        assert answer["text"] != post_generate(server, SETTINGS)  # top_p reached the generator
+        screenshot(driver, "ui-top-p.png")

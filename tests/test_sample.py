@@ -10,8 +10,8 @@ import sample
 import sampler as sampler_module
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
-from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, PrimeStates, Sampler, check_settings
-from settings import SampleSettings
+from sampler import GENERATE_BLOCK, PrimeStates, Sampler
+from settings import MAX_N, MAX_SEED, SampleSettings, check_settings
 
 WORD_TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 40
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import train
 from conftest import REPO, TINY_MODEL, make_data_dir, run_script
-from sampler import GENERATE_BLOCK, MAX_N, MAX_SEED, Sampler
+from sampler import GENERATE_BLOCK, Sampler
 from servers import (
     REQUEST_TIMEOUT_S,
     START_TIMEOUT_S,
@@ -33,7 +33,7 @@ from servers import (
     running_server,
     stream,
 )
-from settings import SampleSettings
+from settings import MAX_N, MAX_SEED, SampleSettings
 
 # The README's URL asks for prime=The, so the served model must know a capital T (the shared tiny corpus has none).
 SERVED_TEXT = "The cat sat on the mat.\nThe dog sat on the log.\n" * 60
@@ -465,6 +465,27 @@ def test_web_page_at_ui_and_to_a_browser_at_the_root(server):
         assert response.read().decode("utf-8") == get(server.url + "/?prime=The&n=5&seed=1")[2]
     assert get(server.url + "/")[1].get_content_type() == "text/plain"
     assert get(server.url + "/ui?x=1")[0] == 400
+
+
+def test_settings_declares_every_parameter_with_this_servers_defaults_and_limits(server, flagged_server):
+    status, headers, body = get(server.url + "/settings")
+    assert status == 200 and headers.get_content_type() == "application/json"
+    declared = {setting["name"]: setting for setting in json.loads(body)}
+    assert list(declared) == ["prime", "n", "sample_mode", "temperature", "seed", "top_k", "top_p"]
+    assert {name: setting["default"] for name, setting in declared.items()} == {
+        "prime": "The ", "n": 200, "sample_mode": 2, "temperature": 0.8, "seed": None, "top_k": 0, "top_p": 1.0}
+    assert (declared["n"]["low"], declared["n"]["high"], declared["prime"]["high"]) == (1, 500, 1000)
+    assert declared["sample_mode"]["choices"] == {"0": "argmax", "1": "sample", "2": "sample after spaces"}
+    assert (declared["top_p"]["high"], declared["seed"]["high"]) == (1.0, MAX_SEED)
+    assert all(setting["help"] and setting["flag"].startswith("-") for setting in declared.values())
+    # The defaults are those a request without parameters gets.
+    answer = json.loads(get(f"{server.url}/sample.json?seed=1")[2])
+    assert {name: answer[name] for name in declared if name != "seed"} == \
+        {name: setting["default"] for name, setting in declared.items() if name != "seed"}
+    flagged = {setting["name"]: setting for setting in json.loads(get(flagged_server.url + "/settings")[2])}
+    assert (flagged["temperature"]["default"], flagged["n"]["high"], flagged["prime"]["high"]) == \
+        (FLAGGED_TEMPERATURE, FLAGGED_MAX_N, FLAGGED_MAX_PRIME)
+    assert get(server.url + "/settings?x=1")[0] == 400
 
 
 def test_metrics_count_requests_by_endpoint_and_status(server):

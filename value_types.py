@@ -1,0 +1,28 @@
+"""The value types of flags and request parameters: text -> a checked number, or argparse.ArgumentTypeError naming
+what was expected. Used by the scripts' parsers (through cli.py) and by the declaration of the sampling settings
+(settings.py), which the server's request parsing reads too; no TensorFlow."""
+import argparse
+
+from runtime import FLOAT32_TINY, in_float32_range
+
+
+def _number(kind, check, description):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+        return value
+    parse.__name__ = description  # argparse names the type in its messages
+    return parse
+
+
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+positive_float = _number(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
+fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+# float32 rounds numbers below 1.2e-38 to 0: the smallest top_p is the smallest normal float32.
+top_p = _number(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1]")

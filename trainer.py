@@ -8,7 +8,6 @@ TensorFlow variables inside one tf.train.Checkpoint, so a resume continues exact
 import dataclasses
 import math
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import unrolled
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
 from runtime import EXIT_INTERRUPTED, warn
-from settings import RESUMED_SETTINGS, ModelConfig
+from settings import RESUMED_SETTINGS, ModelConfig, pick_seed
 from utils import TextLoader, batches_in
 
 
@@ -385,7 +384,7 @@ def train(config):
         raise ValueError(f"batch_size {config.batch_size} does not divide among {distribution.replicas} replicas: "
                          f"give a batch_size that is a multiple of {distribution.replicas}")
     config = with_resume_settings(config)
-    config = dataclasses.replace(config, seed=secrets.randbelow(2 ** 31) if config.seed is None else config.seed)
+    config = dataclasses.replace(config, seed=pick_seed() if config.seed is None else config.seed)
     keras.utils.set_random_seed(config.seed)
     loader = load_text(config)
     model_config, vectors = network(config, loader)

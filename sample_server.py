@@ -32,6 +32,7 @@ from cherrypy.process.plugins import SimplePlugin
 from cherrypy.process.wspbus import states
 
 import cli
+import value_types
 from request_parsing import Limits, parse_json_request, parse_request, settings_json
 from service_metrics import ServiceMetrics
 from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
@@ -53,10 +54,10 @@ STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a 
 MAX_BATCH = 1024  # the largest --max_batch (each row holds a worker thread)
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
 
-seconds = cli._number(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
-batch_rows = cli._number(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
-milliseconds = cli._number(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
-seconds_or_zero = cli._number(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
+seconds = value_types.number_type(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
+batch_rows = value_types.number_type(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
+milliseconds = value_types.number_type(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
+seconds_or_zero = value_types.number_type(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
 
 
 def build_parser():

@@ -240,7 +240,9 @@ def server_speed(model, data_dir, work, clients, seconds):
     out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "server.py"), "--save_dir", save_dir,
                           "--clients", str(clients), "--seconds", str(seconds), "-n", "200"],
                          capture_output=True, text=True, check=True)
-    served = json.loads(out.stdout.strip().splitlines()[-1])
+    # bench/server.py prints a line per server and client count, then a summary: take the batched server's line.
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+    served = next(line for line in lines if line.get("mode") == "server" and line.get("setup") == "batched")
     return {f"server_{key}": served[key] for key in ("requests_per_s", "p50_ms", "p99_ms")} | {
         "server_clients": clients}
 

@@ -6,7 +6,9 @@ import argparse
 from runtime import FLOAT32_TINY, in_float32_range
 
 
-def _number(kind, check, description):
+def number_type(kind, check, description):
+    """A flag type: text -> kind(text), refused (naming `description`) when it does not parse or check(value) is
+    false. The server's flags make their own (sample_server.py)."""
     def parse(text):
         try:
             value = kind(text)
@@ -19,10 +21,10 @@ def _number(kind, check, description):
     return parse
 
 
-non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-positive_float = _number(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
-fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+non_negative_int = number_type(int, lambda v: v >= 0, "a non-negative integer")
+positive_int = number_type(int, lambda v: v > 0, "a positive integer")
+positive_float = number_type(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
+fraction = number_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+probability = number_type(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 # float32 rounds numbers below 1.2e-38 to 0: the smallest top_p is the smallest normal float32.
-top_p = _number(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1]")
+top_p = number_type(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1]")

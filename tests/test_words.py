@@ -19,7 +19,8 @@ import savedir
 import train
 import utils
 from conftest import REAL_CORPUS, TINY_MODEL, make_data_dir, run_script
-from sampler import Sampler, SampleText
+from sample_text import SampleText
+from sampler import Sampler
 from test_evaluate import reference_loss
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60

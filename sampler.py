@@ -15,6 +15,7 @@ import tensorflow as tf
 import savedir
 from errors import GenerationStopped
 from prime_states import PrimeStates
+from runtime import warn
 from sample_text import SampleText
 from settings import (
     MAX_SEED,
@@ -309,12 +310,13 @@ class Sampler:
 
     def __init__(self, loaded, jit_compile=True):
         """loaded: a savedir.Loaded; jit_compile=False for a generator without XLA (see Generator)."""
-        self.config, self.vocab, self.unk_token = loaded.config, loaded.vocab, loaded.unk_token
-        self.word_level = bool(self.config["word_level"])
+        self.train_config, self.model_config = loaded.train_config, loaded.model_config
+        self.vocab, self.unk_token = loaded.vocab, loaded.unk_token
+        self.word_level = bool(self.train_config.word_level)
         self.index = {token: i for i, token in enumerate(self.vocab)}
         self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1), jit_compile=jit_compile)
         self.start_id = self.index.get(EMPTY_PRIME_START, 0)
-        self.keep_crlf = savedir.keeps_crlf(self.config, self.vocab)
+        self.keep_crlf = bool(self.train_config.keep_crlf)
         self._beam = None  # a beam.BeamSearch, made at the first beam_search
 
     @classmethod
@@ -325,7 +327,7 @@ class Sampler:
         """
         sampler = cls(savedir.load(save_dir))
         if word_level_flag and not sampler.word_level:
-            savedir.warn("--word_level ignored: this model was trained at character level")
+            warn("--word_level ignored: this model was trained at character level")
         return sampler
 
     def encode(self, prime):

@@ -53,8 +53,8 @@ class ModelPlugin(SimplePlugin):
             raise StartupFailed(error)
         # The first call traces and compiles the generator; do it now rather than in the first request.
         sampler.sample("", 1, temperature=1.0, seed=0)
-        config = sampler.config
-        self.description = (f"{args.save_dir}: {config['model']} {config['num_layers']}x{config['rnn_size']}, "
+        network = sampler.model_config
+        self.description = (f"{args.save_dir}: {network.model} {network.num_layers}x{network.rnn_size}, "
                             f"{'word' if sampler.word_level else 'character'} level, {len(sampler.vocab)} tokens")
         if args.max_batch:
             batchers = args.batchers or default_batchers(args.max_batch, cli.usable_cores())

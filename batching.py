@@ -17,6 +17,9 @@ BatcherPool runs several Batchers over the one Sampler, each on its own thread w
 sends each request to the least loaded: XLA runs a block on one core, so one batching thread leaves the other
 cores to the requests' own work (at 32 clients on 2 cores, two threads served 172 to 229 requests/s where one
 served 147 to 158).
+
+OneAtATime is the server's scheduler without batching (--max_batch 0): each request generates alone on its own
+thread, a few at once, with the same submit() and the same refusals (Busy, GenerationStopped) as the Batcher.
 """
 import contextlib
 import queue
@@ -25,7 +28,9 @@ import time
 
 import numpy as np
 
-from sampler import GENERATE_BLOCK, GenerationStopped, SampleText, row_settings
+from errors import Busy, GenerationStopped
+from sample_text import SampleText
+from sampler import GENERATE_BLOCK, row_settings
 
 _DONE = object()  # the end of a Generation's pieces
 
@@ -33,14 +38,7 @@ _DONE = object()  # the end of a Generation's pieces
 MIN_ROWS_PER_BATCHER = 16  # default_batchers gives a thread no fewer rows: fewer share too little of the products
 # A block ends no sooner: each costs about 2 ms however short (on 2 cores, at 3 x 128), as much as ten steps.
 MIN_BLOCK_STEPS = 16
-
-
-class Busy(Exception):
-    """Every row of the batch and every waiting place is taken (the server answers 503)."""
-
-    def __init__(self, generating, waiting, flags="--max_batch, --queue"):
-        super().__init__(f"busy: {generating} requests are generating and {waiting} waiting ({flags}); retry in a "
-                         f"moment")
+SLOT_POLL_S = 0.1  # how often a request of OneAtATime waiting for a turn checks whether it was closed
 
 
 class Generation:
@@ -351,3 +349,71 @@ class BatcherPool:
     def close(self):
         for batcher in self.batchers:
             batcher.close()
+
+
+class OneAtATime:
+    """--max_batch 0: each request generates alone, on its own CherryPy worker thread, at most `running` at once;
+    `waiting` more wait for a turn. Any further request, and every waiting one once close() was called, is
+    refused at once (Busy, GenerationStopped) instead of piling up. submit() as Batcher.submit."""
+
+    def __init__(self, sampler, running, waiting):
+        self.sampler, self.running, self.places = sampler, running, waiting
+        self.admitted = threading.BoundedSemaphore(running + waiting)
+        self.generating = threading.BoundedSemaphore(running)
+        self.closed = threading.Event()
+        self.rows = 0  # requests generating now (for the metrics)
+        self.on_done = None  # called with the tokens a request made, at its end
+        self.admitted_count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self):
+        return self.admitted_count - self.rows
+
+    def submit(self, settings):
+        self.sampler.prepare(settings, ())  # a bad setting is refused before taking a place
+        if self.closed.is_set():
+            raise GenerationStopped("the server is shutting down")
+        if not self.admitted.acquire(blocking=False):
+            raise Busy(self.running, self.places, "--threads, --queue")
+        self._count("admitted_count", 1)
+        return AloneGeneration(self, settings)
+
+    def close(self):
+        self.closed.set()
+
+    def _count(self, name, change):
+        with self._lock:
+            setattr(self, name, getattr(self, name) + change)
+
+
+class AloneGeneration:
+    """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text."""
+
+    def __init__(self, slots, settings):
+        self.slots, self.settings = slots, settings
+        self._left = False
+
+    def __iter__(self):
+        slots = self.slots
+        try:
+            while not slots.generating.acquire(timeout=SLOT_POLL_S):
+                if slots.closed.is_set():
+                    raise GenerationStopped("the server is shutting down")
+            slots._count("rows", 1)
+            try:
+                yield from slots.sampler.stream(self.settings)
+                if slots.on_done is not None:
+                    slots.on_done(self.settings.n)
+            finally:
+                slots._count("rows", -1)
+                slots.generating.release()
+        finally:
+            self.close()
+
+    def close(self):
+        """Give back the request's place (once)."""
+        if not self._left:
+            self._left = True
+            self.slots._count("admitted_count", -1)
+            self.slots.admitted.release()

@@ -11,31 +11,29 @@ GET /health ("ok" and the model served). A bad request answers 400 with a one-li
 a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
 
 Concurrent requests are generated together, as the rows of one batch (batching.py); --max_batch 0 generates each
-request alone on its own thread instead.
+request alone on its own thread instead (batching.OneAtATime). This module is the HTTP layer: the flags, the
+endpoints and their one-line errors; the model's loading, the HTTP server's settings and the shutdown are in
+server_engine.py, the parsing of a request in request_parsing.py.
 """
 import argparse
 import html
 import json
 import os
 import re
-import signal
-import socket
 import sys
-import threading
 import time
 import urllib.parse
 
-import cheroot.wsgi
 import cherrypy
 from cherrypy.lib import httputil
-from cherrypy.process.plugins import SimplePlugin
-from cherrypy.process.wspbus import states
 
 import cli
-import value_types
+from errors import Busy, GenerationStopped
 from request_parsing import Limits, parse_json_request, parse_request, settings_json
+from server_engine import ModelPlugin, Shutdown, StartupFailed, check_port_free, server_config
 from service_metrics import ServiceMetrics
 from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
+from value_types import number_type
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
                "GET /?prime=The&n=200&sample_mode=2 answers what sample.py prints for the same settings and seed.")
@@ -44,20 +42,15 @@ JSON_TYPE = "application/json"
 EVENT_STREAM = "text/event-stream; charset=utf-8"
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.html")
 MAX_PORT = 65535
-# Worker threads beyond --max_batch (or --threads) + --queue: with every place taken, these still answer 503 and
-# /health at once.
-SPARE_WORKERS = 4
-LISTEN_BACKLOG = 128  # connections the kernel holds before CherryPy accepts them (CherryPy's default is 5)
-SLOT_POLL_S = 0.1  # how often a waiting request checks whether the server is shutting down
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
 MAX_BATCH = 1024  # the largest --max_batch (each row holds a worker thread)
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
 
-seconds = value_types.number_type(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
-batch_rows = value_types.number_type(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
-milliseconds = value_types.number_type(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
-seconds_or_zero = value_types.number_type(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
+seconds = number_type(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of seconds > 0 and <= {MAX_SECONDS}")
+batch_rows = number_type(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
+milliseconds = number_type(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
+seconds_or_zero = number_type(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
 
 
 def build_parser():
@@ -102,143 +95,6 @@ def build_parser():
                         help="on SIGTERM, SIGHUP or Ctrl-C, seconds a generation in progress may still run to "
                              "finish; then it stops and its request is answered 503")
     return parser
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model (loaded once, by an engine plugin) and the generation of requests without batching
-
-
-class OneAtATime:
-    """--max_batch 0: each request generates alone, on its own CherryPy worker thread, at most `running` at once;
-    `waiting` more wait for a turn. Any further request, and every waiting one once close() was called, is
-    refused at once (Busy, GenerationStopped) instead of piling up. submit() as Batcher.submit."""
-
-    def __init__(self, sampler, running, waiting):
-        self.sampler, self.running, self.places = sampler, running, waiting
-        self.admitted = threading.BoundedSemaphore(running + waiting)
-        self.generating = threading.BoundedSemaphore(running)
-        self.closed = threading.Event()
-        self.rows = 0  # requests generating now (for the metrics)
-        self.on_done = None  # called with the tokens a request made, at its end
-        self.admitted_count = 0
-        self._lock = threading.Lock()
-
-    @property
-    def waiting(self):
-        return self.admitted_count - self.rows
-
-    def submit(self, settings):
-        from batching import Busy
-        from sampler import GenerationStopped
-        self.sampler.prepare(settings, ())  # a bad setting is refused before taking a place
-        if self.closed.is_set():
-            raise GenerationStopped("the server is shutting down")
-        if not self.admitted.acquire(blocking=False):
-            raise Busy(self.running, self.places, "--threads, --queue")
-        self._count("admitted_count", 1)
-        return AloneGeneration(self, settings)
-
-    def close(self):
-        self.closed.set()
-
-    def _count(self, name, change):
-        with self._lock:
-            setattr(self, name, getattr(self, name) + change)
-
-
-class AloneGeneration:
-    """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text."""
-
-    def __init__(self, slots, settings):
-        self.slots, self.settings = slots, settings
-        self._left = False
-
-    def __iter__(self):
-        from sampler import GenerationStopped
-        slots = self.slots
-        try:
-            while not slots.generating.acquire(timeout=SLOT_POLL_S):
-                if slots.closed.is_set():
-                    raise GenerationStopped("the server is shutting down")
-            slots._count("rows", 1)
-            try:
-                yield from slots.sampler.stream(self.settings)
-                if slots.on_done is not None:
-                    slots.on_done(self.settings.n)
-            finally:
-                slots._count("rows", -1)
-                slots.generating.release()
-        finally:
-            self.close()
-
-    def close(self):
-        """Give back the request's place (once)."""
-        if not self._left:
-            self._left = True
-            self.slots._count("admitted_count", -1)
-            self.slots.admitted.release()
-
-
-class StartupFailed(SystemExit):
-    """The model could not be loaded. A SystemExit, because CherryPy's engine lets that one out of start() as
-    it is; any other exception it logs with its traceback and ends the process with code 70. serve() turns it
-    into one line on stderr."""
-
-    def __init__(self, error):
-        super().__init__(1)
-        self.error = error
-
-
-class ModelPlugin(SimplePlugin):
-    """Loads and warms up the model when the engine starts, before the HTTP server listens, and starts the
-    generation (a Batcher, or OneAtATime with --max_batch 0). When the engine stops, new requests are refused at
-    once, and the generations in progress are stopped once `grace` seconds have passed, so that shutdown takes at
-    most that long (plus one block) whatever n is."""
-
-    def __init__(self, bus, args, metrics):
-        super().__init__(bus)
-        self.args, self.metrics = args, metrics
-        self.sampler = self.generation = None
-        self.description = None
-
-    def start(self):
-        # Imported here, after serve() has imported TensorFlow quietly.
-        from batching import BatcherPool, default_batchers
-        from sampler import Sampler
-        args = self.args
-        self.bus.log(f"Loading the model in {args.save_dir}")
-        try:
-            sampler = Sampler.load(args.save_dir, args.word_level)
-        except (ValueError, OSError) as error:
-            raise StartupFailed(error)
-        # The first call traces and compiles the generator; do it now rather than in the first request.
-        sampler.sample("", 1, temperature=1.0, seed=0)
-        config = sampler.config
-        self.description = (f"{args.save_dir}: {config['model']} {config['num_layers']}x{config['rnn_size']}, "
-                            f"{'word' if sampler.word_level else 'character'} level, {len(sampler.vocab)} tokens")
-        if args.max_batch:
-            batchers = args.batchers or default_batchers(args.max_batch, cli.usable_cores())
-            self.generation = BatcherPool(sampler, args.max_batch, args.max_wait_ms / 1000, args.queue, batchers,
-                                          on_block=self.metrics.observe_block)
-            how = f"batches of up to {args.max_batch} rows on {batchers} thread{'s' * (batchers > 1)}"
-        else:
-            self.generation = OneAtATime(sampler, args.threads, args.queue)
-            self.generation.on_done = self.metrics.tokens.inc
-            how = "no batching"
-        self.metrics.watch(self.generation)
-        self.sampler = sampler
-        self.bus.log(f"Model ready: {self.description}, {how}")
-    start.priority = 10  # first: the HTTP server (75) listens only once the model is ready
-
-    def stop(self):
-        if self.generation is not None:
-            self.generation.close()
-        if self.sampler is not None:
-            # A daemon timer: when nothing is generating, the process exits without waiting for it.
-            timer = threading.Timer(self.args.shutdown_grace, self.sampler.generator.stop)
-            timer.daemon = True
-            timer.start()
-    stop.priority = 10  # before the HTTP server (25) waits for its worker threads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +154,6 @@ class SampleService:
     stream._cp_config = {"response.stream": True}
 
     def events(self, request, generation):
-        from sampler import GenerationStopped
         try:
             for piece in generation:
                 yield server_sent_event("text", {"text": piece})
@@ -346,7 +201,6 @@ class SampleService:
     def sample(self, params):
         """Check the parameters (a dict of query parameters, or SampleSettings already read), wait for a row,
         generate; returns (SampleSettings, text)."""
-        from sampler import GenerationStopped  # imported with TensorFlow by the model plugin
         request = params if isinstance(params, SampleSettings) else self.parsed(params)
         generation = self.submit(request)
         try:
@@ -366,8 +220,6 @@ class SampleService:
 
     def submit(self, request):
         """Hand the request to the generation: its Generation, or 400 (a bad prime) or 503 (full, shutting down)."""
-        from batching import Busy
-        from sampler import GenerationStopped
         try:
             return self.model.generation.submit(request)
         except ValueError as error:
@@ -490,41 +342,6 @@ cherrypy.tools.count_request = cherrypy.Tool("on_end_request", count_request)
 # Configuration and start
 
 
-class ClosingGateway(cheroot.wsgi.Gateway_10):
-    """cheroot's WSGI gateway, except that an answer with "Connection: close" closes the connection. cheroot sends
-    the header but keeps the connection open; after a request body that timed out (read_body's 408), its next read
-    of that socket fails with a traceback in the log."""
-
-    def start_response(self, status, headers, exc_info=None):
-        if any(name.lower() == "connection" and value.lower() == "close" for name, value in headers):
-            self.req.close_connection = True
-        return super().start_response(status, headers, exc_info)
-
-
-# server.wsgi_version picks the gateway from cheroot's table, where CherryPy's documentation has custom ones added.
-CLOSING_GATEWAY = ("char-rnn", 1, 0)
-cheroot.wsgi.wsgi_gateways[CLOSING_GATEWAY] = ClosingGateway
-
-
-def server_config(args):
-    """Settings of the HTTP server and the engine, for cherrypy.config.update."""
-    config = {
-        "server.socket_host": args.host,
-        "server.socket_port": args.port,
-        # Each request in progress, generating or waiting, holds a worker thread until its answer is sent.
-        "server.thread_pool": (args.max_batch or args.threads) + args.queue + SPARE_WORKERS,
-        "server.socket_queue_size": LISTEN_BACKLOG,
-        # cheroot's default is 10 s: with every worker thread reading from a client that sent part of a request
-        # and went silent, a normal request would wait that long (or a multiple) for a free thread.
-        "server.socket_timeout": args.socket_timeout,
-        "server.wsgi_version": CLOSING_GATEWAY,
-        "engine.autoreload.on": False,  # a reload would load TensorFlow and the model again
-    }
-    if args.production:
-        config["environment"] = "production"
-    return config
-
-
 def app_config(metrics):
     """The application's settings, for tree.mount: GET and HEAD only (POST for /generate), every error one line
     of plain text (JSON from /generate), every request counted in the metrics."""
@@ -552,46 +369,6 @@ def app_config(metrics):
             "error_page.default": json_error_page,
         },
     }
-
-
-def check_port_free(host, port):
-    """Raise OSError with a one-line message when host:port cannot be listened on (CherryPy would log a
-    traceback instead)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as CherryPy's own socket does
-            probe.bind(address)
-    except OSError as error:
-        raise OSError(f"cannot listen on {host}:{port} ({error.strerror or error}); "
-                      f"choose another --port or --host") from None
-
-
-class Shutdown:
-    """Stops the engine on SIGTERM, SIGHUP or Ctrl-C: the server stops listening, answers the waiting requests
-    503, lets the ones it is generating run for --shutdown_grace seconds and then stops them (answered 503 too),
-    and the process exits with code 0. A signal that arrives while
-    the engine is starting (loading the model, opening the socket) takes effect once it has started, because
-    CherryPy ends the process with code 70 when exit() interrupts start()."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.requested = False
-
-    def __call__(self):
-        if self.engine.state == states.STARTING:
-            self.requested = True
-        else:
-            self.engine.exit()
-
-    def subscribe(self):
-        """Install this as the engine's handler of SIGTERM, SIGHUP and, unless it is ignored, SIGINT."""
-        names = ["SIGTERM", "SIGHUP"]
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a background job ignores Ctrl-C
-            names.append("SIGINT")
-        for name in names:
-            self.engine.signal_handler.handlers[name] = self
-        self.engine.signal_handler.subscribe()
 
 
 def serve(args):

@@ -6,7 +6,6 @@ Sampler.load(save_dir) restores a save dir; sampler.run(SampleSettings(...)) che
 into ids (refusing unknown tokens by name), runs the generator and returns the prime followed by the generated
 text; sampler.sample(prime, n, ...) is the same with the settings as arguments.
 """
-import collections
 import dataclasses
 import threading
 
@@ -14,6 +13,10 @@ import numpy as np
 import tensorflow as tf
 
 import savedir
+from errors import GenerationStopped
+from prime_states import PrimeStates
+from runtime import warn
+from sample_text import SampleText
 from settings import (
     MAX_SEED,
     MODE_SAMPLE,
@@ -49,10 +52,6 @@ def row_settings(samples):
 def row_specs(rows):
     """The TensorSpecs of row_settings' dict for `rows` rows (None: any number)."""
     return {setting.name: tf.TensorSpec([rows], setting.dtype) for setting in ROW_SETTINGS}
-
-
-class GenerationStopped(Exception):
-    """generator.stop() was called (the server is shutting down) before the n tokens asked for were made."""
 
 
 def keep_top_k(logits, top_k):
@@ -124,30 +123,6 @@ def choose_next(logits, previous, steps, settings, space_id):
     sample_here = tf.logical_or(tf.equal(mode, MODE_SAMPLE),
                                 tf.logical_and(tf.equal(mode, MODE_SAMPLE_ON_SPACES), tf.equal(previous, space_id)))
     return tf.where(sample_here, sampled, greedy)
-
-
-class PrimeStates:
-    """The states after the most recently used primes (at most `size`), by prime: a server's clients often send
-    the same prime, and its state is the same state each time. Safe between threads. A plain object, so that
-    TensorFlow does not track it as part of the Generator (and an export does not save it)."""
-
-    def __init__(self, size):
-        self.size, self._kept, self._lock = size, collections.OrderedDict(), threading.Lock()
-
-    def get(self, key):
-        """What put() kept for key, or None."""
-        with self._lock:
-            fed = self._kept.get(key)
-            if fed is not None:
-                self._kept.move_to_end(key)
-            return fed
-
-    def put(self, key, fed):
-        with self._lock:
-            self._kept[key] = fed
-            self._kept.move_to_end(key)
-            if len(self._kept) > self.size:
-                self._kept.popitem(last=False)
 
 
 class Generator(tf.Module):
@@ -335,12 +310,13 @@ class Sampler:
 
     def __init__(self, loaded, jit_compile=True):
         """loaded: a savedir.Loaded; jit_compile=False for a generator without XLA (see Generator)."""
-        self.config, self.vocab, self.unk_token = loaded.config, loaded.vocab, loaded.unk_token
-        self.word_level = bool(self.config["word_level"])
+        self.train_config, self.model_config = loaded.train_config, loaded.model_config
+        self.vocab, self.unk_token = loaded.vocab, loaded.unk_token
+        self.word_level = bool(self.train_config.word_level)
         self.index = {token: i for i, token in enumerate(self.vocab)}
         self.generator = Generator(loaded.model, space_id=self.index.get(" ", -1), jit_compile=jit_compile)
         self.start_id = self.index.get(EMPTY_PRIME_START, 0)
-        self.keep_crlf = savedir.keeps_crlf(self.config, self.vocab)
+        self.keep_crlf = bool(self.train_config.keep_crlf)
         self._beam = None  # a beam.BeamSearch, made at the first beam_search
 
     @classmethod
@@ -351,7 +327,7 @@ class Sampler:
         """
         sampler = cls(savedir.load(save_dir))
         if word_level_flag and not sampler.word_level:
-            savedir.warn("--word_level ignored: this model was trained at character level")
+            warn("--word_level ignored: this model was trained at character level")
         return sampler
 
     def encode(self, prime):
@@ -443,33 +419,3 @@ class Sampler:
         if self.word_level and prime and text and not prime[-1].isspace() and text[0] != NEWLINE:
             return prime + " " + text  # words are joined by single spaces, line breaks stand alone
         return prime + text
-
-
-class SampleText:
-    """The generated text of one sample, block of ids by block: joined to the prime as Sampler.join joins, and cut
-    right before the first stop string. add() returns the text that is final; rest() what was held back."""
-
-    def __init__(self, sampler, prime, stops=()):
-        self.sampler, self.prime, self.stops = sampler, prime, stops
-        self.held_back = max(map(len, stops), default=1) - 1  # a stop string may begin in the last characters
-        self.pending, self.last, self.made, self.stopped = "", None, 0, False
-
-    def add(self, ids):
-        tokens = [self.sampler.vocab[i] for i in ids]
-        if self.last is None:  # the first block: joined to the prime as join() does
-            self.pending += self.sampler.join(self.prime, tokens)[len(self.prime):]
-        else:  # join_tokens' separator before the block depends on the token before it
-            self.pending += join_tokens([self.last, *tokens], self.sampler.word_level)[len(self.last):]
-        self.last, self.made = tokens[-1], self.made + len(tokens)
-        found = [index for index in (self.pending.find(stop) for stop in self.stops) if index >= 0]
-        if found:
-            self.stopped = True
-            final, self.pending = self.pending[:min(found)], ""
-            return final
-        cut = max(len(self.pending) - self.held_back, 0)
-        final, self.pending = self.pending[:cut], self.pending[cut:]
-        return final
-
-    def rest(self):
-        rest, self.pending = self.pending, ""
-        return rest

@@ -30,7 +30,6 @@ import yaml
 import checkpoints
 from files import atomic_write_bytes
 from model import CharRNN
-from runtime import warn  # noqa: F401  (sampler.py warns through savedir)
 from settings import ModelConfig, TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -102,12 +101,6 @@ def read_vocab(save_dir):
         raise ValueError(f"{path} is not a vocabulary written by train.py; the save dir is damaged")
 
 
-def keeps_crlf(config, vocab):
-    """Whether a model reads CRLF as two characters: its --keep_crlf, or for a model trained before that flag
-    existed (when CRLF was always kept), whether its vocabulary has a carriage return."""
-    return bool(config.get("keep_crlf", "\r" in vocab))
-
-
 def saved_settings(config, model_config, unk_token):
     """What config.yaml holds: every flag of `config` (a TrainConfig), the model's config (with what the data
     decided) and the unk token."""
@@ -116,12 +109,14 @@ def saved_settings(config, model_config, unk_token):
 
 def train_config(saved, vocab):
     """The TrainConfig of a config.yaml's settings. A setting added after the model was trained takes its default
-    (the run had no other), keep_crlf as keeps_crlf says; data_dir has none (a config.yaml without one does not say
-    where its text is); entries that are no flag (the model's config, the unk token) are left out."""
+    (the run had no other), except keep_crlf: a model trained before that flag existed (when CRLF was always kept)
+    reads CRLF as two characters when its vocabulary has a carriage return. data_dir has none (a config.yaml
+    without one does not say where its text is); entries that are no flag (the model's config, the unk token) are
+    left out."""
     flags = {field.name for field in dataclasses.fields(TrainConfig)}
     values = {name: value for name, value in saved.items() if name in flags}
     values.setdefault("data_dir", None)
-    values.setdefault("keep_crlf", keeps_crlf(saved, vocab))
+    values.setdefault("keep_crlf", "\r" in vocab)
     return TrainConfig(**values)
 
 
@@ -133,11 +128,6 @@ class Saved:
     model_config: ModelConfig
     vocab: list
     unk_token: str | None
-
-    @property
-    def config(self):
-        """config.yaml's settings by name, as train.py writes them (an older config.yaml's missing ones filled)."""
-        return saved_settings(self.train_config, self.model_config, self.unk_token)
 
 
 def read_saved(save_dir):

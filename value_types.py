@@ -7,7 +7,8 @@ from runtime import FLOAT32_TINY, in_float32_range
 
 
 def number_type(kind, check, description):
-    """An argparse type: text -> `kind`, kept when `check` holds; otherwise ArgumentTypeError "TEXT is not DESCRIPTION"."""
+    """A flag type: text -> kind(text), refused (naming `description`) when it does not parse or check(value) is
+    false. The server's flags make their own (sample_server.py)."""
     def parse(text):
         try:
             value = kind(text)

@@ -287,15 +287,7 @@ def main(argv=None):
             port = free_port()
             servers[setup] = (start_server(save_dir, args, port, checkout, flags), port)
         model = [wait_until_ready(server, port) for server, port in servers.values()][0]
-        results = {}
-        for clients in args.clients:
-            for round_ in range(args.rounds):
-                for setup in turns(list(setups), round_):
-                    server, port = servers[setup]
-                    measured = measure(args, port, clients, server.pid)
-                    line = result_line(setup, clients, args, *measured)
-                    print(json.dumps(line), flush=True)
-                    results.setdefault((setup, clients), []).append(line)
+        results = measure_in_turns(args, setups, servers)
         floors = None
         if args.ceiling and set(SETUPS) <= set(setups) and cpu_seconds(os.getpid()) is not None:
             floors = request_floors(args, *servers["batched"])
@@ -306,6 +298,31 @@ def main(argv=None):
     finally:
         stop_servers(servers)
         shutil.rmtree(work, ignore_errors=True)
+    summary = summarize(args, setups, model, results)
+    if floors:
+        summary |= ceiling(args, floors, token_ms, summary)
+    print(json.dumps(summary))
+    return 0
+
+
+def measure_in_turns(args, setups, servers):
+    """Measure each setup's server at each client count, args.rounds times, the setups in turns (see turns);
+    prints each measurement's line and returns them: {(setup, clients): [line of each round]}."""
+    results = {}
+    for clients in args.clients:
+        for round_ in range(args.rounds):
+            for setup in turns(list(setups), round_):
+                server, port = servers[setup]
+                measured = measure(args, port, clients, server.pid)
+                line = result_line(setup, clients, args, *measured)
+                print(json.dumps(line), flush=True)
+                results.setdefault((setup, clients), []).append(line)
+    return results
+
+
+def summarize(args, setups, model, results):
+    """The summary of measure_in_turns' results: the median of the rounds for each setup and client count, and
+    the ratios between the setups."""
     summary = {"project": "char-rnn-tensorflow", "mode": "server_summary", "model": model, "n": args.n,
                "rounds": args.rounds}
     for clients in args.clients:
@@ -322,10 +339,7 @@ def main(argv=None):
         else:
             summary[f"ratio_{clients}_clients"] = round(summary[f"batched_{clients}_requests_per_s"]
                                                         / summary[f"batching_off_{clients}_requests_per_s"], 2)
-    if floors:
-        summary |= ceiling(args, floors, token_ms, summary)
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 def turns(setups, round_):

@@ -134,9 +134,9 @@ MUTATIONS = [
     Mutation("top_p_keeps_one_more", "sampler.py", "kept = tf.reduce_sum(tf.cast(likelier < top_p[:, tf.newaxis], tf.int32), axis=-1)",
              "kept = tf.minimum(tf.reduce_sum(tf.cast(likelier <= top_p[:, tf.newaxis], tf.int32), axis=-1) + 1, "
              "tf.shape(logits)[-1])", ("tests/test_sample.py", "-k", "top_p")),
-    Mutation("stop_string_printed", "sampler.py", "final, self.pending = self.pending[:min(found)], \"\"",
+    Mutation("stop_string_printed", "sample_text.py", "final, self.pending = self.pending[:min(found)], \"\"",
              "final, self.pending = self.pending, \"\"", ("tests/test_sample_features.py", "-k", "stop")),
-    Mutation("stop_string_not_held_back", "sampler.py",
+    Mutation("stop_string_not_held_back", "sample_text.py",
              "self.held_back = max(map(len, stops), default=1) - 1", "self.held_back = 0",
              ("tests/test_sample_features.py", "-k", "stop_string_cuts")),
     Mutation("samples_share_a_seed", "sampler.py",
@@ -175,7 +175,7 @@ MUTATIONS = [
              "x_bias, h_bias = unrolled.split_bias(self.cell_type, cell.bias.value)",
              "x_bias, h_bias = (tf.reduce_sum(cell.bias.value, 0), None) if self.cell_type == \"gru\" "
              "else (cell.bias.value, None)", ("tests/test_model.py", "-k", "step_computes")),
-    Mutation("stop_string_latest_wins", "sampler.py", "final, self.pending = self.pending[:min(found)], \"\"",
+    Mutation("stop_string_latest_wins", "sample_text.py", "final, self.pending = self.pending[:min(found)], \"\"",
              "final, self.pending = self.pending[:max(found)], \"\"", ("tests/test_sample_features.py", "-k", "stop")),
     Mutation("word_space_before_line_break", "utils.py", "if token != NEWLINE and pieces and pieces[-1] != NEWLINE:",
              "if pieces and pieces[-1] != NEWLINE:", ("tests/test_words.py", "-k", "line_break")),

@@ -4,8 +4,9 @@ import threading
 
 import pytest
 
-from batching import MIN_BLOCK_STEPS, Batcher, BatcherPool, Busy, block_steps, bucket, default_batchers, split
-from sampler import GENERATE_BLOCK, GenerationStopped, Sampler
+from batching import MIN_BLOCK_STEPS, Batcher, BatcherPool, block_steps, bucket, default_batchers, split
+from errors import Busy, GenerationStopped
+from sampler import GENERATE_BLOCK, Sampler
 from settings import SampleSettings
 
 # Different primes, lengths (within one block, exactly one, just over, several), modes and filters.

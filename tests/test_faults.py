@@ -787,7 +787,7 @@ def serving(save_dir, log_path, *flags):
 def test_a_stopped_generator_raises_generation_stopped_from_any_thread(trained_save_dir):
     import threading
 
-    from sampler import GenerationStopped
+    from errors import GenerationStopped
     sampler = Sampler.load(trained_save_dir)
     expected = sampler.sample("the", 300, seed=4)
     threading.Timer(0.5, sampler.generator.stop).start()

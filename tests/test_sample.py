@@ -10,7 +10,8 @@ import sample
 import sampler as sampler_module
 import train
 from conftest import TINY_MODEL, make_data_dir, run_script
-from sampler import GENERATE_BLOCK, PrimeStates, Sampler
+from prime_states import PrimeStates
+from sampler import GENERATE_BLOCK, Sampler
 from settings import MAX_N, MAX_SEED, SampleSettings, check_settings
 
 WORD_TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n" * 40

@@ -19,7 +19,8 @@ import savedir
 import train
 import utils
 from conftest import REAL_CORPUS, TINY_MODEL, make_data_dir, run_script
-from sampler import Sampler, SampleText
+from sample_text import SampleText
+from sampler import Sampler
 from test_evaluate import reference_loss
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
@@ -209,7 +210,7 @@ def test_training_starts_from_the_vectors_with_their_own_size_and_samples(word_m
                        "--learning_rate", TINY_LEARNING_RATE, "--max_steps", "1") == 0
     assert MISSING_MESSAGE in capsys.readouterr().out
     loaded = savedir.load(save)
-    assert loaded.config["embedding_size"] == VECTOR_SIZE and loaded.config["rnn_size"] == RNN_SIZE
+    assert loaded.model_config.embedding_size == VECTOR_SIZE and loaded.model_config.rnn_size == RNN_SIZE
     embedding = loaded.model.embedding.embeddings.numpy()
     assert embedding.shape == (len(WORDS), VECTOR_SIZE)
     for word, vector in vectors.items():  # after one step at the tiny learning rate: still the vectors

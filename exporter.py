@@ -1,12 +1,17 @@
-"""Export for deployment: `ExportedModel`, a graph that takes text and returns text with no project code and no
-XLA, and `write_export`, which saves it as a SavedModel into an export dir without ever leaving one half-written.
+"""Export for deployment: `ExportedModel`, a graph that takes text and returns text with no project code (and,
+unless asked for, no XLA), and `write_export`, which saves it as a SavedModel into an export dir without ever
+leaving one half-written.
 
 Inside the graph travel what sample.py does around the network: the vocabulary (a lookup table), the tokenizer
 (code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
-Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
+Generator's loop of blocks (sampler.py), built without XLA unless xla=True, and the join of the tokens into text.
+Signatures:
     serving_default = generate: prime and each sampling setting (settings.SETTINGS, by the server's parameter
-                      names) -> text, token_ids
+                      names), scalars -> text, token_ids
+    generate_batch: the same inputs with a leading batch dimension, one row per sample, each with its own settings
+                    -> text [rows], token_ids [rows, max n] (-1 past a row's n): what TensorFlow Serving's
+                    server-side batching can merge
     step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
 An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
 `step` needs; it also marks the folder as an export, which --force may replace).
@@ -21,17 +26,21 @@ import types
 import tensorflow as tf
 
 from files import current_umask
-from sampler import Sampler
+from sampler import GENERATE_BLOCK, ROW_SETTINGS, Sampler
 from settings import CHECKED, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES
 from utils import CRLF, NEWLINE, NUM_CODE_POINTS
 
 INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
 SAVED_MODEL_FILE = "saved_model.pb"
-SIGNATURES = ("serving_default", "generate", "step")
+SIGNATURES = ("serving_default", "generate", "generate_batch", "step")
 # generate's inputs: the prime, then every checked sampling setting, named as the server's parameters.
 GENERATE_INPUTS = [tf.TensorSpec([], tf.string, name="prime")] + [
     tf.TensorSpec([], setting.dtype, name=setting.http) for setting in CHECKED]
+# generate_batch's: the same, each with a leading batch dimension (one value per row), the dimension along which
+# TensorFlow Serving's batching merges requests.
+GENERATE_BATCH_INPUTS = [tf.TensorSpec([None], spec.dtype, name=spec.name) for spec in GENERATE_INPUTS]
+PAD_ID = -1  # generate_batch's token_ids past a row's n (its rows are as long as the longest)
 MAX_UNKNOWN_SHOWN = 10  # as utils.encode_tokens: an error names at most this many unknown tokens
 # Python's \s, which utils.tokenize splits words on, is every code point for which str.isspace() holds; RE2's
 # \s is ASCII only, so the graph's tokenizer spells the class out.
@@ -48,12 +57,15 @@ ENDS_IN_WHITESPACE = "(?s).*" + _re2_class(WHITESPACE)
 
 
 class ExportedModel(tf.Module):
-    """The graph of one restored model: generate (text in, text out) and step; see the module docstring."""
+    """The graph of one restored model: generate (text in, text out), generate_batch (its rows side by side) and
+    step; see the module docstring."""
 
-    def __init__(self, loaded):
-        """loaded: a savedir.Loaded."""
+    def __init__(self, loaded, xla=False):
+        """loaded: a savedir.Loaded. xla: compile the generation blocks with XLA (faster; runs only where XLA
+        does: TensorFlow in Python, TensorFlow Serving with --xla_cpu_compilation_enabled or on a GPU)."""
         super().__init__(name="char_rnn")
-        sampler = Sampler(loaded, jit_compile=False)  # TensorFlow Serving runs no XLA on the CPU
+        sampler = Sampler(loaded, jit_compile=xla)
+        self.xla = xla
         # A Keras 3 model offers SavedModel a default signature traced from call(inputs) alone, which CharRNN
         # (whose states are an argument) cannot trace: the model and the generator stay out of the saved object
         # tree, and their variables are saved instead (as keras.export.ExportArchive does).
@@ -68,29 +80,92 @@ class ExportedModel(tf.Module):
         states = tf.TensorSpec([model.num_states, None, model.rnn_size], tf.float32, name="states")
         self.step = tf.function(self._step, input_signature=[tf.TensorSpec([None], tf.int32, name="token_ids"),
                                                              states])
+        self.generate_batch = tf.function(self._generate_batch, input_signature=GENERATE_BATCH_INPUTS)
 
     def signatures(self):
         """{name: concrete function} for tf.saved_model.save."""
         generate = self.generate.get_concrete_function()
-        return {"serving_default": generate, "generate": generate, "step": self.step.get_concrete_function()}
+        return {"serving_default": generate, "generate": generate,
+                "generate_batch": self.generate_batch.get_concrete_function(),
+                "step": self.step.get_concrete_function()}
 
     @tf.function(input_signature=GENERATE_INPUTS)
     def generate(self, prime, *settings):
         """What sample.py prints (without its final newline) for these settings (GENERATE_INPUTS' order): {"text":
         the prime followed by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
+        prime, values = self.checked_inputs(prime, settings)
+        ids = self.encode(prime[tf.newaxis]).flat_values
+        ids = tf.cond(tf.size(ids) > 0, lambda: ids, lambda: tf.constant([self.start_id]))
+        generated = self.parts.generator.generate(ids, **values)
+        return {"text": self.join(prime, tf.gather(self.vocabulary, generated)), "token_ids": generated}
+
+    def _generate_batch(self, prime, *settings):
+        """generate for a batch of rows (GENERATE_BATCH_INPUTS, one value of each per row): {"text": [rows],
+        "token_ids": [rows, the largest n], PAD_ID past a row's n}. Each row's text is generate's for its own
+        values: its prime is fed alone, it draws with its own seed at its own positions, and it is cut at its own
+        n (every row runs as many steps as the longest)."""
+        rows = tf.size(prime)
+        with tf.control_dependencies([tf.debugging.Assert(tf.equal(tf.size(value), rows), [
+                f"every input needs one value per prime: {spec.name} has", tf.size(value), "for", rows, "primes"])
+                for spec, value in zip(GENERATE_BATCH_INPUTS[1:], settings)]):
+            prime = tf.identity(prime)
+        prime, values = self.checked_inputs(prime, settings)
+        previous, logits, states = self.feed_primes(self.encode(prime))
+        row_values = {setting.name: values[setting.name] for setting in ROW_SETTINGS}
+        tokens = self.generate_rows(values["n"], previous, logits, states, row_values)
+        text = self.join_rows(prime, tokens.with_flat_values(tf.gather(self.vocabulary, tokens.flat_values)))
+        return {"text": text, "token_ids": tokens.to_tensor(default_value=PAD_ID)}
+
+    def checked_inputs(self, prime, settings):
+        """(the prime(s) with CRLF read as LF unless the model keeps it, {name: value} of the settings given in
+        CHECKED's order), once every setting passed check_settings; mode 2 becomes 1 at word level."""
         values = {setting.name: value for setting, value in zip(CHECKED, settings)}
         with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
             prime = tf.strings.regex_replace(prime, CRLF, NEWLINE)
-        ids = self.encode(prime)
-        ids = tf.cond(tf.size(ids) > 0, lambda: ids, lambda: tf.constant([self.start_id]))
-        mode = values["mode"]
         if self.word_level:  # every word follows a space, so "sample on spaces" samples at every step
-            mode = tf.where(tf.equal(mode, MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, mode)
-        values.update(mode=mode)
-        generated = self.parts.generator.generate(ids, **values)
-        return {"text": self.join(prime, tf.gather(self.vocabulary, generated)), "token_ids": generated}
+            values["mode"] = tf.where(tf.equal(values["mode"], MODE_SAMPLE_ON_SPACES), MODE_SAMPLE, values["mode"])
+        return prime, values
+
+    def feed_primes(self, ids):
+        """Feed each row's prime ids (ragged [rows, None]; an empty row gets the empty prime's start id) alone,
+        as the Generator feeds one prime, so that a row's state does not depend on its batch-mates: (the last ids
+        [rows], the logits after them [rows, vocab], the states, each [rows, size])."""
+        model, generator = self.parts.model, self.parts.generator
+
+        def feed(row):
+            prime = ids.flat_values[ids.row_splits[row]:ids.row_splits[row + 1]]
+            prime = tf.cond(tf.size(prime) > 0, lambda: prime, lambda: tf.constant([self.start_id]))
+            previous, logits, states = generator._feed_prime(prime)
+            return previous, logits, tuple(state[0] for state in states)
+
+        size = tf.TensorSpec([model.rnn_size], tf.float32)
+        return tf.map_fn(feed, tf.range(ids.nrows(out_type=tf.int32)), fn_output_signature=(
+            tf.int32, tf.TensorSpec([model.vocab_size], tf.float32), (size,) * model.num_states))
+
+    def generate_rows(self, n, previous, logits, states, settings):
+        """Generator.generate's loop of blocks over rows fed by feed_primes, every row at the same position, for
+        the largest n[r] steps (the last block runs only the steps it needs); returns the tokens as a ragged
+        [rows, n[r]] (fewer once the generator was stopped)."""
+        generator, rows = self.parts.generator, tf.size(n)
+        longest = tf.reduce_max(tf.concat([n, [0]], 0))
+
+        def body(made, previous, logits, states, tokens):
+            steps = tf.minimum(GENERATE_BLOCK, longest - made)
+            block, previous, logits, states = generator._block(steps, tf.fill([rows], made), previous, logits, states,
+                                                               settings)
+            return made + steps, previous, logits, states, tf.concat([tokens, block[:, :steps]], 1)
+
+        def more(made, *_):
+            return tf.logical_and(made < longest, tf.logical_not(generator.stopped.read_value()))
+
+        start = (tf.constant(0), previous, logits, states, tf.zeros([rows, 0], tf.int32))
+        # The tokens grow by a block each time round; the rows' count is known only when the graph runs.
+        any_rows = tf.nest.map_structure(lambda t: tf.TensorShape([None] + t.shape.as_list()[1:]), start[1:4])
+        invariants = (tf.TensorShape([]), *any_rows, tf.TensorShape([None, None]))
+        made, _, _, _, tokens = tf.while_loop(more, body, start, shape_invariants=invariants)
+        return tf.RaggedTensor.from_tensor(tokens, lengths=tf.minimum(n, made))
 
     def _step(self, token_ids, states):
         """One step of the network for a batch: token_ids [batch], states [num_states, batch, rnn_size] (zeros to
@@ -99,26 +174,26 @@ class ExportedModel(tf.Module):
         logits, new_states = model.step(token_ids, tuple(tf.unstack(states, num=model.num_states)))
         return {"logits": logits, "states": tf.stack(new_states)}
 
-    def tokenize(self, text):
-        """A UTF-8 string scalar -> its tokens [count] (utils.tokenize); invalid UTF-8 is an error."""
-        characters = tf.strings.unicode_split(text, "UTF-8", errors="strict")
+    def tokenize(self, texts):
+        """UTF-8 strings [rows] -> their tokens, ragged [rows, None] (utils.tokenize); invalid UTF-8 is an error."""
+        characters = tf.strings.unicode_split(texts, "UTF-8", errors="strict")
         if not self.word_level:
             return characters
-        with tf.control_dependencies([characters]):
+        with tf.control_dependencies([characters.flat_values]):
             # Separating whitespace becomes one space each and a line break gets a space either side, so the
             # pieces between spaces are the words and the line breaks (and empty pieces, dropped).
-            spaced = tf.strings.regex_replace(text, SEPARATOR_CLASS, " ")
+            spaced = tf.strings.regex_replace(texts, SEPARATOR_CLASS, " ")
             pieces = tf.strings.split(tf.strings.regex_replace(spaced, NEWLINE, f" {NEWLINE} "), sep=" ")
-        return tf.boolean_mask(pieces, tf.strings.length(pieces) > 0)
+        return tf.ragged.boolean_mask(pieces, tf.strings.length(pieces) > 0)
 
-    def encode(self, text):
-        """A UTF-8 string scalar -> token ids [count]; unknown tokens become <unk> where the model has one, and
-        are otherwise an error naming them (utils.encode_tokens)."""
-        tokens = self.tokenize(text)
-        ids = self.table.lookup(tokens)
+    def encode(self, texts):
+        """UTF-8 strings [rows] -> token ids, ragged [rows, None]; unknown tokens become <unk> where the model has
+        one, and are otherwise an error naming them (utils.encode_tokens)."""
+        tokens = self.tokenize(texts)
+        ids = self.table.lookup(tokens.flat_values)
         if self.unk_id >= 0:
-            return tf.where(ids < 0, self.unk_id, ids)
-        unknown = tf.unique(tf.boolean_mask(tokens, ids < 0)).y  # in order of first appearance
+            return tokens.with_flat_values(tf.where(ids < 0, self.unk_id, ids))
+        unknown = tf.unique(tf.boolean_mask(tokens.flat_values, ids < 0)).y  # in order of first appearance
         # Quoted with curly quotes: TensorFlow escapes straight ones (and line breaks) in an assertion's message.
         shown = tf.strings.reduce_join("\u201c" + unknown[:MAX_UNKNOWN_SHOWN] + "\u201d", separator=", ")
         more = tf.where(tf.size(unknown) > MAX_UNKNOWN_SHOWN, ", ...", "")
@@ -126,7 +201,13 @@ class ExportedModel(tf.Module):
         known = tf.debugging.Assert(tf.equal(tf.size(unknown), 0),
                                     [f"the prime has {kind} the model does not know: " + shown + more])
         with tf.control_dependencies([known]):
-            return tf.identity(ids)
+            return tokens.with_flat_values(tf.identity(ids))
+
+    def join_rows(self, primes, tokens):
+        """join for each row: primes [rows], tokens ragged [rows, None] -> texts [rows]."""
+        if not self.word_level:
+            return primes + tf.strings.reduce_join(tokens, axis=-1)
+        return tf.map_fn(lambda row: self.join(*row), (primes, tokens), fn_output_signature=tf.string)
 
     def join(self, prime, tokens):
         """The prime followed by the generated tokens [n] as one string (Sampler.join)."""
@@ -147,7 +228,7 @@ class ExportedModel(tf.Module):
         return {"format": "char-rnn-tensorflow export", "version": 1,
                 "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "checkpoint": os.path.abspath(loaded.path), "signatures": list(SIGNATURES),
-                "word_level": self.word_level, "keep_crlf": self.keep_crlf, "tokens": loaded.vocab,
+                "xla": self.xla, "word_level": self.word_level, "keep_crlf": self.keep_crlf, "tokens": loaded.vocab,
                 "unk_token": loaded.unk_token, "empty_prime_start_id": self.start_id,
                 "model": model.cell_type, "num_layers": model.num_layers, "rnn_size": model.rnn_size,
                 "num_states": model.num_states,
@@ -156,16 +237,17 @@ class ExportedModel(tf.Module):
 
 def check_settings(values):
     """settings.check_settings as graph asserts, in its order and with its reasons: a bad setting fails the call
-    with the same one-line reason (the value it got follows it). values: {name: scalar tensor}, by SampleSettings
-    field."""
+    with the same one-line reason (the value it got follows it; in a batch, the rows' values that are bad).
+    values: {name: scalar or [rows] tensor}, by SampleSettings field."""
     asserts = []
     for setting in CHECKED:
         value = values[setting.name]
         if setting.choices is not None:
-            valid = tf.reduce_any(tf.equal(value, list(setting.choices)))
+            valid = tf.reduce_any(tf.equal(value[..., tf.newaxis], list(setting.choices)), axis=-1)
         else:
             valid = (value >= tf.constant(setting.low, value.dtype)) & (value <= tf.constant(setting.high, value.dtype))
-        asserts.append(tf.debugging.Assert(valid, [f"{setting.reason()}, got", value]))
+        shown = value if value.shape.rank == 0 else tf.boolean_mask(value, tf.logical_not(valid))
+        asserts.append(tf.debugging.Assert(tf.reduce_all(valid), [f"{setting.reason()}, got", shown]))
     return asserts
 
 
@@ -195,8 +277,9 @@ def check_export_dir(export_dir, force):
     return True
 
 
-def write_export(loaded, export_dir, tflite=False):
-    """Save the SavedModel of a savedir.Loaded (and with tflite, its step as LiteRT) into export_dir.
+def write_export(loaded, export_dir, tflite=False, xla=False):
+    """Save the SavedModel of a savedir.Loaded (and with tflite, its step as LiteRT) into export_dir; with xla,
+    its generation blocks are compiled by XLA (see ExportedModel).
 
     It is written complete into a temporary folder beside export_dir and renamed into place; an earlier export
     there (check_export_dir decides whether one may be replaced) is set aside first and removed last.
@@ -205,7 +288,7 @@ def write_export(loaded, export_dir, tflite=False):
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        exported = ExportedModel(loaded)
+        exported = ExportedModel(loaded, xla)
         try:
             tf.saved_model.save(exported, work, signatures=exported.signatures())
             if tflite:

@@ -3,6 +3,7 @@ another Python program with only TensorFlow installed, or (its single step) Lite
 
 usage: python export.py --save_dir save                     # writes save/export/1
        python export.py --save_dir save/best --export_dir models/shakespeare/2 --tflite
+       python export.py --save_dir save --xla                # generation compiled by XLA (faster, see --help)
 """
 import argparse
 import os
@@ -26,6 +27,10 @@ def build_parser():
                              "replaced)")
     parser.add_argument("--tflite", action="store_true",
                         help="also convert the step signature to LiteRT (TFLite): EXPORT_DIR/assets.extra/step.tflite")
+    parser.add_argument("--xla", action="store_true",
+                        help="compile the generation loop with XLA: faster (docs/export.md), but it runs only where "
+                             "XLA does: TensorFlow in Python, or TensorFlow Serving on a GPU or started with "
+                             "--xla_cpu_compilation_enabled=true")
     return parser
 
 
@@ -39,10 +44,12 @@ def main(argv=None):
         import savedir
         replacing = exporter.check_export_dir(export_dir, args.force)  # before the model loads
         loaded = savedir.load(args.save_dir)
-        exporter.write_export(loaded, export_dir, args.tflite)
+        exporter.write_export(loaded, export_dir, args.tflite, args.xla)
         done = "replaced the earlier export in" if replacing else "exported to"
         extra = f" and {exporter.TFLITE_FILE}" if args.tflite else ""
-        print(f"{done} {export_dir}: {loaded.path} as signatures serving_default (= generate) and step{extra}")
+        compiled = ", generation compiled by XLA" if args.xla else ""
+        print(f"{done} {export_dir}: {loaded.path} as signatures serving_default (= generate), generate_batch and "
+              f"step{extra}{compiled}")
 
     return cli.run(export)
 

@@ -41,8 +41,19 @@ GENERATE_INPUTS = {"prime": ([], tf.string), "n": ([], tf.int32), "temperature":
                    "sample_mode": ([], tf.int32), "top_k": ([], tf.int32), "top_p": ([], tf.float32),
                    "seed": ([], tf.int64)}
 GENERATE_OUTPUTS = {"text": ([], tf.string), "token_ids": ([None], tf.int32)}
+# generate_batch: the same inputs with a batch dimension, and the outputs of each row.
+BATCH_INPUTS = {name: ([None], dtype) for name, (_, dtype) in GENERATE_INPUTS.items()}
+BATCH_OUTPUTS = {"text": ([None], tf.string), "token_ids": ([None, None], tf.int32)}
+# Eight rows of one batch, each unlike the others: primes of different lengths (an empty one, CRLF, a line break),
+# n from 0 to past one generation block, every mode, temperatures, top_k, top_p and seeds (one above 32 bits).
+BATCH_ROWS = [("the ", 60, 0, 1.0, 7, 0, 1.0), ("", 40, 1, 1.5, 3, 0, 1.0),
+              ("the\r\ncat ", GENERATE_BLOCK + 30, 1, 1.0, 5, 3, 1.0), ("on the mat", 40, 2, 1.2, 2 ** 40 + 9, 0, 1.0),
+              ("t", 0, 1, 1.0, 4, 0, 1.0), ("the dog sat on the log.\n", 25, 1, 0.7, 6, 2, 0.9),
+              ("a", 50, 2, 2.0, 12, 0, 0.6), ("the cat sat", 1, 1, 1.0, 99, 4, 0.8)]
 
-# Run with `python -I` from a folder outside the repository: only TensorFlow, never the project's code.
+# Run with `python -I` from a folder outside the repository: only TensorFlow, never the project's code. Each case
+# names an export dir, a signature and its inputs (by name, as JSON values); its result is {"text", "token_ids"} as
+# JSON values, or {"error": the message}.
 CLIENT = r"""
 import json, sys
 try:
@@ -55,23 +66,39 @@ models, results = {}, []
 for case in json.load(sys.stdin):
     if case["export_dir"] not in models:
         models[case["export_dir"]] = tf.saved_model.load(case["export_dir"])
-    generate = models[case["export_dir"]].signatures["serving_default"]
+    generate = models[case["export_dir"]].signatures[case["signature"]]
+    specs = generate.structured_input_signature[1]
     try:
-        out = generate(prime=tf.constant(case["prime"]), n=tf.constant(case["n"], tf.int32),
-                       temperature=tf.constant(case["temperature"], tf.float32),
-                       sample_mode=tf.constant(case["mode"], tf.int32), top_k=tf.constant(case["top_k"], tf.int32),
-                       top_p=tf.constant(case["top_p"], tf.float32), seed=tf.constant(case["seed"], tf.int64))
-        results.append(out["text"].numpy().decode("utf-8"))
+        out = generate(**{name: tf.constant(value, specs[name].dtype) for name, value in case["inputs"].items()})
+        text = out["text"].numpy()
+        text = text.decode("utf-8") if out["text"].shape.rank == 0 else [row.decode("utf-8") for row in text]
+        results.append({"text": text, "token_ids": out["token_ids"].numpy().tolist()})
     except tf.errors.InvalidArgumentError as e:
-        results.append("error: " + e.message)
+        results.append({"error": e.message})
 print(json.dumps(results))
 """
+
+
+def inputs(prime, n, mode, temperature, seed, top_k, top_p):
+    """A generate signature's inputs, by name, for a case's settings (in CHAR_CASES' order)."""
+    return {"prime": prime, "n": n, "sample_mode": mode, "temperature": temperature, "seed": seed, "top_k": top_k,
+            "top_p": top_p}
+
+
+def run_client(cases, cwd, env=None):
+    """CLIENT's results for these cases, from a fresh `python -I` in cwd (outside the repository)."""
+    env = {name: value for name, value in {**os.environ, **(env or {})}.items() if not name.startswith("PYTHON")}
+    result = subprocess.run([sys.executable, "-I", "-c", CLIENT], input=json.dumps(cases), capture_output=True,
+                            text=True, cwd=cwd, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def exports(trained_save_dir, tmp_path_factory):
     """{level: (save dir, export dir)}: the shared character model (exported with --tflite) and two word-level
-    models, one with a capped vocabulary (<unk>), each exported by export.py."""
+    models, one with a capped vocabulary (<unk>), each exported by export.py; and "xla": the character model
+    exported with --xla."""
     root = tmp_path_factory.mktemp("export")
     data = make_data_dir(root / "data", WORD_TEXT)
     saves = {"char": trained_save_dir, "word": str(root / "word"), "capped": str(root / "capped")}
@@ -83,6 +110,9 @@ def exports(trained_save_dir, tmp_path_factory):
         export_dir = str(root / "exports" / level / "1")
         assert export.main(["--save_dir", save, "--export_dir", export_dir, *(["--tflite"] * (level == "char"))]) == 0
         result[level] = (save, export_dir)
+    export_dir = str(root / "exports" / "xla" / "1")  # the character model again, its generation compiled by XLA
+    assert export.main(["--save_dir", saves["char"], "--export_dir", export_dir, "--xla"]) == 0
+    result["xla"] = (saves["char"], export_dir)
     return result
 
 
@@ -108,12 +138,11 @@ def test_a_fresh_python_without_the_project_gets_sample_pys_text(exports, tmp_pa
     for level, level_cases in (("char", CHAR_CASES), ("word", WORD_CASES), ("capped", CAPPED_CASES)):
         save, export_dir = exports[level]
         sampler = Sampler.load(save)  # what sample.py prints (checked against sample.py once per level below)
-        for i, (prime, n, mode, temperature, seed, top_k, top_p) in enumerate(level_cases):
-            cases.append({"export_dir": export_dir, "prime": prime, "n": n, "mode": mode,
-                          "temperature": temperature, "seed": seed, "top_k": top_k, "top_p": top_p})
-            expected.append(sampler.sample(prime, n, mode, temperature, seed, top_k, top_p))
+        for i, case in enumerate(level_cases):
+            cases.append({"export_dir": export_dir, "signature": "serving_default", "inputs": inputs(*case)})
+            expected.append(sampler.sample(*case))
             if i == 1:
-                assert sample_py(save, prime, n, mode, temperature, seed, top_k, top_p, capsys) == expected[-1]
+                assert sample_py(save, *case, capsys) == expected[-1]
     # Refused in the graph: an unknown character, an unknown word, a bad setting.
     refusals = [(exports["char"][1], "the Zebra\u00e9", 1.0, "the prime has characters the model does not know: "
                  + ", ".join(f"\u201c{c}\u201d" for c in "Zbr\u00e9")),
@@ -121,29 +150,76 @@ def test_a_fresh_python_without_the_project_gets_sample_pys_text(exports, tmp_pa
                  "the prime has words the model does not know: \u201czebra\u201d"),
                 (exports["char"][1], "the", 0.0, "temperature must be a number from 1.2e-38 to 3.4e+38, got")]
     for export_dir, prime, temperature, message in refusals:
-        cases.append({"export_dir": export_dir, "prime": prime, "n": 10, "mode": 1, "temperature": temperature,
-                      "seed": 1, "top_k": 0, "top_p": 1.0})
+        cases.append({"export_dir": export_dir, "signature": "serving_default",
+                      "inputs": inputs(prime, 10, 1, temperature, 1, 0, 1.0)})
         expected.append(message)
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
-    result = subprocess.run([sys.executable, "-I", "-c", CLIENT], input=json.dumps(cases), capture_output=True,
-                            text=True, cwd=tmp_path, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    texts = json.loads(result.stdout.strip().splitlines()[-1])
-    for case, text, wanted in zip(cases, texts, expected):
-        if case["temperature"] == 0.0 or "Zebra" in case["prime"] or "zebra" in case["prime"]:
-            assert text.startswith("error: ") and "assertion failed: [" + wanted in text, (case, text)
+    results = run_client(cases, tmp_path)
+    texts = [result.get("text") for result in results]
+    for case, result, wanted in zip(cases, results, expected):
+        if case["inputs"]["temperature"] == 0.0 or "ebra" in case["inputs"]["prime"]:
+            assert "assertion failed: [" + wanted in result["error"], (case, result)
         else:
-            assert text == wanted, case
+            assert result["text"] == wanted, case
     assert len(set(texts[:len(CHAR_CASES)])) == len(CHAR_CASES)  # the settings matter
+
+
+def batch_inputs(rows):
+    """generate_batch's inputs for rows of settings (in CHAR_CASES' order): {name: [each row's value]}."""
+    return {name: list(column) for name, column in zip(inputs(*rows[0]), zip(*rows))}
+
+
+@pytest.mark.slow
+def test_the_batched_signature_gives_each_row_its_sample_py_text_whatever_its_batch_mates(exports, tmp_path, capsys):
+    save = exports["char"][0]
+    sampler = Sampler.load(save)  # what sample.py prints (checked against sample.py for one row)
+    expected = [sampler.sample(*row) for row in BATCH_ROWS]
+    assert sample_py(save, *BATCH_ROWS[2], capsys) == expected[2]
+    word_rows = {level: rows for level, rows in (("word", WORD_CASES), ("capped", CAPPED_CASES))}
+    word_expected = {level: [Sampler.load(exports[level][0]).sample(*row) for row in rows]
+                     for level, rows in word_rows.items()}
+    cases = [{"export_dir": exports[kind][1], "signature": "generate_batch", "inputs": batch_inputs(BATCH_ROWS)}
+             for kind in ("char", "xla")]
+    cases += [{"export_dir": exports[level][1], "signature": "generate_batch", "inputs": batch_inputs(rows)}
+              for level, rows in word_rows.items()]
+    # A batch of one against the scalar signature.
+    char = exports["char"][1]
+    cases += [{"export_dir": char, "signature": "generate_batch", "inputs": batch_inputs(BATCH_ROWS[5:6])},
+              {"export_dir": char, "signature": "serving_default", "inputs": inputs(*BATCH_ROWS[5])}]
+    dumps = tmp_path / "xla-dumps"  # where XLA writes what it compiles in the client
+    plain, xla, word, capped, batch_of_one, scalar = run_client(cases, tmp_path,
+                                                                env={"XLA_FLAGS": f"--xla_dump_to={dumps}"})
+    longest = max(row[1] for row in BATCH_ROWS)
+    for result in (plain, xla):
+        assert result["text"] == expected
+        for ids, row in zip(result["token_ids"], BATCH_ROWS):  # each row's n ids, then padding to the longest
+            assert len(ids) == longest and min(ids[:row[1]], default=0) >= 0 and set(ids[row[1]:]) <= {-1}
+    assert len(set(expected)) == len(expected)  # the rows' settings matter
+    assert word["text"] == word_expected["word"] and capped["text"] == word_expected["capped"]
+    assert batch_of_one["text"] == [scalar["text"]] and batch_of_one["token_ids"] == [scalar["token_ids"]]
+    assert os.listdir(dumps)  # the --xla export ran compiled in a Python that only loaded it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": [1]}, "every input needs one value per prime: seed has] [1] [for] [2] [primes"),
+    ({"top_k": [0, -2]}, "top_k must be an integer from 0 to"),
+    ({"sample_mode": [3, 1]}, "sample_mode must be one of 0 (argmax)"),
+    ({"prime": ["the", "the Zoo"]}, "the prime has characters the model does not know: \u201cZ\u201d")])
+def test_the_batched_signature_refuses_a_bad_row_and_unequal_inputs(char_export, change, message):
+    values = {**batch_inputs([("the", 5, 1, 1.0, 1, 0, 1.0), ("on", 3, 0, 0.5, 2, 1, 0.9)]), **change}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+        char_export.signatures["generate_batch"](
+            **{name: tf.constant(value, BATCH_INPUTS[name][1]) for name, value in values.items()})
 
 
 def test_signatures_take_and_give_what_readme_lists(exports, char_export):
     model = savedir.load(exports["char"][0]).model
-    assert set(char_export.signatures) == {"serving_default", "generate", "step"}
-    for name in ("serving_default", "generate"):
+    assert set(char_export.signatures) == {"serving_default", "generate", "generate_batch", "step"}
+    for name, (inputs_, outputs) in (("serving_default", (GENERATE_INPUTS, GENERATE_OUTPUTS)),
+                                     ("generate", (GENERATE_INPUTS, GENERATE_OUTPUTS)),
+                                     ("generate_batch", (BATCH_INPUTS, BATCH_OUTPUTS))):
         signature = char_export.signatures[name]
-        assert _specs(signature.structured_input_signature[1]) == GENERATE_INPUTS
-        assert _specs(signature.structured_outputs) == GENERATE_OUTPUTS
+        assert _specs(signature.structured_input_signature[1]) == inputs_
+        assert _specs(signature.structured_outputs) == outputs
     step = char_export.signatures["step"]
     states = ([model.num_states, None, model.rnn_size], tf.float32)
     assert _specs(step.structured_input_signature[1]) == {"token_ids": ([None], tf.int32), "states": states}
@@ -156,15 +232,24 @@ def _specs(structure):
     return {name: (spec.shape.as_list(), spec.dtype) for name, spec in structure.items()}
 
 
-def test_the_export_holds_no_xla(exports):
-    saved = saved_model_pb2.SavedModel()
-    with open(os.path.join(exports["word"][1], exporter.SAVED_MODEL_FILE), "rb") as f:
-        saved.ParseFromString(f.read())
-    functions = saved.meta_graphs[0].graph_def.library.function
-    assert any(f.signature.name.startswith("__inference__generate_block") for f in functions)
-    for function in functions:
-        assert not (function.attr["_XlaMustCompile"].b or function.attr["_XlaCompile"].b), function.signature.name
-        assert not [node.op for node in function.node_def if node.op.startswith("Xla")]
+def test_the_export_holds_no_xla_unless_asked(exports):
+    def compiled(level):
+        """{name of each saved function: whether XLA compiles it}; no saved function holds XLA's own ops (an --xla
+        export is compiled where it runs)."""
+        saved = saved_model_pb2.SavedModel()
+        with open(os.path.join(exports[level][1], exporter.SAVED_MODEL_FILE), "rb") as f:
+            saved.ParseFromString(f.read())
+        functions = saved.meta_graphs[0].graph_def.library.function
+        for function in functions:
+            assert not [node.op for node in function.node_def if node.op.startswith("Xla")]
+        return {f.signature.name: f.attr["_XlaMustCompile"].b or f.attr["_XlaCompile"].b for f in functions}
+
+    def blocks(functions):
+        return [must for name, must in functions.items() if name.startswith("__inference__generate_block")]
+
+    plain, xla = compiled("word"), compiled("xla")
+    assert blocks(plain) and not any(plain.values())
+    assert blocks(xla) and all(blocks(xla))
 
 
 @pytest.mark.parametrize("setting, value, message", [

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import savedir
 from errors import GenerationStopped
+from philox import uniform_draws
 from prime_states import PrimeStates
 from runtime import warn
 from sample_text import SampleText
@@ -31,8 +32,6 @@ from settings import (
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
 GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop
-PHILOX = 1  # tf.random.Algorithm.PHILOX, the algorithm of the raw random ops
-FLOAT32_MANTISSA_BITS = 23
 PRIMES_KEPT = 256  # how many primes' states feed_prime keeps (the most recently used)
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
@@ -78,25 +77,6 @@ def keep_top_p(logits, top_p):
     return tf.cond(tf.reduce_any(top_p < 1.0), masked, lambda: logits)
 
 
-def uniform_draw(step_seed):
-    """One uniform float32 in [0, 1) from an int64 seed pair [seed, position]: the draw the XLA-compiled
-    sampler has always made with tf.random.stateless_uniform, spelled out so that it is the same without XLA.
-
-    Why: compiled by XLA on the CPU, stateless_uniform's auto-selected algorithm keeps only the low 32 bits of
-    each seed element and turns the top 23 bits of a Philox draw into the float; TensorFlow's own kernel reads
-    all 64 bits and makes the float from other bits, so the same seed drew other numbers compiled and not. Spelled
-    out with the raw ops, the compiled Generator draws exactly what it drew before (sample.py's text for a seed
-    is unchanged) and the exported, uncompiled graph (export.py) draws the same. A consequence kept for that
-    reason: seeds that differ only above their low 32 bits draw alike.
-    """
-    low_bits = tf.bitwise.bitwise_and(step_seed, tf.constant(0xFFFFFFFF, tf.int64))
-    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=low_bits)
-    bits = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[], key=key, counter=counter, alg=PHILOX,
-                                                      dtype=tf.uint32)
-    mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint32))
-    return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
-
-
 def choose_next(logits, previous, steps, settings, space_id):
     """Pick the next token id of each row from logits [rows, vocab]: settings holds the rows' settings by name
     (ROW_SETTINGS; see Generator.generate for what each means), each a [rows] vector; row r draws with the seed
@@ -111,10 +91,10 @@ def choose_next(logits, previous, steps, settings, space_id):
     # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
     # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the
     # total: never one past the vocabulary, as the original's weighted_pick could be. The draw is the same with
-    # and without XLA (see uniform_draw).
+    # and without XLA, and one vectorized op for all the rows (see philox.py).
     weights = tf.exp(scaled - tf.reduce_max(scaled, axis=-1, keepdims=True))
     cumulative = tf.cumsum(weights, axis=-1)
-    draws = tf.map_fn(uniform_draw, tf.stack([seeds, steps], axis=1), fn_output_signature=tf.float32)
+    draws = uniform_draws(seeds, steps)
     u = draws * cumulative[:, -1]
     vocab_ids = tf.range(tf.shape(weights)[-1])[tf.newaxis]
     last_possible = tf.reduce_max(tf.where(weights > 0, vocab_ids, 0), axis=-1)

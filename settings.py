@@ -120,7 +120,7 @@ class ModelConfig:
 # Sampling: the modes of sample.py's --sample and the server's sample_mode, and what one sample is asked for.
 MAX_SEED = 2 ** 63 - 1
 # A seed picked for a run or a sample asked without one (train.py, sample.py, -i, the server) is below this: short
-# to read and send back. The draw uses the low 32 bits of a seed anyway (sampler.uniform_draw), so larger picks would add nothing.
+# to read and send back. The draw uses the low 32 bits of a seed anyway (philox.py), so larger picks would add nothing.
 PICKED_SEEDS = 2 ** 31
 MAX_N = 2 ** 30  # the generator counts tokens in int32
 MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates

@@ -1,0 +1,68 @@
+"""The sampler's uniform draws for many rows at once: `uniform_draws`, TensorFlow's Philox-4x32-10 spelled out in
+vectorized ops, bit for bit the draw that `reference_draw` makes with TensorFlow's own random ops for one row.
+
+Why: the raw random ops take one seed pair each, so the sampler drew each row's number in a loop over the rows
+(tf.map_fn), once per token. With 32 rows that loop took half of a generation block's time, with and without XLA
+(blocks of 32 rows of a 3 x 128 LSTM made about twice the characters per second vectorized; docs/export.md has
+the export's figures). The same numbers, so sample.py's text for a seed is unchanged; tests/test_philox.py
+compares the two on many seeds.
+
+How TensorFlow draws one uniform float from an int64 seed pair [seed, position] (StatelessRandomGetKeyCounter,
+then StatelessRandomUniformFullIntV2 for one uint32): the pair, as four 32-bit words, is scrambled by one Philox
+block under a fixed key; the block's first two words become the key and its last two the high half of the counter;
+the draw is the first word of the Philox block at that key and counter. The sampler keeps the top 23 bits of it.
+"""
+import tensorflow as tf
+
+PHILOX = 1  # tf.random.Algorithm.PHILOX, the algorithm of the raw random ops
+FLOAT32_MANTISSA_BITS = 23
+ROUNDS = 10
+MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32's round multipliers
+KEY_STEPS = (0x9E3779B9, 0xBB67AE85)  # added to the key after each round (the golden ratio, sqrt(3) - 1)
+SCRAMBLE_KEY = (0x3EC8F720, 0x02461E29)  # TensorFlow's fixed key that scrambles a seed pair into key and counter
+LOW_32_BITS = 0xFFFFFFFF
+
+
+def uniform_draws(seeds, positions):
+    """Uniform float32 draws in [0, 1), one per row, from int64 [rows] seeds and positions: row r's draw is
+    reference_draw([seeds[r], positions[r]]), which keeps only the low 32 bits of each."""
+    seed, position = (tf.cast(tf.bitwise.bitwise_and(value, LOW_32_BITS), tf.uint32) for value in (seeds, positions))
+    zeros = tf.zeros_like(seed)
+    # A seed below 2**32 fills the counter's first and third words; its second and fourth are zero.
+    scrambled = _philox((seed, zeros, position, zeros), tuple(tf.fill(tf.shape(seed), tf.constant(k, tf.uint32))
+                                                             for k in SCRAMBLE_KEY))
+    bits = _philox((zeros, zeros, scrambled[2], scrambled[3]), scrambled[:2])[0]
+    mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint32))
+    return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
+
+
+def _philox(counter, key):
+    """One Philox-4x32-10 block: counter, a tuple of four uint32 [rows] words, and key, two -> the four words."""
+    for round_ in range(ROUNDS):
+        if round_:
+            key = tuple(k + tf.constant(step, tf.uint32) for k, step in zip(key, KEY_STEPS))
+        high0, low0 = _multiply(MULTIPLIERS[0], counter[0])
+        high1, low1 = _multiply(MULTIPLIERS[1], counter[2])
+        counter = (high1 ^ counter[1] ^ key[0], low1, high0 ^ counter[3] ^ key[1], low0)
+    return counter
+
+
+def _multiply(multiplier, word):
+    """(high, low) 32-bit halves of the 64-bit product of a constant and uint32 words."""
+    product = tf.constant(multiplier, tf.uint64) * tf.cast(word, tf.uint64)
+    return tf.cast(tf.bitwise.right_shift(product, tf.constant(32, tf.uint64)), tf.uint32), tf.cast(
+        tf.bitwise.bitwise_and(product, tf.constant(LOW_32_BITS, tf.uint64)), tf.uint32)
+
+
+def reference_draw(seed_pair):
+    """The draw of one int64 seed pair [seed, position] with TensorFlow's own random ops: what the XLA-compiled
+    sampler has always drawn (XLA's stateless_uniform keeps only the low 32 bits of each seed element and turns the
+    top 23 bits of a Philox draw into the float; TensorFlow's kernel would read all 64 bits and use other bits,
+    so the ops are spelled out to draw the same with and without XLA; a consequence kept for that reason: seeds
+    that differ only above their low 32 bits draw alike). uniform_draws makes it for many rows."""
+    low_bits = tf.bitwise.bitwise_and(seed_pair, tf.constant(LOW_32_BITS, tf.int64))
+    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=low_bits)
+    bits = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[], key=key, counter=counter, alg=PHILOX,
+                                                      dtype=tf.uint32)
+    mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint32))
+    return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)

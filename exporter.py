@@ -104,10 +104,7 @@ class ExportedModel(tf.Module):
         "token_ids": [rows, the largest n], PAD_ID past a row's n}. Each row's text is generate's for its own
         values: its prime is fed alone, it draws with its own seed at its own positions, and it is cut at its own
         n (every row runs as many steps as the longest)."""
-        rows = tf.size(prime)
-        with tf.control_dependencies([tf.debugging.Assert(tf.equal(tf.size(value), rows), [
-                f"every input needs one value per prime: {spec.name} has", tf.size(value), "for", rows, "primes"])
-                for spec, value in zip(GENERATE_BATCH_INPUTS[1:], settings)]):
+        with tf.control_dependencies(check_rows(prime, settings)):
             prime = tf.identity(prime)
         prime, values = self.checked_inputs(prime, settings)
         previous, logits, states = self.feed_primes(self.encode(prime))
@@ -134,6 +131,7 @@ class ExportedModel(tf.Module):
         [rows], the logits after them [rows, vocab], the states, each [rows, size])."""
         model, generator = self.parts.model, self.parts.generator
 
+        # The Generator's own prime pass and (in generate_rows) block: the rows run the code of one sample's.
         def feed(row):
             prime = ids.flat_values[ids.row_splits[row]:ids.row_splits[row + 1]]
             prime = tf.cond(tf.size(prime) > 0, lambda: prime, lambda: tf.constant([self.start_id]))
@@ -233,6 +231,14 @@ class ExportedModel(tf.Module):
                 "model": model.cell_type, "num_layers": model.num_layers, "rnn_size": model.rnn_size,
                 "num_states": model.num_states,
                 "states": "h, c of each LSTM layer (h of each GRU or RNN layer), first layer first"}
+
+
+def check_rows(prime, settings):
+    """Graph asserts that each setting (GENERATE_BATCH_INPUTS' order) has one value per prime."""
+    rows = tf.size(prime)
+    return [tf.debugging.Assert(tf.equal(tf.size(value), rows), [
+        f"every input needs one value per prime: {spec.name} has", tf.size(value), "for", rows, "primes"])
+        for spec, value in zip(GENERATE_BATCH_INPUTS[1:], settings)]
 
 
 def check_settings(values):

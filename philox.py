@@ -2,10 +2,9 @@
 vectorized ops, bit for bit the draw that `reference_draw` makes with TensorFlow's own random ops for one row.
 
 Why: the raw random ops take one seed pair each, so the sampler drew each row's number in a loop over the rows
-(tf.map_fn), once per token. With 32 rows that loop took half of a generation block's time, with and without XLA
-(blocks of 32 rows of a 3 x 128 LSTM made about twice the characters per second vectorized; docs/export.md has
-the export's figures). The same numbers, so sample.py's text for a seed is unchanged; tests/test_philox.py
-compares the two on many seeds.
+(tf.map_fn), once per token: with 32 rows, the loop took about half of a block's time without XLA (the export's
+batch-32 rate doubled vectorized; docs/export.md has bench/export.py's figures). The same numbers, so sample.py's
+text for a seed is unchanged; tests/test_philox.py compares the two on many seeds.
 
 How TensorFlow draws one uniform float from an int64 seed pair [seed, position] (StatelessRandomGetKeyCounter,
 then StatelessRandomUniformFullIntV2 for one uint32): the pair, as four 32-bit words, is scrambled by one Philox

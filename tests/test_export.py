@@ -1,8 +1,9 @@
 """export.py: a SavedModel that takes text and returns text. Loaded in a fresh Python that cannot import the
 project, it gives sample.py's exact text for the same settings and seed (character and word level, modes 0, 1
-and 2, an empty prime, CRLF, odd whitespace, <unk>) and refuses unknown characters and bad settings in the graph;
-its signatures are the ones README lists; it holds no XLA; its LiteRT step computes the model's logits; export.py
-never replaces what is not an earlier export."""
+and 2, an empty prime, CRLF, odd whitespace, <unk>), one prompt per call or a batch of rows unlike each other
+(plain, and compiled by XLA with --xla), and refuses unknown characters and bad settings in the graph; its
+signatures are the ones README lists; it holds no XLA unless asked; its LiteRT step computes the model's logits;
+export.py never replaces what is not an earlier export."""
 import json
 import os
 import re

@@ -29,9 +29,11 @@ INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
 SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURES = ("serving_default", "generate", "step")
-# generate's inputs: the prime, then every checked sampling setting, named as the server's parameters.
+# generate's inputs: the prime, then every checked sampling setting that reaches the generator (not logprobs, which
+# the export does not report), named as the server's parameters.
+GENERATED = tuple(setting for setting in CHECKED if setting.dtype is not None)
 GENERATE_INPUTS = [tf.TensorSpec([], tf.string, name="prime")] + [
-    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in CHECKED]
+    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in GENERATED]
 MAX_UNKNOWN_SHOWN = 10  # as utils.encode_tokens: an error names at most this many unknown tokens
 # Python's \s, which utils.tokenize splits words on, is every code point for which str.isspace() holds; RE2's
 # \s is ASCII only, so the graph's tokenizer spells the class out.
@@ -78,7 +80,7 @@ class ExportedModel(tf.Module):
     def generate(self, prime, *settings):
         """What sample.py prints (without its final newline) for these settings (GENERATE_INPUTS' order): {"text":
         the prime followed by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
-        values = {setting.name: value for setting, value in zip(CHECKED, settings)}
+        values = {setting.name: value for setting, value in zip(GENERATED, settings)}
         with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
@@ -159,7 +161,7 @@ def check_settings(values):
     with the same one-line reason (the value it got follows it). values: {name: scalar tensor}, by SampleSettings
     field."""
     asserts = []
-    for setting in CHECKED:
+    for setting in GENERATED:
         value = values[setting.name]
         if setting.choices is not None:
             valid = tf.reduce_any(tf.equal(value, list(setting.choices)))

@@ -102,7 +102,8 @@ def sample_speed(model, n, flat_ns):
     def timed(count):
         start = time.perf_counter()
         generator.generate(tf.constant([1], tf.int32), tf.constant(count), tf.constant(1.0), tf.constant(1),
-                           tf.constant(7, tf.int64), tf.constant(0), tf.constant(1.0)).numpy()
+                           tf.constant(7, tf.int64), tf.constant(0), tf.constant(1.0), tf.constant(0.0),
+                           tf.constant(0.0)).numpy()
         return time.perf_counter() - start
 
     timed(10)  # warm-up
@@ -132,7 +133,7 @@ def export_speed(model, data_dir, work, n, runs=3):
     prime = "The"
     prime_ids = tf.constant([vocab.index(c) for c in prime], tf.int32)
     settings = dict(temperature=tf.constant(1.0), seed=tf.constant(7, tf.int64), top_k=tf.constant(0),
-                    top_p=tf.constant(1.0))
+                    top_p=tf.constant(1.0), frequency_penalty=tf.constant(0.0), presence_penalty=tf.constant(0.0))
 
     def exported():
         return generate(prime=tf.constant(prime), n=tf.constant(n), sample_mode=tf.constant(1),
@@ -140,7 +141,8 @@ def export_speed(model, data_dir, work, n, runs=3):
 
     def compiled():
         return generator.generate(prime_ids, tf.constant(n), settings["temperature"], tf.constant(1),
-                                  settings["seed"], settings["top_k"], settings["top_p"]).numpy()
+                                  settings["seed"], settings["top_k"], settings["top_p"],
+                                  settings["frequency_penalty"], settings["presence_penalty"]).numpy()
 
     same = np.array_equal(exported(), compiled())  # also the warm-up of both
     times = {"exported": [], "compiled": []}

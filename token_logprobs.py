@@ -32,6 +32,7 @@ def logprobs_json(details):
 
 
 def pieces_json(details):
-    """A list of TokenLogprob as the compact JSON of a /stream event: [[token, logprob, [[token, logprob], ...]],
-    ...] (the page shows them on hover)."""
-    return [[detail.token, detail.logprob, [list(pair) for pair in detail.top]] for detail in details]
+    """A list of TokenLogprob as the compact JSON of a /stream event: [[token, logprob, [[token, logprob], ...],
+    text_offset], ...] (the page shows them on hover)."""
+    return [[detail.token, detail.logprob, [list(pair) for pair in detail.top], detail.text_offset]
+            for detail in details]

@@ -470,6 +470,9 @@ class Sampler:
         pieces = [[prime] for _ in range(count)]
         details = [[] for _ in range(count)]
         for block, scores in self.generator.blocks(ids, settings.n, drawn, rows=count):
+            if count == 1:  # blocks() gives one row's ids (and scores) without the rows' axis
+                block = block[np.newaxis]
+                scores = None if scores is None else BlockScores(*(score[np.newaxis] for score in scores))
             for i, (text, row, kept) in enumerate(zip(texts, block, pieces)):
                 if not text.stopped:
                     kept.append(text.add(row, None if scores is None else scores.row(i, len(row))))

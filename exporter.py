@@ -5,8 +5,8 @@ Inside the graph travel what sample.py does around the network: the vocabulary (
 (code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
 Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
-    serving_default = generate: prime and each sampling setting (settings.SETTINGS, by the server's parameter
-                      names) -> text, token_ids
+    serving_default = generate: prime and each sampling setting that reaches the generator (settings.SETTINGS
+                      but logprobs, by the server's parameter names) -> text, token_ids
     step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
 An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
 `step` needs; it also marks the folder as an export, which --force may replace).

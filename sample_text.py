@@ -56,14 +56,17 @@ class SampleText:
 
     def _score(self, tokens, scores):
         """Each token's TokenLogprob, where it begins found as add() joins it (one token at a time)."""
-        token_logprobs, top_ids, top_logprobs = scores
-        vocab, length, last = self.sampler.vocab, self.length, self.last
-        for step, token in enumerate(tokens):
+        # As Python numbers at once: a numpy scalar at a time costs several times more.
+        token_logprobs, top_ids, top_logprobs = (score[:, :self.logprobs].tolist() if score.ndim == 2
+                                                 else score.tolist() for score in scores)
+        vocab, length, last, word_level = self.sampler.vocab, self.length, self.last, self.sampler.word_level
+        for token, logprob, ids, logprobs in zip(tokens, token_logprobs, top_ids, top_logprobs):
             if last is None:
                 added = self.sampler.join(self.prime, [token])[len(self.prime):]
-            else:
-                added = join_tokens([last, token], self.sampler.word_level)[len(last):]
+            elif word_level:
+                added = join_tokens([last, token], word_level)[len(last):]
+            else:  # characters concatenate
+                added = token
             length, last = length + len(added), token
-            top = [(vocab[i], float(logprob))
-                   for i, logprob in zip(top_ids[step][:self.logprobs], top_logprobs[step][:self.logprobs])]
-            self.details.append(TokenLogprob(token, float(token_logprobs[step]), top, length - len(token)))
+            top = [(vocab[i], value) for i, value in zip(ids, logprobs)]
+            self.details.append(TokenLogprob(token, logprob, top, length - len(token)))

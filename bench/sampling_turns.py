@@ -1,5 +1,6 @@
-"""Sampling speed of checkouts side by side, in turns: chars/s of the compiled generator (bench/speed.py's figure)
-and of the block loop that sample.py and the server run, with a setting given or not, each checkout in a process
+"""Sampling speed of checkouts side by side, in turns: chars/s of the compiled generator (bench/speed.py's figure),
+of the block loop that sample.py and the server run, and of the text (or logprobs) of Sampler around it, with a
+setting given or not, each checkout in a process
 of its own, kept warm, timed one after the other round after round, so that all see the same state of a shared
 machine. Prints one JSON line: each checkout's medians and each other's ratio to the first, per round and median.
 
@@ -28,12 +29,15 @@ sys.path.insert(0, sys.argv[1])
 import cli
 cli.quiet_tensorflow(one_thread_per_op=True)
 import tensorflow as tf
+import savedir
 from model import CharRNN
-from sampler import Generator
-from settings import ModelConfig, SampleSettings
+from sampler import Sampler
+from settings import ModelConfig, SampleSettings, TrainConfig
 model = CharRNN(ModelConfig(int(sys.argv[2])))
 model.build_weights()
-generator = Generator(model, space_id=0)
+vocab = [chr(32 + i) for i in range(int(sys.argv[2]))]
+sampler = Sampler(savedir.Loaded(TrainConfig(), model.model_config, vocab, None, model, "bench"))
+generator = sampler.generator
 n = int(sys.argv[3])
 
 def generate():
@@ -43,16 +47,22 @@ def generate():
     arity = len(generator.generate.input_signature)
     generator.generate(*args, *[tf.constant(0.0)] * (arity - len(args))).numpy()
 
-def blocks(setting):
+def read(setting):
     values = dict(item.split("=") for item in setting.split(",") if item)
-    settings = SampleSettings(n=n, seed=7, **{name: type(getattr(SampleSettings, name))(value)
-                                              for name, value in values.items()})
-    for _ in generator.blocks([1], n, settings):
+    return SampleSettings(prime=vocab[1], n=n, seed=7, **{name: type(getattr(SampleSettings, name))(value)
+                                                          for name, value in values.items()})
+
+def blocks(setting):
+    for _ in generator.blocks([1], n, read(setting)):
         pass
+
+def text(setting):
+    settings = read(setting)
+    sampler.samples(settings, 1) if settings.logprobs else sampler.run(settings)
 
 for line in sys.stdin:
     kind, _, setting = line.strip().partition(" ")
-    run = generate if kind == "generate" else (lambda: blocks(setting))
+    run = generate if kind == "generate" else (lambda: (blocks if kind == "blocks" else text)(setting))
     start = time.perf_counter()
     run()
     print(time.perf_counter() - start, flush=True)
@@ -76,8 +86,8 @@ def main(argv=None):
     if args.settings and len(checkouts) > 1:
         raise ValueError("--settings compares settings within one checkout: give one --checkouts")
     runs = [(checkout, "generate", "") for checkout in checkouts]
-    runs += [(checkout, "blocks", setting) for setting in [""] + [s for s in args.settings.split(",") if s]
-             for checkout in checkouts]
+    runs += [(checkout, loop, setting) for loop in ("blocks", "text")
+             for setting in [""] + [s for s in args.settings.split(",") if s] for checkout in checkouts]
     children = {checkout: subprocess.Popen([sys.executable, "-c", CHILD, checkout, str(VOCAB), str(args.n)],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for checkout in checkouts}

@@ -5,7 +5,16 @@ import threading
 import numpy as np
 import pytest
 
-from batching import MIN_BLOCK_STEPS, Batcher, BatcherPool, block_steps, bucket, default_batchers, split
+from batching import (
+    MIN_BLOCK_STEPS,
+    Batcher,
+    BatcherPool,
+    OneAtATime,
+    block_steps,
+    bucket,
+    default_batchers,
+    split,
+)
 from errors import Busy, GenerationStopped
 from sampler import GENERATE_BLOCK, Sampler
 from settings import SampleSettings
@@ -268,3 +277,9 @@ def test_a_rows_penalties_and_logprobs_are_its_own_beside_rows_without_them(samp
                                [detail.logprob for detail in expected[1].logprobs], atol=1e-5)
     assert all(not details for found in pieces[:-1] for _, details in found)
     batcher.close()
+
+
+def test_without_batching_a_request_gets_the_pieces_and_logprobs_of_the_sampler(sampler):
+    settings = SampleSettings("the", 150, mode=1, frequency_penalty=0.5, logprobs=2, seed=9)
+    generation = OneAtATime(sampler, running=1, waiting=1).submit(settings)
+    assert list(generation.pieces()) == list(sampler.pieces(settings))

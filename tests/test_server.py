@@ -305,7 +305,7 @@ def request_over(protocol, url, settings):
         status, _, answer = post_json(f"{url}/generate", fields)
         return status, answer.get("text")
     status, _, events = stream(f"{url}/stream?{query}")
-    assert events[-1] == ("done", {**fields, "tokens": settings.n}), events[-1]
+    assert events[-1] == ("done", {**fields, **NO_PENALTIES, "logprobs": 0, "tokens": settings.n}), events[-1]
     return status, "".join(data["text"] for name, data in events if name == "text")
 
 

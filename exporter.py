@@ -7,8 +7,8 @@ Inside the graph travel what sample.py does around the network: the vocabulary (
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
 Generator's loop of blocks (sampler.py), built without XLA unless xla=True, and the join of the tokens into text.
 Signatures:
-    serving_default = generate: prime and each sampling setting (settings.SETTINGS, by the server's parameter
-                      names), scalars -> text, token_ids
+    serving_default = generate: prime and each sampling setting that reaches the generator (settings.SETTINGS
+                      but logprobs, by the server's parameter names), scalars -> text, token_ids
     generate_batch: the same inputs with a leading batch dimension, one row per sample, each with its own settings
                     -> text [rows], token_ids [rows, max n] (-1 past a row's n): what TensorFlow Serving's
                     server-side batching can merge
@@ -34,9 +34,11 @@ INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
 SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURES = ("serving_default", "generate", "generate_batch", "step")
-# generate's inputs: the prime, then every checked sampling setting, named as the server's parameters.
+# generate's inputs: the prime, then every checked sampling setting that reaches the generator (not logprobs, which
+# the export does not report), named as the server's parameters.
+GENERATED = tuple(setting for setting in CHECKED if setting.dtype is not None)
 GENERATE_INPUTS = [tf.TensorSpec([], tf.string, name="prime")] + [
-    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in CHECKED]
+    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in GENERATED]
 # generate_batch's: the same, each with a leading batch dimension (one value per row), the dimension along which
 # TensorFlow Serving's batching merges requests.
 GENERATE_BATCH_INPUTS = [tf.TensorSpec([None], spec.dtype, name=spec.name) for spec in GENERATE_INPUTS]
@@ -115,8 +117,8 @@ class ExportedModel(tf.Module):
 
     def checked_inputs(self, prime, settings):
         """(the prime(s) with CRLF read as LF unless the model keeps it, {name: value} of the settings given in
-        CHECKED's order), once every setting passed check_settings; mode 2 becomes 1 at word level."""
-        values = {setting.name: value for setting, value in zip(CHECKED, settings)}
+        GENERATED's order), once every setting passed check_settings; mode 2 becomes 1 at word level."""
+        values = {setting.name: value for setting, value in zip(GENERATED, settings)}
         with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
@@ -149,20 +151,21 @@ class ExportedModel(tf.Module):
         generator, rows = self.parts.generator, tf.size(n)
         longest = tf.reduce_max(tf.concat([n, [0]], 0))
 
-        def body(made, previous, logits, states, tokens):
+        def body(made, previous, logits, states, counts, tokens):
             steps = tf.minimum(GENERATE_BLOCK, longest - made)
-            block, previous, logits, states = generator._block(steps, tf.fill([rows], made), previous, logits, states,
-                                                               settings)
-            return made + steps, previous, logits, states, tf.concat([tokens, block[:, :steps]], 1)
+            block, previous, logits, states, counts, _ = generator._block(
+                steps, tf.fill([rows], made), previous, logits, states, counts, settings)
+            return made + steps, previous, logits, states, counts, tf.concat([tokens, block[:, :steps]], 1)
 
         def more(made, *_):
             return tf.logical_and(made < longest, tf.logical_not(generator.stopped.read_value()))
 
-        start = (tf.constant(0), previous, logits, states, tf.zeros([rows, 0], tf.int32))
+        counts = tf.zeros([rows, generator.model.vocab_size], tf.int32)  # the penalties count generated tokens
+        start = (tf.constant(0), previous, logits, states, counts, tf.zeros([rows, 0], tf.int32))
         # The tokens grow by a block each time round; the rows' count is known only when the graph runs.
-        any_rows = tf.nest.map_structure(lambda t: tf.TensorShape([None] + t.shape.as_list()[1:]), start[1:4])
+        any_rows = tf.nest.map_structure(lambda t: tf.TensorShape([None] + t.shape.as_list()[1:]), start[1:5])
         invariants = (tf.TensorShape([]), *any_rows, tf.TensorShape([None, None]))
-        made, _, _, _, tokens = tf.while_loop(more, body, start, shape_invariants=invariants)
+        made, _, _, _, _, tokens = tf.while_loop(more, body, start, shape_invariants=invariants)
         return tf.RaggedTensor.from_tensor(tokens, lengths=tf.minimum(n, made))
 
     def _step(self, token_ids, states):
@@ -246,7 +249,7 @@ def check_settings(values):
     with the same one-line reason (the value it got follows it; in a batch, the rows' values that are bad).
     values: {name: scalar or [rows] tensor}, by SampleSettings field."""
     asserts = []
-    for setting in CHECKED:
+    for setting in GENERATED:
         value = values[setting.name]
         if setting.choices is not None:
             valid = tf.reduce_any(tf.equal(value[..., tf.newaxis], list(setting.choices)), axis=-1)

@@ -33,6 +33,7 @@ from request_parsing import Limits, parse_json_request, parse_request, settings_
 from server_engine import ModelPlugin, Shutdown, StartupFailed, check_port_free, server_config
 from service_metrics import ServiceMetrics
 from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
+from token_logprobs import logprobs_json, pieces_json
 from value_types import number_type
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
@@ -114,7 +115,7 @@ class SampleService:
         a browser that asks for HTML and gives no parameters gets the web page."""
         if not params and wants_html():
             return self.ui()
-        request, text = self.sample(params)
+        request, text, _ = self.sample(params)
         cherrypy.response.headers["Content-Type"] = PLAIN_TEXT
         cherrypy.response.headers["X-Seed"] = str(request.seed)
         return text.encode("utf-8")
@@ -122,26 +123,27 @@ class SampleService:
     @cherrypy.expose
     @cherrypy.tools.json_out()
     def sample_json(self, **params):
-        """{"text": ..., and every setting used, "seed" included}; CherryPy maps /sample.json to this name."""
-        request, text = self.sample(params)
-        return {"text": text, **settings_json(request)}
+        """{"text": ..., and every setting used, "seed" included, "logprobs" (see answer_json)}; CherryPy maps
+        /sample.json to this name."""
+        return answer_json(*self.sample(params))
 
     @cherrypy.expose
     def generate(self):
-        """POST /generate: a JSON object of settings in, {"text": ..., the settings used, "tokens"} out."""
+        """POST /generate: a JSON object of settings in, {"text": ..., the settings used, "logprobs", "tokens"}
+        out."""
         cherrypy.response.headers["Content-Type"] = JSON_TYPE
         body = read_body(self.limits.max_body)
         try:
             request = parse_json_request(body, self.limits)
         except ValueError as error:
             raise cherrypy.HTTPError(400, str(error))
-        request, text = self.sample(request)
-        return json.dumps({"text": text, **settings_json(request), "tokens": request.n}).encode("utf-8")
+        return json.dumps({**answer_json(*self.sample(request)), "tokens": request.n}).encode("utf-8")
 
     @cherrypy.expose
     def stream(self, **params):
         """GET /stream: the same parameters as GET /; Server-Sent Events as the text is generated: "text" events
-        ({"text": piece}, the prime first), then "done" (the settings used, seed included, and "tokens"), or
+        ({"text": piece}, the prime first; with logprobs > 0 also "tokens": the tokens that begin in the piece, as
+        token_logprobs.pieces_json), then "done" (the settings used, seed included, and "tokens"), or
         "error" ({"error": reason}) when a shutdown stops it. A client that leaves frees its row at the next
         block."""
         request = self.parsed(params)
@@ -155,8 +157,9 @@ class SampleService:
 
     def events(self, request, generation):
         try:
-            for piece in generation:
-                yield server_sent_event("text", {"text": piece})
+            for piece, details in generation.pieces():
+                yield server_sent_event("text", {"text": piece, "tokens": pieces_json(details)} if request.logprobs
+                                        else {"text": piece})
             yield server_sent_event("done", {**settings_json(request), "tokens": request.n})
         except GenerationStopped:
             yield server_sent_event("error", {"error": STOPPED_REASON})
@@ -200,16 +203,19 @@ class SampleService:
 
     def sample(self, params):
         """Check the parameters (a dict of query parameters, or SampleSettings already read), wait for a row,
-        generate; returns (SampleSettings, text)."""
+        generate; returns (SampleSettings, text, [TokenLogprob], empty unless logprobs were asked)."""
         request = params if isinstance(params, SampleSettings) else self.parsed(params)
         generation = self.submit(request)
+        text, details = [], []
         try:
-            text = "".join(generation)
+            for piece, found in generation.pieces():
+                text.append(piece)
+                details += found
         except GenerationStopped:
             raise cherrypy.HTTPError(503, STOPPED_REASON) from None
         finally:
             generation.close()
-        return request, text
+        return request, "".join(text), details
 
     def parsed(self, params):
         """Query parameters -> SampleSettings, or 400."""
@@ -228,6 +234,13 @@ class SampleService:
             raise cherrypy.HTTPError(503, str(error))
         except GenerationStopped:
             raise cherrypy.HTTPError(503, "the server is shutting down") from None
+
+
+def answer_json(request, text, details):
+    """The JSON answer of a sample: {"text", every setting used (seed included), "logprobs": the tokens' log-
+    probabilities as token_logprobs.logprobs_json writes them, or null when none were asked}."""
+    return {"text": text, **settings_json(request),
+            "logprobs": logprobs_json(details) if request.logprobs else None}
 
 
 def server_sent_event(name, data):

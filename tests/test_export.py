@@ -24,6 +24,7 @@ import savedir
 import train
 from conftest import TINY_MODEL, error_line, make_data_dir, snapshot
 from sampler import GENERATE_BLOCK, Sampler
+from settings import SampleSettings
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
 ONE_EPOCH = ["--num_epochs", "1", "--print_every", "1000", "--seed", "1"]
@@ -40,17 +41,19 @@ CAPPED_CASES = [("the dog sat on the log.", 30, 1, 1.0, 12, 0, 1.0),
                 ("dog", 20, 2, 1.0, 13, 0, 1.0)]  # dog, log. -> <unk>
 GENERATE_INPUTS = {"prime": ([], tf.string), "n": ([], tf.int32), "temperature": ([], tf.float32),
                    "sample_mode": ([], tf.int32), "top_k": ([], tf.int32), "top_p": ([], tf.float32),
-                   "seed": ([], tf.int64)}
+                   "seed": ([], tf.int64), "frequency_penalty": ([], tf.float32),
+                   "presence_penalty": ([], tf.float32)}
 GENERATE_OUTPUTS = {"text": ([], tf.string), "token_ids": ([None], tf.int32)}
 # generate_batch: the same inputs with a batch dimension, and the outputs of each row.
 BATCH_INPUTS = {name: ([None], dtype) for name, (_, dtype) in GENERATE_INPUTS.items()}
 BATCH_OUTPUTS = {"text": ([None], tf.string), "token_ids": ([None, None], tf.int32)}
 # Eight rows of one batch, each unlike the others: primes of different lengths (an empty one, CRLF, a line break),
-# n from 0 to past one generation block, every mode, temperatures, top_k, top_p and seeds (one above 32 bits).
+# n from 0 to past one generation block, every mode, temperatures, top_k, top_p, seeds (one above 32 bits) and
+# penalties (one row).
 BATCH_ROWS = [("the ", 60, 0, 1.0, 7, 0, 1.0), ("", 40, 1, 1.5, 3, 0, 1.0),
               ("the\r\ncat ", GENERATE_BLOCK + 30, 1, 1.0, 5, 3, 1.0), ("on the mat", 40, 2, 1.2, 2 ** 40 + 9, 0, 1.0),
               ("t", 0, 1, 1.0, 4, 0, 1.0), ("the dog sat on the log.\n", 25, 1, 0.7, 6, 2, 0.9),
-              ("a", 50, 2, 2.0, 12, 0, 0.6), ("the cat sat", 1, 1, 1.0, 99, 4, 0.8)]
+              ("a", 50, 2, 2.0, 12, 0, 0.6, 0.8, -0.5), ("the cat sat", 1, 1, 1.0, 99, 4, 0.8)]
 
 # Run with `python -I` from a folder outside the repository: only TensorFlow, never the project's code. Each case
 # names an export dir, a signature and its inputs (by name, as JSON values); its result is {"text", "token_ids"} as
@@ -80,10 +83,10 @@ print(json.dumps(results))
 """
 
 
-def inputs(prime, n, mode, temperature, seed, top_k, top_p):
-    """A generate signature's inputs, by name, for a case's settings (in CHAR_CASES' order)."""
+def inputs(prime, n, mode, temperature, seed, top_k, top_p, frequency_penalty=0.0, presence_penalty=0.0):
+    """A generate signature's inputs, by name, for a case's settings (in CHAR_CASES' order, then the penalties)."""
     return {"prime": prime, "n": n, "sample_mode": mode, "temperature": temperature, "seed": seed, "top_k": top_k,
-            "top_p": top_p}
+            "top_p": top_p, "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty}
 
 
 def run_client(cases, cwd, env=None):
@@ -166,7 +169,8 @@ def test_a_fresh_python_without_the_project_gets_sample_pys_text(exports, tmp_pa
 
 def batch_inputs(rows):
     """generate_batch's inputs for rows of settings (in CHAR_CASES' order): {name: [each row's value]}."""
-    return {name: list(column) for name, column in zip(inputs(*rows[0]), zip(*rows))}
+    columns = zip(*(inputs(*row).values() for row in rows))
+    return {name: list(column) for name, column in zip(inputs(*rows[0]), columns)}
 
 
 @pytest.mark.slow
@@ -257,13 +261,27 @@ def test_the_export_holds_no_xla_unless_asked(exports):
     ("n", -1, "n must be an integer from 0 to"), ("sample_mode", 3, "sample_mode must be one of 0 (argmax)"),
     ("temperature", float("nan"), "temperature must be a number"), ("top_k", -2, "top_k must be an integer"),
     ("top_p", 0.0, "top_p must be a number in (0, 1]"), ("top_p", 1.5, "top_p must be a number in (0, 1]"),
-    ("seed", -5, "seed must be an integer in [0, 9223372036854775807]"), ("prime", b"\xff", "Invalid")])
+    ("seed", -5, "seed must be an integer in [0, 9223372036854775807]"), ("prime", b"\xff", "Invalid"),
+    ("frequency_penalty", 2.5, "frequency_penalty must be a number from -2 to 2"),
+    ("presence_penalty", float("nan"), "presence_penalty must be a number from -2 to 2")])
 def test_bad_settings_are_refused_in_the_graph(char_export, setting, value, message):
     settings = {"prime": "the", "n": 5, "temperature": 1.0, "sample_mode": 1, "top_k": 0, "top_p": 1.0, "seed": 1,
-                setting: value}
+                "frequency_penalty": 0.0, "presence_penalty": 0.0, setting: value}
     dtypes = {name: dtype for name, (_, dtype) in GENERATE_INPUTS.items()}
     with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
         char_export.signatures["generate"](**{name: tf.constant(v, dtypes[name]) for name, v in settings.items()})
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_the_exports_penalty_inputs_give_the_samplers_text(exports, char_export, mode):
+    settings = SampleSettings("the ", GENERATE_BLOCK + 20, mode, 1.0, 5, frequency_penalty=0.6, presence_penalty=-0.3)
+    out = char_export.signatures["generate"](
+        prime=tf.constant(settings.prime), n=tf.constant(settings.n), temperature=tf.constant(1.0),
+        sample_mode=tf.constant(mode), seed=tf.constant(5, tf.int64), top_k=tf.constant(0), top_p=tf.constant(1.0),
+        frequency_penalty=tf.constant(0.6), presence_penalty=tf.constant(-0.3))
+    expected = Sampler.load(exports["char"][0]).run(settings)
+    assert out["text"].numpy().decode("utf-8") == expected
+    assert expected != Sampler.load(exports["char"][0]).run(SampleSettings("the ", settings.n, mode, 1.0, 5))
 
 
 def test_the_litert_step_computes_the_models_logits(exports):

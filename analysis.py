@@ -1,0 +1,325 @@
+"""See inside a trained model: how sure it was of each token of a text, and which cells of a layer track simple
+features of the text (inside quotes, position in the line, ...).
+
+One batched pass through the network (CharRNN.call_tracking: the cells' arithmetic of the unrolled training pass
+and of sampling's `step`) gives, at every position, the probability of the next token, the likeliest
+alternatives, and the chosen layer's state (LSTM: the cell state c; GRU, RNN: the hidden state h). Long texts go
+through in chunks of ANALYSIS_CHUNK positions with the state carried, so that a megabyte fits in memory: the
+activations are kept only for the first REPORT_MAX_TOKENS positions (the report's), while the correlation of every
+cell with every feature is accumulated over the whole text (streamed sums of products, in float64).
+
+Like evaluation.py, the text is cut into parallel streams for speed (each from a zero state), but never into
+streams shorter than REPORT_MAX_TOKENS: a text up to twice that long is read as one sequence, and the report's
+part of a longer one always lies in the first stream, read with its whole context. Used by analyze.py and by the
+server's POST /analyze; analysis_report.py writes the HTML.
+"""
+import dataclasses
+import math
+import string
+import threading
+
+import numpy as np
+import tensorflow as tf
+from tensorflow import keras
+
+from evaluation import EVAL_STREAMS, stream_layout
+from settings import ANALYSIS_CELLS, ANALYSIS_TOP, REPORT_MAX_TOKENS
+from unrolled import UNROLL_MAX_STEPS
+from utils import NEWLINE, encode_tokens, join_tokens, tokenize
+
+ANALYSIS_CHUNK = UNROLL_MAX_STEPS  # positions per compiled call (the unrolled pass takes a static length)
+SURPRISING_LINES = 5  # lines listed as the most surprising
+MIN_LINE_TOKENS = 5  # a line needs this many predicted tokens to be listed (one odd character is not a line)
+ACTIVATION_DECIMALS = 3  # activations in the JSON are rounded to this many decimals
+PROBABILITY_DIGITS = 4  # significant digits of the probabilities in the JSON
+OPENING, CLOSING = "([{", ")]}"
+VOWELS = "aeiouAEIOU"
+STATE_NAMES = {"lstm": "cell state c", "gru": "hidden state h", "rnn": "hidden state h"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The features of a text: one value per token, the token included (a cell reads it before it is compared)
+
+
+def token_features(tokens):
+    """{feature name: float32 array [len(tokens)]} of simple features of a token sequence (characters or words):
+    inside double quotes, inside brackets, position in the line (tokens since the line began), start of a word,
+    after a line break (the line's first token), inside a word, vowel, uppercase, space, punctuation, indentation
+    (the spaces that begin a line)."""
+    first = [token[:1] for token in tokens]
+    is_newline = np.array([token == NEWLINE for token in tokens])
+    letter = np.array([c.isalpha() for c in first])
+    space = np.array([c.isspace() for c in first])
+    positions = np.arange(len(tokens))
+    starts_line = np.concatenate([[True], is_newline[:-1]])
+    line_start = np.maximum.accumulate(np.where(starts_line, positions, 0))
+    non_space = np.cumsum(~space)
+    non_space_before_line = np.where(line_start > 0, non_space[line_start - 1], 0)
+    return {
+        "inside quotes": np.cumsum([token.count('"') for token in tokens]) % 2,
+        "inside brackets": bracket_depth(tokens) > 0,
+        "position in line": positions - line_start,
+        "start of word": letter & ~np.concatenate([[False], letter[:-1]]),
+        "after line break": starts_line,
+        "inside word": letter,
+        "vowel": np.array([c != "" and c in VOWELS for c in first]),
+        "uppercase": np.array([c.isupper() for c in first]),
+        "space": space,
+        "punctuation": np.array([c != "" and c in string.punctuation for c in first]),
+        "indentation": space & ~is_newline & (non_space == non_space_before_line),
+    }
+
+
+def bracket_depth(tokens):
+    """How many brackets are open after each token (a closing bracket with none open is ignored)."""
+    depth, depths = 0, np.zeros(len(tokens), dtype=np.int32)
+    for i, token in enumerate(tokens):
+        for c in token:
+            if c in OPENING:
+                depth += 1
+            elif c in CLOSING and depth:
+                depth -= 1
+        depths[i] = depth
+    return depths
+
+
+class Correlations:
+    """Pearson's r of every cell with every feature over positions, from sums accumulated chunk by chunk."""
+
+    def __init__(self, units, num_features):
+        self.count = 0
+        self.sum_x, self.sum_xx = np.zeros(units), np.zeros(units)
+        self.sum_f, self.sum_ff = np.zeros(num_features), np.zeros(num_features)
+        self.sum_xf = np.zeros((units, num_features))
+
+    def add(self, activations, features):
+        """activations [positions, units], features [positions, num_features] of the same positions."""
+        x, f = activations.astype(np.float64), features.astype(np.float64)
+        self.count += len(x)
+        self.sum_x += x.sum(0)
+        self.sum_xx += (x * x).sum(0)
+        self.sum_f += f.sum(0)
+        self.sum_ff += (f * f).sum(0)
+        self.sum_xf += x.T @ f
+
+    def pearson(self):
+        """[units, num_features] correlations; 0 where a cell or a feature does not vary."""
+        n = max(self.count, 1)
+        mean_x, mean_f = self.sum_x / n, self.sum_f / n
+        var_x = np.maximum(self.sum_xx / n - mean_x ** 2, 0)
+        var_f = np.maximum(self.sum_ff / n - mean_f ** 2, 0)
+        covariance = self.sum_xf / n - np.outer(mean_x, mean_f)
+        scale = np.sqrt(np.outer(var_x, var_f))
+        return np.divide(covariance, scale, out=np.zeros_like(covariance), where=scale > 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pass
+
+
+@dataclasses.dataclass
+class Pass:
+    """What one analysis pass measured over `count` predictions (position i predicts token i + 1).
+
+    losses [count] (nats), top_ids and top_probabilities [count, top], activations [min(count, window), units] (the
+    chosen layer's state after reading token i), correlations [units, features] over every position, the
+    feature names in their columns' order, and the number of streams the text was read in."""
+    losses: np.ndarray
+    top_ids: np.ndarray
+    top_probabilities: np.ndarray
+    activations: np.ndarray
+    correlations: np.ndarray
+    feature_names: list
+    streams: int
+
+
+def analysis_streams(count, window=REPORT_MAX_TOKENS):
+    """How many parallel streams a pass over `count` predictions uses: evaluation's, but none shorter than
+    `window`, so that the report's positions are read as one sequence from the text's start."""
+    return max(1, min(EVAL_STREAMS, count // window))
+
+
+class Analyzer:
+    """Runs analysis passes on one model; its compiled chunks (one per layer and top) are kept for later calls
+    and may be shared by threads (the server's)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._chunks = {}
+        self._lock = threading.Lock()
+
+    def chunk_function(self, layer, top):
+        """The compiled chunk for a layer (0-based) and top: (inputs, targets, states) -> (losses, top ids, top
+        probabilities, new states, the layer's state at every position)."""
+        with self._lock:
+            if (layer, top) not in self._chunks:
+                self._chunks[layer, top] = self._make_chunk(layer, top)
+            return self._chunks[layer, top]
+
+    def _make_chunk(self, layer, top):
+        model = self.model
+
+        @tf.function(reduce_retracing=True)
+        def chunk(inputs, targets, states):
+            logits, new_states, tracked = model.call_tracking(inputs, states, layer)
+            losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+            top_logits, top_ids = tf.math.top_k(logits, top)
+            top_probabilities = tf.exp(top_logits - tf.reduce_logsumexp(logits, axis=-1, keepdims=True))
+            return losses, top_ids, top_probabilities, new_states, tracked
+        return chunk
+
+    def run(self, ids, layer, top=ANALYSIS_TOP, window=REPORT_MAX_TOKENS, features=None):
+        """One pass over token ids (at least 2) with the state carried: a Pass. layer is 0-based; features, a
+        dict of per-token arrays (token_features), defaults to none."""
+        count = len(ids) - 1
+        features = features or {}
+        names = list(features)
+        streams = analysis_streams(count, window)
+        inputs, targets, weights = padded_layout(ids, streams)
+        table = feature_layout(features, names, count, inputs.shape)
+        top = min(top, self.model.vocab_size)
+        chunk = self.chunk_function(layer, top)
+        losses = np.zeros(inputs.shape, np.float32)
+        top_ids = np.zeros((*inputs.shape, top), np.int32)
+        top_probabilities = np.zeros((*inputs.shape, top), np.float32)
+        kept = []
+        correlations = Correlations(self.model.rnn_size, len(names))
+        states = self.model.zero_state(streams)
+        for start in range(0, inputs.shape[1], ANALYSIS_CHUNK):
+            columns = slice(start, start + ANALYSIS_CHUNK)
+            loss, ids_k, probabilities_k, states, tracked = chunk(inputs[:, columns], targets[:, columns], states)
+            losses[:, columns], top_ids[:, columns], top_probabilities[:, columns] = loss, ids_k, probabilities_k
+            tracked = tracked.numpy()
+            if start < window:
+                kept.append(tracked[0, :window - start])
+            real = weights[:, columns] > 0
+            correlations.add(tracked[real], table[:, columns][real])
+        activations = np.concatenate(kept)[:min(count, window)]
+        return Pass(losses.reshape(-1)[:count], top_ids.reshape(-1, top)[:count],
+                    top_probabilities.reshape(-1, top)[:count], activations, correlations.pearson(), names, streams)
+
+
+def padded_layout(ids, streams):
+    """evaluation.stream_layout's (inputs, targets, weights), each stream padded to a whole number of chunks (the
+    padding weighs 0), so that every compiled call has the same length."""
+    inputs, targets, weights = stream_layout(ids, streams)
+    padding = ((0, 0), (0, -inputs.shape[1] % ANALYSIS_CHUNK))
+    return tuple(np.pad(array, padding) for array in (inputs, targets, weights))
+
+
+def feature_layout(features, names, count, shape):
+    """The features of the `count` read positions, laid out as the streams are: [streams, length, features]."""
+    table = np.zeros((shape[0] * shape[1], len(names)), np.float32)
+    for column, name in enumerate(names):
+        table[:count, column] = features[name][:count]
+    return table.reshape(*shape, len(names))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From a text to the report's data
+
+
+def encode(text, vocab, unk_token, word_level):
+    """(tokens, ids) of a text; a token the model does not know is refused by name (ValueError), or becomes the
+    unknown-word token at word level when the vocabulary has one."""
+    tokens = tokenize(text, word_level)
+    index = {token: i for i, token in enumerate(vocab)}
+    ids = encode_tokens(tokens, index, unk_token, word_level)
+    if len(ids) < 2:
+        raise ValueError(f"the text has {len(ids)} token{'s' * (len(ids) != 1)}: at least 2 are needed "
+                         f"(the first is only read, the others are predicted)")
+    return tokens, ids
+
+
+def check_layer(layer, num_layers):
+    """A 1-based layer number (None: the last) -> its 0-based index; ValueError when the model has no such layer."""
+    if layer is None:
+        return num_layers - 1
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
+        raise ValueError(f"layer must be from 1 to {num_layers} (this model's layers), got {layer!r}")
+    return layer - 1
+
+
+def analyze_text(analyzer, text, vocab, unk_token, word_level, top=ANALYSIS_TOP, cells=ANALYSIS_CELLS, layer=None,
+                 window=REPORT_MAX_TOKENS):
+    """The whole analysis of a text as a JSON-ready dict (see report_data); raises ValueError for a text with
+    unknown tokens, fewer than 2 tokens, or a layer the model does not have."""
+    index = check_layer(layer, analyzer.model.num_layers)
+    tokens, ids = encode(text, vocab, unk_token, word_level)
+    result = analyzer.run(ids, index, top, window, token_features(tokens))
+    return report_data(result, tokens, vocab, word_level, cells, index, analyzer.model)
+
+
+def report_data(result, tokens, vocab, word_level, cells, layer, model):
+    """The JSON of an analysis: the text's bits per token, and for each token (the first is only read) its
+    probability, its surprise in bits and the likeliest alternatives; the most surprising lines; the `cells` cells
+    of the layer that best track a feature, with their activations over the first positions."""
+    loss = float(np.sum(result.losses, dtype=np.float64)) / len(result.losses)
+    return {
+        "level": "word" if word_level else "character",
+        "tokens": len(tokens),
+        "predicted": len(result.losses),
+        "loss_nats": loss,
+        "bits_per_token": loss / math.log(2),
+        "streams": result.streams,
+        "layer": layer + 1,
+        "layers": model.num_layers,
+        "state": STATE_NAMES[model.cell_type],
+        "units": model.rnn_size,
+        "positions": positions_json(result, tokens, vocab),
+        "surprising_lines": surprising_lines(result.losses, tokens, word_level),
+        "cells": top_cells(result, cells),
+    }
+
+
+def positions_json(result, tokens, vocab):
+    """One entry per token: the token, and (but for the first) its probability, its surprise in bits and the
+    likeliest alternatives as [token, probability] pairs."""
+    probabilities = np.exp(-result.losses.astype(np.float64))
+    bits = result.losses.astype(np.float64) / math.log(2)
+    entries = [{"token": tokens[0], "probability": None, "bits": None, "alternatives": []}]
+    for i, token in enumerate(tokens[1:]):
+        alternatives = [[vocab[k], round_probability(p)]
+                        for k, p in zip(result.top_ids[i].tolist(), result.top_probabilities[i].tolist())]
+        entries.append({"token": token, "probability": round_probability(probabilities[i]),
+                        "bits": round(float(bits[i]), PROBABILITY_DIGITS), "alternatives": alternatives})
+    return entries
+
+
+def round_probability(p):
+    return float(f"{p:.{PROBABILITY_DIGITS}g}")
+
+
+def surprising_lines(losses, tokens, word_level):
+    """The SURPRISING_LINES lines of highest mean surprise (bits per predicted token; a line's break counts as
+    its last token), among lines of at least MIN_LINE_TOKENS predicted tokens: [{"line", "text", "bits_per_token"}]."""
+    is_newline = np.array([token == NEWLINE for token in tokens])
+    line_of = np.concatenate([[0], np.cumsum(is_newline)[:-1]])  # a line break belongs to the line it ends
+    predicted = line_of[1:]
+    bits = np.bincount(predicted, weights=losses.astype(np.float64) / math.log(2))
+    counts = np.bincount(predicted)
+    mean = np.divide(bits, counts, out=np.zeros_like(bits), where=counts >= MIN_LINE_TOKENS)
+    worst = [int(line) for line in np.argsort(-mean, kind="stable")[:SURPRISING_LINES] if mean[line] > 0]
+    starts = np.searchsorted(line_of, worst)
+    ends = np.searchsorted(line_of, worst, side="right")
+    return [{"line": line + 1, "text": join_tokens(tokens[start:end], word_level).rstrip("\n"),
+             "bits_per_token": round(float(mean[line]), PROBABILITY_DIGITS)}
+            for line, start, end in zip(worst, starts, ends)]
+
+
+def top_cells(result, cells):
+    """The `cells` cells whose best feature they track most strongly (|r|): [{"cell", "feature", "r",
+    "correlations": {feature: r}, "activations": [its state after each of the first positions]}]."""
+    if not result.feature_names:
+        return []
+    strongest = np.abs(result.correlations).max(axis=1)
+    chosen = np.argsort(-strongest, kind="stable")[:cells]
+    listed = []
+    for cell in chosen.tolist():
+        row = result.correlations[cell]
+        best = int(np.argmax(np.abs(row)))
+        listed.append({"cell": cell, "feature": result.feature_names[best], "r": round(float(row[best]), 4),
+                       "correlations": {name: round(float(r), 4) for name, r in zip(result.feature_names, row)},
+                       "activations": np.round(result.activations[:, cell].astype(np.float64),
+                                               ACTIVATION_DECIMALS).tolist()})
+    return listed

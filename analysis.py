@@ -175,8 +175,10 @@ class Analyzer:
         features = features or {}
         names = list(features)
         streams = analysis_streams(count, window)
-        inputs, targets, weights = padded_layout(ids, streams)
+        inputs, targets, weights = stream_layout(ids, streams)
+        length = inputs.shape[1]  # of each stream; the padding to whole chunks after it weighs 0
         table = feature_layout(features, names, count, inputs.shape)
+        inputs, targets, weights, table = (pad_to_chunks(array) for array in (inputs, targets, weights, table))
         top = min(top, self.model.vocab_size)
         chunk = self.chunk_function(layer, top)
         losses = np.zeros(inputs.shape, np.float32)
@@ -195,16 +197,21 @@ class Analyzer:
             real = weights[:, columns] > 0
             correlations.add(tracked[real], table[:, columns][real])
         activations = np.concatenate(kept)[:min(count, window)]
-        return Pass(losses.reshape(-1)[:count], top_ids.reshape(-1, top)[:count],
-                    top_probabilities.reshape(-1, top)[:count], activations, correlations.pearson(), names, streams)
+        return Pass(in_text_order(losses, length, count), in_text_order(top_ids, length, count),
+                    in_text_order(top_probabilities, length, count), activations, correlations.pearson(), names,
+                    streams)
 
 
-def padded_layout(ids, streams):
-    """evaluation.stream_layout's (inputs, targets, weights), each stream padded to a whole number of chunks (the
-    padding weighs 0), so that every compiled call has the same length."""
-    inputs, targets, weights = stream_layout(ids, streams)
-    padding = ((0, 0), (0, -inputs.shape[1] % ANALYSIS_CHUNK))
-    return tuple(np.pad(array, padding) for array in (inputs, targets, weights))
+def in_text_order(array, length, count):
+    """A [streams, padded length, ...] array's first `count` positions in the text's order."""
+    return array[:, :length].reshape(-1, *array.shape[2:])[:count]
+
+
+def pad_to_chunks(array):
+    """A [streams, length, ...] array with zeros after each stream up to a whole number of chunks, so that every
+    compiled call has the same length."""
+    padding = [(0, 0), (0, -array.shape[1] % ANALYSIS_CHUNK)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, padding)
 
 
 def feature_layout(features, names, count, shape):

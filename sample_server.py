@@ -7,7 +7,8 @@ Endpoints: GET / (the text, as sample.py prints it; the web page to a browser th
 GET /sample.json (the text and the settings used, seed included), GET /stream (the text as Server-Sent Events while
 it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /settings (the sampling settings
 with their defaults and limits, as JSON: the web page builds its form from it), GET /metrics (Prometheus),
-GET /health ("ok" and the model served). A bad request answers 400 with a one-line reason (JSON from /generate);
+GET /health ("ok" and the model served), POST /analyze (a text in, analyze.py's JSON out: each token's probability and
+alternatives, the cells that track features). A bad request answers 400 with a one-line reason (JSON from /generate);
 a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
 
 Concurrent requests are generated together, as the rows of one batch (batching.py); --max_batch 0 generates each
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -29,10 +31,18 @@ from cherrypy.lib import httputil
 
 import cli
 from errors import Busy, GenerationStopped
-from request_parsing import Limits, parse_json_request, parse_request, settings_json
+from request_parsing import (
+    Limits,
+    TooLong,
+    analyze_body_limit,
+    parse_analyze_request,
+    parse_json_request,
+    parse_request,
+    settings_json,
+)
 from server_engine import ModelPlugin, Shutdown, StartupFailed, check_port_free, server_config
 from service_metrics import ServiceMetrics
-from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
+from settings import MAX_ANALYZE, MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
 from value_types import number_type
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
@@ -41,6 +51,7 @@ PLAIN_TEXT = "text/plain; charset=utf-8"
 JSON_TYPE = "application/json"
 EVENT_STREAM = "text/event-stream; charset=utf-8"
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.html")
+ANALYSIS_SCRIPT = os.path.join(os.path.dirname(WEB_PAGE), "analysis.js")  # the page's Analyze view draws with it
 MAX_PORT = 65535
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
@@ -73,6 +84,9 @@ def build_parser():
                         help="largest n a request may ask for; above it the answer is 400")
     parser.add_argument("--max_prime", type=cli.positive_int, default=MAX_PRIME,
                         help="longest prime a request may give, in characters; above it the answer is 400")
+    parser.add_argument("--max_analyze", type=cli.positive_int, default=MAX_ANALYZE,
+                        help="longest text POST /analyze takes, in characters; above it the answer is 413 (the "
+                             "analysis runs on the request's thread, beside the batches)")
     parser.add_argument("--max_batch", type=batch_rows, default=32,
                         help="requests generated together as the rows of one batch; one that arrives while a batch "
                              "runs joins it at the next block (of at most 128 tokens; 0: no batching, each request "
@@ -105,8 +119,9 @@ class SampleService:
     """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health and
     POST /generate."""
 
-    def __init__(self, model, limits, metrics):
+    def __init__(self, model, limits, metrics, max_analyze=MAX_ANALYZE):
         self.model, self.limits, self.measured = model, limits, metrics
+        self.max_analyze, self.analysis, self.analyzer_lock = max_analyze, None, threading.Lock()
 
     @cherrypy.expose
     def index(self, **params):
@@ -137,6 +152,45 @@ class SampleService:
             raise cherrypy.HTTPError(400, str(error))
         request, text = self.sample(request)
         return json.dumps({"text": text, **settings_json(request), "tokens": request.n}).encode("utf-8")
+
+    @cherrypy.expose
+    def analyze(self):
+        """POST /analyze: {"text", "top", "cells", "layer"} in, analyze.py's JSON out (without source and
+        checkpoint). Runs on the request's thread, so a long text never holds up the batches' blocks; --max_analyze
+        bounds it."""
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        body = read_body(analyze_body_limit(self.max_analyze))
+        try:
+            request = parse_analyze_request(body, self.max_analyze)
+            analysis, analyzer = self.analyzer()
+            sampler = self.model.sampler
+            from utils import normalize_newlines  # numpy: not before the model plugin has loaded
+            text = normalize_newlines(request["text"], sampler.keep_crlf)  # as training read its text
+            data = analysis.analyze_text(analyzer, text, sampler.vocab, sampler.unk_token, sampler.word_level,
+                                         request["top"], request["cells"], request["layer"])
+        except TooLong as error:
+            raise cherrypy.HTTPError(413, str(error))
+        except ValueError as error:
+            raise cherrypy.HTTPError(400, str(error))
+        return json.dumps(data).encode("utf-8")
+
+    def analyzer(self):
+        """(the analysis module, the model's Analyzer), made at the first POST /analyze (imported after the model
+        plugin has imported TensorFlow quietly; the Analyzer keeps its compiled passes)."""
+        import analysis
+        with self.analyzer_lock:
+            if self.analysis is None:
+                self.analysis = analysis.Analyzer(self.model.sampler.generator.model)
+            return analysis, self.analysis
+
+    @cherrypy.expose
+    def analysis_js(self, **params):
+        """GET /analysis.js: the Analyze view's renderer (the one analyze.py's reports inline)."""
+        if params:
+            raise cherrypy.HTTPError(400, "/analysis.js takes no parameters")
+        cherrypy.response.headers["Content-Type"] = "text/javascript; charset=utf-8"
+        with open(ANALYSIS_SCRIPT, "rb") as script:
+            return script.read()
 
     @cherrypy.expose
     def stream(self, **params):
@@ -343,8 +397,8 @@ cherrypy.tools.count_request = cherrypy.Tool("on_end_request", count_request)
 
 
 def app_config(metrics):
-    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate), every error one line
-    of plain text (JSON from /generate), every request counted in the metrics."""
+    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate and /analyze), every error
+    one line of plain text (JSON from /generate), every request counted in the metrics."""
     return {
         "/": {
             "tools.allow.on": True,
@@ -368,6 +422,11 @@ def app_config(metrics):
             "request.process_request_body": False,  # read_body reads it
             "error_page.default": json_error_page,
         },
+        "/analyze": {
+            "tools.allow.methods": ["POST"],
+            "request.process_request_body": False,
+            "error_page.default": json_error_page,
+        },
     }
 
 
@@ -383,8 +442,8 @@ def serve(args):
     # default (10), and would warn at every start.
     cherrypy.checker.known_config_types["server.socket_timeout"] = float
     cherrypy.config.update(server_config(args))
-    cherrypy.tree.mount(SampleService(model, Limits(args.max_n, args.max_prime, args.temperature), metrics), "/",
-                        app_config(metrics))
+    limits = Limits(args.max_n, args.max_prime, args.temperature)
+    cherrypy.tree.mount(SampleService(model, limits, metrics, args.max_analyze), "/", app_config(metrics))
     shutdown = Shutdown(engine)
     shutdown.subscribe()
     try:

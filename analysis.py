@@ -6,7 +6,8 @@ and of sampling's `step`) gives, at every position, the probability of the next 
 alternatives, and the chosen layer's state (LSTM: the cell state c; GRU, RNN: the hidden state h). Long texts go
 through in chunks of ANALYSIS_CHUNK positions with the state carried, so that a megabyte fits in memory: the
 activations are kept only for the first REPORT_MAX_TOKENS positions (the report's), while the correlation of every
-cell with every feature is accumulated over the whole text (streamed sums of products, in float64).
+cell with every feature is accumulated over the whole text: each compiled chunk adds up its sums of products (in
+float32, a chunk's few thousand positions), and those are added up in float64.
 
 Like evaluation.py, the text is cut into parallel streams for speed (each from a zero state), but never into
 streams shorter than REPORT_MAX_TOKENS: a text up to twice that long is read as one sequence, and the report's
@@ -84,26 +85,25 @@ def bracket_depth(tokens):
 
 
 class Correlations:
-    """Pearson's r of every cell with every feature over positions, from sums accumulated chunk by chunk."""
+    """Pearson's r of every cell with every feature over positions, from sums that the compiled chunks add up
+    (sums_of): the features' own sums are taken once, from the whole [positions, features] array."""
 
-    def __init__(self, units, num_features):
-        self.count = 0
+    def __init__(self, units, features):
+        f = np.asarray(features, dtype=np.float64)
+        self.count = len(f)
+        self.sum_f, self.sum_ff = f.sum(0), (f * f).sum(0)
         self.sum_x, self.sum_xx = np.zeros(units), np.zeros(units)
-        self.sum_f, self.sum_ff = np.zeros(num_features), np.zeros(num_features)
-        self.sum_xf = np.zeros((units, num_features))
+        self.sum_xf = np.zeros((units, f.shape[1]))
 
-    def add(self, activations, features):
-        """activations [positions, units], features [positions, num_features] of the same positions."""
-        x, f = activations.astype(np.float64), features.astype(np.float64)
-        self.count += len(x)
-        self.sum_x += x.sum(0)
-        self.sum_xx += (x * x).sum(0)
-        self.sum_f += f.sum(0)
-        self.sum_ff += (f * f).sum(0)
-        self.sum_xf += x.T @ f
+    def add(self, sum_x, sum_xx, sum_xf):
+        """A chunk's sums over its positions: of each cell's activation, of its square, and of its product with
+        each feature ([units, features])."""
+        self.sum_x += sum_x
+        self.sum_xx += sum_xx
+        self.sum_xf += sum_xf
 
     def pearson(self):
-        """[units, num_features] correlations; 0 where a cell or a feature does not vary."""
+        """[units, features] correlations; 0 where a cell or a feature does not vary."""
         n = max(self.count, 1)
         mean_x, mean_f = self.sum_x / n, self.sum_f / n
         var_x = np.maximum(self.sum_xx / n - mean_x ** 2, 0)
@@ -111,6 +111,14 @@ class Correlations:
         covariance = self.sum_xf / n - np.outer(mean_x, mean_f)
         scale = np.sqrt(np.outer(var_x, var_f))
         return np.divide(covariance, scale, out=np.zeros_like(covariance), where=scale > 1e-12)
+
+
+def sums_of(activations, weights, features):
+    """In the graph: the sums Correlations.add takes, over the positions of weight 1 (activations [streams, time,
+    units], weights [streams, time], features [streams, time, features])."""
+    weighted = activations * weights[..., tf.newaxis]
+    return (tf.reduce_sum(weighted, [0, 1]), tf.reduce_sum(weighted * activations, [0, 1]),
+            tf.einsum("stu,stf->uf", weighted, features))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,8 +157,8 @@ class Analyzer:
         self._lock = threading.Lock()
 
     def chunk_function(self, layer, top):
-        """The compiled chunk for a layer (0-based) and top: (inputs, targets, states) -> (losses, top ids, top
-        probabilities, new states, the layer's state at every position)."""
+        """The compiled chunk for a layer (0-based) and top: (inputs, targets, weights, features, states) ->
+        (losses, top ids, top probabilities, new states, the layer's state at every position, its sums_of)."""
         with self._lock:
             if (layer, top) not in self._chunks:
                 self._chunks[layer, top] = self._make_chunk(layer, top)
@@ -160,12 +168,12 @@ class Analyzer:
         model = self.model
 
         @tf.function(reduce_retracing=True)
-        def chunk(inputs, targets, states):
+        def chunk(inputs, targets, weights, features, states):
             logits, new_states, tracked = model.call_tracking(inputs, states, layer)
             losses = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
             top_logits, top_ids = tf.math.top_k(logits, top)
             top_probabilities = tf.exp(top_logits - tf.reduce_logsumexp(logits, axis=-1, keepdims=True))
-            return losses, top_ids, top_probabilities, new_states, tracked
+            return losses, top_ids, top_probabilities, new_states, tracked, sums_of(tracked, weights, features)
         return chunk
 
     def run(self, ids, layer, top=ANALYSIS_TOP, window=REPORT_MAX_TOKENS, features=None):
@@ -185,17 +193,16 @@ class Analyzer:
         top_ids = np.zeros((*inputs.shape, top), np.int32)
         top_probabilities = np.zeros((*inputs.shape, top), np.float32)
         kept = []
-        correlations = Correlations(self.model.rnn_size, len(names))
+        correlations = Correlations(self.model.rnn_size, in_text_order(table, length, count))
         states = self.model.zero_state(streams)
         for start in range(0, inputs.shape[1], ANALYSIS_CHUNK):
             columns = slice(start, start + ANALYSIS_CHUNK)
-            loss, ids_k, probabilities_k, states, tracked = chunk(inputs[:, columns], targets[:, columns], states)
+            loss, ids_k, probabilities_k, states, tracked, sums = chunk(
+                inputs[:, columns], targets[:, columns], weights[:, columns], table[:, columns], states)
             losses[:, columns], top_ids[:, columns], top_probabilities[:, columns] = loss, ids_k, probabilities_k
-            tracked = tracked.numpy()
-            if start < window:
-                kept.append(tracked[0, :window - start])
-            real = weights[:, columns] > 0
-            correlations.add(tracked[real], table[:, columns][real])
+            if start < window:  # only the report's positions leave the graph
+                kept.append(tracked[0, :window - start].numpy())
+            correlations.add(*(sum_.numpy() for sum_ in sums))
         activations = np.concatenate(kept)[:min(count, window)]
         return Pass(in_text_order(losses, length, count), in_text_order(top_ids, length, count),
                     in_text_order(top_probabilities, length, count), activations, correlations.pearson(), names,
@@ -204,7 +211,7 @@ class Analyzer:
 
 def in_text_order(array, length, count):
     """A [streams, padded length, ...] array's first `count` positions in the text's order."""
-    return array[:, :length].reshape(-1, *array.shape[2:])[:count]
+    return array[:, :length].reshape(array.shape[0] * length, *array.shape[2:])[:count]
 
 
 def pad_to_chunks(array):

@@ -103,9 +103,15 @@ def test_correlations_accumulated_chunk_by_chunk_are_pearsons_r():
     rng = np.random.default_rng(0)
     cells, features = rng.normal(size=(500, 4)), rng.normal(size=(500, 3))
     features[:, 2] = 2 * cells[:, 1] + 0.1 * features[:, 2]
-    correlations = analysis.Correlations(4, 3)
-    for start in range(0, 500, 70):
-        correlations.add(cells[start:start + 70], features[start:start + 70])
+    correlations = analysis.Correlations(4, features)
+    for start in range(0, 500, 70):  # chunks of 70 positions; the last one half padding (weight 0)
+        chunk = slice(start, start + 70)
+        padding = 70 - len(cells[chunk])
+        weights = np.concatenate([np.ones(len(cells[chunk])), np.zeros(padding)])
+        pad = lambda array: np.concatenate([array, np.ones((padding, array.shape[1]))])  # noqa: E731
+        sums = analysis.sums_of(tf.constant(pad(cells[chunk])[np.newaxis]), tf.constant(weights[np.newaxis]),
+                                tf.constant(pad(features[chunk])[np.newaxis]))
+        correlations.add(*(sum_.numpy() for sum_ in sums))
     expected = np.corrcoef(cells.T, features.T)[:4, 4:]
     assert correlations.pearson() == pytest.approx(expected, abs=1e-9)
 

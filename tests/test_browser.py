@@ -11,6 +11,7 @@ import shutil
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -189,3 +190,72 @@ def test_the_page_has_a_field_for_every_declared_setting_and_its_top_p_gives_the
         assert element(driver, "output").get_attribute("textContent") == answer["text"]
         assert answer["text"] != post_generate(server, SETTINGS)  # top_p reached the generator
         screenshot(driver, "ui-top-p.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The analysis: analyze.py's HTML report, and the page's Analyze view (POST /analyze)
+
+ANALYZED_TEXT = "the cat sat on the log.\nthe dog sat on the mat.\n"  # characters the conftest model knows
+
+
+def span_colours(driver):
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.an-text span')].map((span) => span.style.backgroundColor)")
+
+
+def check_analysis_view(driver, data, text):
+    """One span per character, coloured; hovering one shows its probability and alternatives; choosing a cell
+    recolours the spans."""
+    spans = driver.find_elements(By.CSS_SELECTOR, ".an-text span")
+    assert len(spans) == len(text) and "".join(span.get_attribute("textContent") for span in spans) == text
+    by_surprise = span_colours(driver)
+    assert all(by_surprise) and len(set(by_surprise)) > 3
+    ActionChains(driver).move_to_element(spans[5]).perform()
+    tip = element(driver, "an-tip")
+    WebDriverWait(driver, 10).until(lambda d: tip.is_displayed(), "hovering a character showed nothing")
+    entry = data["positions"][5]
+    assert f"p = {entry['probability']}" in tip.text
+    alternatives = tip.text.split("likeliest:")[1].strip().splitlines()
+    shown = [line.rsplit(None, 1)[0].strip() for line in alternatives]  # each line: the token quoted, then its p
+    assert shown == [json.dumps(token) for token, _ in entry["alternatives"]]
+    cell = data["cells"][0]
+    driver.find_element(By.CSS_SELECTOR, f".an-cells button[data-cell='{cell['cell']}']").click()
+    by_cell = span_colours(driver)
+    assert by_cell != by_surprise and len(set(by_cell)) > 3
+    ActionChains(driver).move_to_element(spans[5]).perform()  # for the screenshot: the cell's colours and a tooltip
+
+
+def test_the_report_colours_every_character_shows_its_alternatives_and_a_cells_activation(trained_save_dir,
+                                                                                           tmp_path):
+    import analyze
+    source, page, out = tmp_path / "text.txt", tmp_path / "report.html", tmp_path / "analysis.json"
+    source.write_text(ANALYZED_TEXT, encoding="utf-8")
+    assert analyze.main(["--save_dir", trained_save_dir, str(source), "--html", str(page), "--json", str(out)]) == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    with chromium(*DESKTOP) as driver:
+        driver.get(page.as_uri())
+        check_analysis_view(driver, data, ANALYZED_TEXT)
+        assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
+        screenshot(driver, "analysis-report.png")
+
+
+def test_the_analyze_view_colours_the_text_post_analyze_analyzed(server):
+    with chromium(*DESKTOP) as driver:
+        open_page(driver, server)
+        driver.find_element(By.CSS_SELECTOR, "#analyze_view summary").click()
+        element(driver, "analyze_text").send_keys(ANALYZED_TEXT)
+        element(driver, "analyze_button").click()
+        WebDriverWait(driver, GENERATION_TIMEOUT_S).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".an-text span") or element(d, "analyze_error").is_displayed(),
+            "the Analyze view showed neither a text nor an error")
+        assert not element(driver, "analyze_error").is_displayed(), element(driver, "analyze_error").text
+        status, _, data = post_json(server.url + "/analyze", {"text": ANALYZED_TEXT})
+        assert status == 200, data
+        check_analysis_view(driver, data, ANALYZED_TEXT)
+        screenshot(driver, "ui-analyze.png")
+
+        # A refused text shows the server's one-line reason.
+        element(driver, "analyze_text").send_keys("zebra")
+        element(driver, "analyze_button").click()
+        WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "analyze_error").is_displayed())
+        assert "'z'" in element(driver, "analyze_error").text

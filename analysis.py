@@ -43,57 +43,67 @@ STATE_NAMES = {"lstm": "cell state c", "gru": "hidden state h", "rnn": "hidden s
 
 
 def token_features(tokens):
-    """{feature name: float32 array [len(tokens)]} of simple features of a token sequence (characters or words):
-    inside double quotes, inside brackets, position in the line (tokens since the line began), start of a word,
-    after a line break (the line's first token), inside a word, vowel, uppercase, space, punctuation, indentation
-    (the spaces that begin a line)."""
-    first = [token[:1] for token in tokens]
-    is_newline = np.array([token == NEWLINE for token in tokens])
-    letter = np.array([c.isalpha() for c in first])
-    space = np.array([c.isspace() for c in first])
+    """{feature name: array [len(tokens)]} of simple features of a token sequence (characters or words): inside
+    double quotes, inside brackets, position in the line (tokens since the line began), start of a word, after a
+    line break (the line's first token), inside a word, vowel, uppercase, space, punctuation, indentation (the
+    spaces that begin a line). What depends on the token alone is worked out once per distinct token."""
+    distinct = {}
+    ids = np.array([distinct.setdefault(token, len(distinct)) for token in tokens])
+    kinds = {name: np.array([test(token) for token in distinct])[ids] for name, test in TOKEN_TESTS.items()}
+    letter, space = kinds["letter"], kinds["space"]
     positions = np.arange(len(tokens))
-    starts_line = np.concatenate([[True], is_newline[:-1]])
+    starts_line = np.concatenate([[True], kinds["newline"][:-1]])
     line_start = np.maximum.accumulate(np.where(starts_line, positions, 0))
     non_space = np.cumsum(~space)
     non_space_before_line = np.where(line_start > 0, non_space[line_start - 1], 0)
     return {
-        "inside quotes": np.cumsum([token.count('"') for token in tokens]) % 2,
-        "inside brackets": bracket_depth(tokens) > 0,
+        "inside quotes": np.cumsum(kinds["quotes"]) % 2,
+        "inside brackets": open_brackets(kinds["opening"] - kinds["closing"]) > 0,
         "position in line": positions - line_start,
         "start of word": letter & ~np.concatenate([[False], letter[:-1]]),
         "after line break": starts_line,
         "inside word": letter,
-        "vowel": np.array([c != "" and c in VOWELS for c in first]),
-        "uppercase": np.array([c.isupper() for c in first]),
+        "vowel": kinds["vowel"],
+        "uppercase": kinds["uppercase"],
         "space": space,
-        "punctuation": np.array([c != "" and c in string.punctuation for c in first]),
-        "indentation": space & ~is_newline & (non_space == non_space_before_line),
+        "punctuation": kinds["punctuation"],
+        "indentation": space & ~kinds["newline"] & (non_space == non_space_before_line),
     }
 
 
-def bracket_depth(tokens):
-    """How many brackets are open after each token (a closing bracket with none open is ignored)."""
-    depth, depths = 0, np.zeros(len(tokens), dtype=np.int32)
-    for i, token in enumerate(tokens):
-        for c in token:
-            if c in OPENING:
-                depth += 1
-            elif c in CLOSING and depth:
-                depth -= 1
-        depths[i] = depth
-    return depths
+# What a token is, by itself (its first character, for words), and what it holds.
+TOKEN_TESTS = {
+    "letter": lambda token: token[:1].isalpha(),
+    "space": lambda token: token[:1].isspace(),
+    "newline": lambda token: token == NEWLINE,
+    "vowel": lambda token: token[:1] != "" and token[:1] in VOWELS,
+    "uppercase": lambda token: token[:1].isupper(),
+    "punctuation": lambda token: token[:1] != "" and token[:1] in string.punctuation,
+    "quotes": lambda token: token.count('"'),
+    "opening": lambda token: sum(token.count(c) for c in OPENING),
+    "closing": lambda token: sum(token.count(c) for c in CLOSING),
+}
+
+
+def open_brackets(changes):
+    """How many brackets are open after each token, from each token's opened minus closed count; a closing
+    bracket with none open is ignored: the running sum kept at 0 or above, which is the sum less its lowest
+    point so far (Lindley's formula)."""
+    total = np.cumsum(changes)
+    return total - np.minimum(np.minimum.accumulate(total), 0)
 
 
 class Correlations:
     """Pearson's r of every cell with every feature over positions, from sums that the compiled chunks add up
-    (sums_of): the features' own sums are taken once, from the whole [positions, features] array."""
+    (sums_of): the features' own sums are taken once, over every position."""
 
     def __init__(self, units, features):
-        f = np.asarray(features, dtype=np.float64)
-        self.count = len(f)
-        self.sum_f, self.sum_ff = f.sum(0), (f * f).sum(0)
+        """features: one array of values per feature, each over every position."""
+        self.count = len(features[0]) if features else 0
+        self.sum_f = np.array([np.sum(f, dtype=np.float64) for f in features])
+        self.sum_ff = np.array([np.sum(np.square(f, dtype=np.float64)) for f in features])
         self.sum_x, self.sum_xx = np.zeros(units), np.zeros(units)
-        self.sum_xf = np.zeros((units, f.shape[1]))
+        self.sum_xf = np.zeros((units, len(features)))
 
     def add(self, sum_x, sum_xx, sum_xf):
         """A chunk's sums over its positions: of each cell's activation, of its square, and of its product with
@@ -185,15 +195,15 @@ class Analyzer:
         streams = analysis_streams(count, window)
         inputs, targets, weights = stream_layout(ids, streams)
         length = inputs.shape[1]  # of each stream; the padding to whole chunks after it weighs 0
-        table = feature_layout(features, names, count, inputs.shape)
-        inputs, targets, weights, table = (pad_to_chunks(array) for array in (inputs, targets, weights, table))
+        inputs, targets, weights = (pad_to_chunks(array) for array in (inputs, targets, weights))
+        table = feature_layout([features[name][:count] for name in names], length, inputs.shape)
         top = min(top, self.model.vocab_size)
         chunk = self.chunk_function(layer, top)
         losses = np.zeros(inputs.shape, np.float32)
         top_ids = np.zeros((*inputs.shape, top), np.int32)
         top_probabilities = np.zeros((*inputs.shape, top), np.float32)
         kept = []
-        correlations = Correlations(self.model.rnn_size, in_text_order(table, length, count))
+        correlations = Correlations(self.model.rnn_size, [features[name][:count] for name in names])
         states = self.model.zero_state(streams)
         for start in range(0, inputs.shape[1], ANALYSIS_CHUNK):
             columns = slice(start, start + ANALYSIS_CHUNK)
@@ -221,12 +231,15 @@ def pad_to_chunks(array):
     return np.pad(array, padding)
 
 
-def feature_layout(features, names, count, shape):
-    """The features of the `count` read positions, laid out as the streams are: [streams, length, features]."""
-    table = np.zeros((shape[0] * shape[1], len(names)), np.float32)
-    for column, name in enumerate(names):
-        table[:count, column] = features[name][:count]
-    return table.reshape(*shape, len(names))
+def feature_layout(columns, length, shape):
+    """The features of the read positions (a list of per-position arrays), laid out as the streams of `length`
+    positions are, padded to `shape` ([streams, padded length]): [streams, padded length, features]."""
+    table = np.zeros((*shape, len(columns)), np.float32)
+    flat = np.zeros(shape[0] * length, np.float32)
+    for column, values in enumerate(columns):
+        flat[:len(values)] = values
+        table[:, :length, column] = flat.reshape(shape[0], length)
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------

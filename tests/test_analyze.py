@@ -103,7 +103,7 @@ def test_correlations_accumulated_chunk_by_chunk_are_pearsons_r():
     rng = np.random.default_rng(0)
     cells, features = rng.normal(size=(500, 4)), rng.normal(size=(500, 3))
     features[:, 2] = 2 * cells[:, 1] + 0.1 * features[:, 2]
-    correlations = analysis.Correlations(4, features)
+    correlations = analysis.Correlations(4, list(features.T))
     for start in range(0, 500, 70):  # chunks of 70 positions; the last one half padding (weight 0)
         chunk = slice(start, start + 70)
         padding = 70 - len(cells[chunk])

@@ -17,6 +17,7 @@ import savedir
 import train
 import utils
 from conftest import TINY_MODEL, error_line, make_data_dir
+from settings import ModelConfig
 
 # Text the conftest model knows (its lower-case lines), long enough for several chunks of the pass.
 KNOWN_TEXT = ("the dog sat on the mat.\nthe cat sat on the log.\n" * 12)[:531]
@@ -71,6 +72,21 @@ def test_each_position_and_cell_state_is_what_model_step_computes(loaded):
         assert probabilities[result.top_ids[t]] == pytest.approx(np.sort(probabilities)[::-1][:top], rel=1e-4)
         # The tracked state is the LSTM's cell state c, the last of the layer's (h, c).
         assert result.activations[t] == pytest.approx(states[-1].numpy()[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("cell_type", ["gru", "rnn", "lstm"])
+def test_the_tracked_state_of_any_layer_is_the_one_model_step_computes(cell_type, monkeypatch):
+    # An untrained 2-layer model (its weights as Keras draws them): layer 1 of 2 is tracked, h for a GRU or an RNN.
+    # Chunks of 20 steps: a small graph, and the state carried through 8 of them.
+    monkeypatch.setattr(analysis, "ANALYSIS_CHUNK", 20)
+    model = savedir.build_model(ModelConfig(vocab_size=7, model=cell_type, rnn_size=8, num_layers=2))
+    ids = list(np.random.default_rng(0).integers(0, 7, 150))
+    result = analysis.Analyzer(model).run(ids, 0, top=2)
+    states = model.zero_state(1)
+    for t in range(len(ids) - 1):
+        _, states = model.step(tf.constant([ids[t]], tf.int32), states)
+        first_layer = model.layer_states(states, 0)
+        assert result.activations[t] == pytest.approx(first_layer[-1].numpy()[0], abs=1e-4)
 
 
 def test_a_long_text_is_read_in_streams_as_the_full_pass_reads_it(loaded):

@@ -222,6 +222,7 @@ def check_analysis_view(driver, data, text):
     driver.find_element(By.CSS_SELECTOR, f".an-cells button[data-cell='{cell['cell']}']").click()
     by_cell = span_colours(driver)
     assert by_cell != by_surprise and len(set(by_cell)) > 3
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", spans[5])
     ActionChains(driver).move_to_element(spans[5]).perform()  # for the screenshot: the cell's colours and a tooltip
 
 

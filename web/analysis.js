@@ -116,7 +116,8 @@
     });
     box.addEventListener("mousemove", (event) => {
       tip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - tip.offsetWidth - 4)}px`;
-      tip.style.top = `${event.clientY + 16}px`;
+      const below = event.clientY + 16;  // under the pointer, or above it near the window's bottom
+      tip.style.top = `${below + tip.offsetHeight <= window.innerHeight ? below : event.clientY - tip.offsetHeight - 8}px`;
     });
     box.addEventListener("mouseleave", () => { tip.hidden = true; });
     return tip;

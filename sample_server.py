@@ -116,8 +116,8 @@ def build_parser():
 
 
 class SampleService:
-    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health and
-    POST /generate."""
+    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health,
+    /analysis.js, and POST /generate and /analyze."""
 
     def __init__(self, model, limits, metrics, max_analyze=MAX_ANALYZE):
         self.model, self.limits, self.measured = model, limits, metrics
@@ -161,27 +161,25 @@ class SampleService:
         cherrypy.response.headers["Content-Type"] = JSON_TYPE
         body = read_body(analyze_body_limit(self.max_analyze))
         try:
-            request = parse_analyze_request(body, self.max_analyze)
-            analysis, analyzer = self.analyzer()
-            sampler = self.model.sampler
-            from utils import normalize_newlines  # numpy: not before the model plugin has loaded
-            text = normalize_newlines(request["text"], sampler.keep_crlf)  # as training read its text
-            data = analysis.analyze_text(analyzer, text, sampler.vocab, sampler.unk_token, sampler.word_level,
-                                         request["top"], request["cells"], request["layer"])
+            data = self.analyzed(parse_analyze_request(body, self.max_analyze))
         except TooLong as error:
             raise cherrypy.HTTPError(413, str(error))
         except ValueError as error:
             raise cherrypy.HTTPError(400, str(error))
         return json.dumps(data).encode("utf-8")
 
-    def analyzer(self):
-        """(the analysis module, the model's Analyzer), made at the first POST /analyze (imported after the model
-        plugin has imported TensorFlow quietly; the Analyzer keeps its compiled passes)."""
-        import analysis
+    def analyzed(self, request):
+        """The analysis of a parsed POST /analyze request by the served model, whose Analyzer (it keeps its
+        compiled passes) is made at the first one. ValueError for a text or a layer the model refuses."""
+        import analysis  # TensorFlow: after the model plugin has imported it quietly
+        from utils import normalize_newlines
+        sampler = self.model.sampler
         with self.analyzer_lock:
             if self.analysis is None:
-                self.analysis = analysis.Analyzer(self.model.sampler.generator.model)
-            return analysis, self.analysis
+                self.analysis = analysis.Analyzer(sampler.generator.model)
+        text = normalize_newlines(request["text"], sampler.keep_crlf)  # as training read its text
+        return analysis.analyze_text(self.analysis, text, sampler.vocab, sampler.unk_token, sampler.word_level,
+                                     request["top"], request["cells"], request["layer"])
 
     @cherrypy.expose
     def analysis_js(self, **params):

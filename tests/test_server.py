@@ -460,6 +460,10 @@ def test_post_analyze_answers_what_analyze_py_writes_as_json(server, save_dir, t
         (cell["cell"], cell["feature"]) for cell in written["cells"]]
     status, headers, body = get(f"{server.url}/analyze")
     assert status == 405 and headers["Allow"] == "POST" and "error" in json.loads(body)
+    # The page's Analyze view draws with the renderer the reports inline.
+    status, headers, body = get(f"{server.url}/analysis.js")
+    with open(os.path.join(REPO, "web", "analysis.js"), encoding="utf-8") as script:
+        assert (status, headers.get_content_type(), body) == (200, "text/javascript", script.read())
 
 
 # Requests whose body stops arriving: shorter than its Content-Length, or chunked and stalled after a chunk.

@@ -15,6 +15,7 @@ part of a longer one always lies in the first stream, read with its whole contex
 server's POST /analyze; analysis_report.py writes the HTML.
 """
 import dataclasses
+import itertools
 import math
 import string
 import threading
@@ -271,16 +272,22 @@ def analyze_text(analyzer, text, vocab, unk_token, word_level, top=ANALYSIS_TOP,
                  window=REPORT_MAX_TOKENS):
     """The whole analysis of a text as a JSON-ready dict (see report_data); raises ValueError for a text with
     unknown tokens, fewer than 2 tokens, or a layer the model does not have."""
-    index = check_layer(layer, analyzer.model.num_layers)
-    tokens, ids = encode(text, vocab, unk_token, word_level)
-    result = analyzer.run(ids, index, top, window, token_features(tokens))
+    result, tokens, index = run_text(analyzer, text, vocab, unk_token, word_level, top, layer, window)
     return report_data(result, tokens, vocab, word_level, cells, index, analyzer.model)
 
 
-def report_data(result, tokens, vocab, word_level, cells, layer, model):
-    """The JSON of an analysis: the text's bits per token, and for each token (the first is only read) its
-    probability, its surprise in bits and the likeliest alternatives; the most surprising lines; the `cells` cells
-    of the layer that best track a feature, with their activations over the first positions."""
+def run_text(analyzer, text, vocab, unk_token, word_level, top=ANALYSIS_TOP, layer=None, window=REPORT_MAX_TOKENS):
+    """The pass over a text: (its Pass, its tokens, the layer's 0-based index); ValueError as analyze_text."""
+    index = check_layer(layer, analyzer.model.num_layers)
+    tokens, ids = encode(text, vocab, unk_token, word_level)
+    return analyzer.run(ids, index, top, window, token_features(tokens)), tokens, index
+
+
+def report_data(result, tokens, vocab, word_level, cells, layer, model, positions_limit=None):
+    """The JSON of an analysis: the text's bits per token, and for each token (the first is only read; only the
+    first `positions_limit` tokens, if given) its probability, its surprise in bits and the likeliest alternatives;
+    the most surprising lines; the `cells` cells of the layer that best track a feature, with their activations
+    over the first positions."""
     loss = float(np.sum(result.losses, dtype=np.float64)) / len(result.losses)
     return {
         "level": "word" if word_level else "character",
@@ -293,24 +300,23 @@ def report_data(result, tokens, vocab, word_level, cells, layer, model):
         "layers": model.num_layers,
         "state": STATE_NAMES[model.cell_type],
         "units": model.rnn_size,
-        "positions": positions_json(result, tokens, vocab),
+        "positions": list(itertools.islice(positions_json(result, tokens, vocab), positions_limit)),
         "surprising_lines": surprising_lines(result.losses, tokens, word_level),
         "cells": top_cells(result, cells),
     }
 
 
 def positions_json(result, tokens, vocab):
-    """One entry per token: the token, and (but for the first) its probability, its surprise in bits and the
-    likeliest alternatives as [token, probability] pairs."""
-    probabilities = np.exp(-result.losses.astype(np.float64))
-    bits = result.losses.astype(np.float64) / math.log(2)
-    entries = [{"token": tokens[0], "probability": None, "bits": None, "alternatives": []}]
+    """Yields one entry per token, in order: the token, and (but for the first) its probability, its surprise in
+    bits and the likeliest alternatives as [token, probability] pairs. A generator, so that a long text's entries
+    can be written one by one."""
+    yield {"token": tokens[0], "probability": None, "bits": None, "alternatives": []}
     for i, token in enumerate(tokens[1:]):
+        loss = float(result.losses[i])
         alternatives = [[vocab[k], round_probability(p)]
                         for k, p in zip(result.top_ids[i].tolist(), result.top_probabilities[i].tolist())]
-        entries.append({"token": token, "probability": round_probability(probabilities[i]),
-                        "bits": round(float(bits[i]), PROBABILITY_DIGITS), "alternatives": alternatives})
-    return entries
+        yield {"token": token, "probability": round_probability(math.exp(-loss)),
+               "bits": round(loss / math.log(2), PROBABILITY_DIGITS), "alternatives": alternatives}
 
 
 def round_probability(p):

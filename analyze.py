@@ -80,16 +80,32 @@ def analyze(args):
     import savedir
     loaded = savedir.load(args.save_dir)
     text = read_text(args, loaded.train_config)
-    analyzer = analysis.Analyzer(loaded.model)
-    data = analysis.analyze_text(analyzer, text, loaded.vocab, loaded.unk_token, loaded.train_config.word_level,
-                                 args.top, args.cells, args.layer)
+    word_level = loaded.train_config.word_level
+    result, tokens, layer = analysis.run_text(analysis.Analyzer(loaded.model), text, loaded.vocab, loaded.unk_token,
+                                              word_level, args.top, args.layer)
+    # Every token's entry is made again while the JSON is written, one by one: a megabyte's would take gigabytes.
+    data = analysis.report_data(result, tokens, loaded.vocab, word_level, args.cells, layer, loaded.model,
+                                positions_limit=REPORT_MAX_TOKENS)
     data = {"source": "standard input" if args.text == STDIN else args.text, "checkpoint": loaded.path, **data}
     if args.json:
-        from files import atomic_write_bytes
-        atomic_write_bytes(args.json, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+        write_json(args.json, data, analysis.positions_json(result, tokens, loaded.vocab))
     if args.html:
         analysis_report.write_report(args.html, data)
     print_summary(data, args)
+
+
+def write_json(path, data, positions):
+    """Write `data` as JSON with every entry of `positions` as its "positions" (last), entry by entry; the file is
+    written whole or not at all."""
+    from files import atomic_write_chunks
+    head = json.dumps({key: value for key, value in data.items() if key != "positions"}, ensure_ascii=False)
+
+    def pieces():
+        yield (head[:-1] + ', "positions": [').encode("utf-8")
+        for i, entry in enumerate(positions):
+            yield ((", " if i else "") + json.dumps(entry, ensure_ascii=False)).encode("utf-8")
+        yield b"]}"
+    atomic_write_chunks(path, pieces())
 
 
 def print_summary(data, args):

@@ -187,6 +187,15 @@ def test_a_report_of_a_long_text_covers_its_first_tokens_and_says_so():
     assert len(inlined["positions"]) == 10 and inlined["tokens"] == 30
 
 
+def test_the_json_has_every_token_and_the_report_the_first_ones(trained_save_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(analyze, "REPORT_MAX_TOKENS", 100)
+    data, page = analyze_json(capsys, tmp_path, trained_save_dir, KNOWN_TEXT)
+    assert [entry["token"] for entry in data["positions"]] == list(KNOWN_TEXT)
+    inlined = json.loads(page.read_text(encoding="utf-8").split("const ANALYSIS = ", 1)[1].split(";\n", 1)[0])
+    assert inlined["positions"] == data["positions"][:100] and inlined["tokens"] == len(KNOWN_TEXT)
+    assert "(the first 100 tokens)" in capsys.readouterr().out
+
+
 def test_a_text_with_unknown_characters_is_refused_by_name_and_nothing_is_written(trained_save_dir, tmp_path,
                                                                                  capsys):
     source, page = tmp_path / "text.txt", tmp_path / "report.html"

@@ -12,6 +12,11 @@ def atomic_write_bytes(path, data):
     The file gets the permissions an ordinary new file gets (0666 less the umask), as TensorFlow's checkpoints do,
     so that a server running as another user can read a save dir.
     """
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path, chunks):
+    """atomic_write_bytes for data that comes in pieces (an iterable of bytes), never all in memory at once."""
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
@@ -20,7 +25,8 @@ def atomic_write_bytes(path, data):
         raise OSError(error.errno, error.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -67,6 +67,14 @@ class CharRNN(keras.Model):
                 x = unrolled.dropout(self.dropouts[i], x, training, rows)  # (B, T, rnn_size)
         return self.head(x), tuple(new_states)
 
+    def call_tracking(self, inputs, states, layer):
+        """For analysis (inference only): inputs [batch, time] (a static time) from `states` -> (logits [batch,
+        time, vocab], new states, layer `layer`'s state after every position [batch, time, rnn_size]: the cell
+        state c of an LSTM, the hidden state h of a GRU or SimpleRNN). The cells' arithmetic of the unrolled
+        training pass and of `step`, with the tracked state kept at every step."""
+        x, new_states, tracked = unrolled.forward(self, inputs, states, training=False, track_layer=layer)
+        return self.head(x), tuple(new_states), tracked
+
     def step(self, token_ids, states, table=None):
         """One time step for inference: token_ids [batch] -> (logits [batch, vocab], new states).
 

@@ -8,7 +8,16 @@ import dataclasses
 import json
 import re
 
-from settings import SETTINGS, SETTINGS_BY_HTTP, SampleSettings, pick_seed
+from settings import (
+    ANALYSIS_CELLS,
+    ANALYSIS_TOP,
+    MAX_ANALYSIS_CELLS,
+    MAX_ANALYSIS_TOP,
+    SETTINGS,
+    SETTINGS_BY_HTTP,
+    SampleSettings,
+    pick_seed,
+)
 
 # The largest JSON body POST /generate reads: room for a prime of --max_prime characters each written as a
 # 12-byte escaped surrogate pair, and the other fields.
@@ -123,16 +132,7 @@ def parse_json_request(body, limits):
 
     Raises ValueError with a one-line reason for malformed JSON, an unknown field or a bad value.
     """
-    try:
-        fields = json.loads(body, parse_constant=refuse_constant, object_pairs_hook=unique_fields)
-    except RecursionError:
-        raise ValueError("the body is not valid JSON (nested too deeply)") from None
-    except RepeatedField:
-        raise
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"the body is not valid JSON ({error})") from None
-    if not isinstance(fields, dict):
-        raise ValueError('the body must be a JSON object, like {"prime": "The", "n": 200}')
+    fields = json_object(body, '{"prime": "The", "n": 200}')
     params = {}
     for name, value in fields.items():
         if name not in PARAMETERS:
@@ -144,6 +144,22 @@ def parse_json_request(body, limits):
             raise ValueError(f"{name} must be a JSON {JSON_TYPE_NAMES[kind]}, got {shown(json.dumps(value))}")
         params[name] = value if isinstance(value, str) else repr(value)
     return parse_request(params, limits)
+
+
+def json_object(body, example):
+    """A request body (bytes) read as a JSON object (a dict); ValueError with a one-line reason for malformed JSON,
+    a repeated field, or anything but an object (the reason shows `example`)."""
+    try:
+        fields = json.loads(body, parse_constant=refuse_constant, object_pairs_hook=unique_fields)
+    except RecursionError:
+        raise ValueError("the body is not valid JSON (nested too deeply)") from None
+    except RepeatedField:
+        raise
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"the body is not valid JSON ({error})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"the body must be a JSON object, like {example}")
+    return fields
 
 
 JSON_KINDS = {str: str, int: int, float: (int, float)}  # a float setting takes a JSON integer too
@@ -180,3 +196,41 @@ def shown(value):
 def settings_json(request):
     """The settings a request was generated with, as the JSON answers name them."""
     return {setting.http: getattr(request, setting.name) for setting in SETTINGS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# POST /analyze: {"text": ..., "top": 5, "cells": 10, "layer": null}
+
+ANALYZE_FIELDS = {"text": None, "top": ANALYSIS_TOP, "cells": ANALYSIS_CELLS, "layer": None}  # and their defaults
+ANALYZE_RANGES = {"top": (1, MAX_ANALYSIS_TOP), "cells": (1, MAX_ANALYSIS_CELLS), "layer": (1, None)}
+
+
+class TooLong(ValueError):
+    """A text longer than the server analyzes (413, not 400)."""
+
+
+def analyze_body_limit(max_chars):
+    """The largest POST /analyze body, in bytes, for a text of at most `max_chars` characters."""
+    return JSON_BYTES_PER_PRIME_CHAR * max_chars + JSON_BODY_OVERHEAD
+
+
+def parse_analyze_request(body, max_chars):
+    """A POST /analyze body -> {"text", "top", "cells", "layer"} (layer None: the last; the model checks the
+    layer's top and the text's tokens). ValueError with a one-line reason; TooLong past `max_chars`."""
+    fields = json_object(body, '{"text": "The cat", "top": 5}')
+    for name, value in fields.items():
+        if name not in ANALYZE_FIELDS:
+            raise ValueError(f"unknown field {shown(name)}; the fields are {', '.join(ANALYZE_FIELDS)}")
+    if not isinstance(fields.get("text"), str):
+        raise ValueError('text must be a JSON string, the text to analyze, like {"text": "The cat"}')
+    if len(fields["text"]) > max_chars:
+        raise TooLong(f"text is {len(fields['text'])} characters long; the limit is {max_chars} (--max_analyze)")
+    request = {**ANALYZE_FIELDS, **fields}
+    for name, (low, high) in ANALYZE_RANGES.items():
+        value = request[name]
+        if value is None and name == "layer":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            bound = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+            raise ValueError(f"{name} must be {bound}, got {shown(json.dumps(value))}")
+    return request

@@ -7,7 +7,8 @@ Endpoints: GET / (the text, as sample.py prints it; the web page to a browser th
 GET /sample.json (the text and the settings used, seed included), GET /stream (the text as Server-Sent Events while
 it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /settings (the sampling settings
 with their defaults and limits, as JSON: the web page builds its form from it), GET /metrics (Prometheus),
-GET /health ("ok" and the model served). A bad request answers 400 with a one-line reason (JSON from /generate);
+GET /health ("ok" and the model served), POST /analyze (a text in, analyze.py's JSON out: each token's probability and
+alternatives, the cells that track features). A bad request answers 400 with a one-line reason (JSON from /generate);
 a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
 
 Concurrent requests are generated together, as the rows of one batch (batching.py); --max_batch 0 generates each
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -29,10 +31,18 @@ from cherrypy.lib import httputil
 
 import cli
 from errors import Busy, GenerationStopped
-from request_parsing import Limits, parse_json_request, parse_request, settings_json
+from request_parsing import (
+    Limits,
+    TooLong,
+    analyze_body_limit,
+    parse_analyze_request,
+    parse_json_request,
+    parse_request,
+    settings_json,
+)
 from server_engine import ModelPlugin, Shutdown, StartupFailed, check_port_free, server_config
 from service_metrics import ServiceMetrics
-from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
+from settings import MAX_ANALYZE, MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
 from token_logprobs import logprobs_json, pieces_json
 from value_types import number_type
 
@@ -42,6 +52,7 @@ PLAIN_TEXT = "text/plain; charset=utf-8"
 JSON_TYPE = "application/json"
 EVENT_STREAM = "text/event-stream; charset=utf-8"
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.html")
+ANALYSIS_SCRIPT = os.path.join(os.path.dirname(WEB_PAGE), "analysis.js")  # the page's Analyze view draws with it
 MAX_PORT = 65535
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
 STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
@@ -74,6 +85,9 @@ def build_parser():
                         help="largest n a request may ask for; above it the answer is 400")
     parser.add_argument("--max_prime", type=cli.positive_int, default=MAX_PRIME,
                         help="longest prime a request may give, in characters; above it the answer is 400")
+    parser.add_argument("--max_analyze", type=cli.positive_int, default=MAX_ANALYZE,
+                        help="longest text POST /analyze takes, in characters; above it the answer is 413 (the "
+                             "analysis runs on the request's thread, beside the batches)")
     parser.add_argument("--max_batch", type=batch_rows, default=32,
                         help="requests generated together as the rows of one batch; one that arrives while a batch "
                              "runs joins it at the next block (of at most 128 tokens; 0: no batching, each request "
@@ -103,11 +117,12 @@ def build_parser():
 
 
 class SampleService:
-    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health and
-    POST /generate."""
+    """The endpoints: GET / (text/plain, or the web page), /sample.json, /stream, /ui, /settings, /metrics, /health,
+    /analysis.js, and POST /generate and /analyze."""
 
-    def __init__(self, model, limits, metrics):
+    def __init__(self, model, limits, metrics, max_analyze=MAX_ANALYZE):
         self.model, self.limits, self.measured = model, limits, metrics
+        self.max_analyze, self.analysis, self.analyzer_lock = max_analyze, None, threading.Lock()
 
     @cherrypy.expose
     def index(self, **params):
@@ -138,6 +153,43 @@ class SampleService:
         except ValueError as error:
             raise cherrypy.HTTPError(400, str(error))
         return json.dumps({**answer_json(*self.sample(request)), "tokens": request.n}).encode("utf-8")
+
+    @cherrypy.expose
+    def analyze(self):
+        """POST /analyze: {"text", "top", "cells", "layer"} in, analyze.py's JSON out (without source and
+        checkpoint). Runs on the request's thread, so a long text never holds up the batches' blocks; --max_analyze
+        bounds it."""
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        body = read_body(analyze_body_limit(self.max_analyze))
+        try:
+            data = self.analyzed(parse_analyze_request(body, self.max_analyze))
+        except TooLong as error:
+            raise cherrypy.HTTPError(413, str(error))
+        except ValueError as error:
+            raise cherrypy.HTTPError(400, str(error))
+        return json.dumps(data).encode("utf-8")
+
+    def analyzed(self, request):
+        """The analysis of a parsed POST /analyze request by the served model, whose Analyzer (it keeps its
+        compiled passes) is made at the first one. ValueError for a text or a layer the model refuses."""
+        import analysis  # TensorFlow: after the model plugin has imported it quietly
+        from utils import normalize_newlines
+        sampler = self.model.sampler
+        with self.analyzer_lock:
+            if self.analysis is None:
+                self.analysis = analysis.Analyzer(sampler.generator.model)
+        text = normalize_newlines(request["text"], sampler.keep_crlf)  # as training read its text
+        return analysis.analyze_text(self.analysis, text, sampler.vocab, sampler.unk_token, sampler.word_level,
+                                     request["top"], request["cells"], request["layer"])
+
+    @cherrypy.expose
+    def analysis_js(self, **params):
+        """GET /analysis.js: the Analyze view's renderer (the one analyze.py's reports inline)."""
+        if params:
+            raise cherrypy.HTTPError(400, "/analysis.js takes no parameters")
+        cherrypy.response.headers["Content-Type"] = "text/javascript; charset=utf-8"
+        with open(ANALYSIS_SCRIPT, "rb") as script:
+            return script.read()
 
     @cherrypy.expose
     def stream(self, **params):
@@ -356,8 +408,8 @@ cherrypy.tools.count_request = cherrypy.Tool("on_end_request", count_request)
 
 
 def app_config(metrics):
-    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate), every error one line
-    of plain text (JSON from /generate), every request counted in the metrics."""
+    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate and /analyze), every error
+    one line of plain text (JSON from /generate), every request counted in the metrics."""
     return {
         "/": {
             "tools.allow.on": True,
@@ -381,6 +433,11 @@ def app_config(metrics):
             "request.process_request_body": False,  # read_body reads it
             "error_page.default": json_error_page,
         },
+        "/analyze": {
+            "tools.allow.methods": ["POST"],
+            "request.process_request_body": False,
+            "error_page.default": json_error_page,
+        },
     }
 
 
@@ -396,8 +453,8 @@ def serve(args):
     # default (10), and would warn at every start.
     cherrypy.checker.known_config_types["server.socket_timeout"] = float
     cherrypy.config.update(server_config(args))
-    cherrypy.tree.mount(SampleService(model, Limits(args.max_n, args.max_prime, args.temperature), metrics), "/",
-                        app_config(metrics))
+    limits = Limits(args.max_n, args.max_prime, args.temperature)
+    cherrypy.tree.mount(SampleService(model, limits, metrics, args.max_analyze), "/", app_config(metrics))
     shutdown = Shutdown(engine)
     shutdown.subscribe()
     try:

@@ -282,3 +282,14 @@ def check_beam_width(width):
     """Raise ValueError unless the beam width is an integer from 1 to MAX_BEAM_WIDTH."""
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_BEAM_WIDTH:
         raise ValueError(f"the beam width must be an integer from 1 to {MAX_BEAM_WIDTH}, got {width!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Analysis (analyze.py and the server's POST /analyze): what is shown of each position and of the cells
+
+ANALYSIS_TOP = 5  # likeliest alternatives shown for each position (--top, the "top" field)
+MAX_ANALYSIS_TOP = 20
+ANALYSIS_CELLS = 10  # cells listed by how well they track a feature of the text (--cells, the "cells" field)
+MAX_ANALYSIS_CELLS = 100
+REPORT_MAX_TOKENS = 20000  # the HTML report (and the cells' activations) cover the first this many tokens
+MAX_ANALYZE = 20000  # the server's default --max_analyze: the longest text POST /analyze takes, in characters

@@ -59,10 +59,12 @@ def training_pass(model, inputs, states, tape, rows=None):
     return model.head(x), tuple(new_states), deferred
 
 
-def forward(model, inputs, states, training, deferred=None, rows=None):
+def forward(model, inputs, states, training, deferred=None, rows=None, track_layer=None):
     """The layers over a static-length sequence, one cell step per layer and time step (see the module doc):
     (output of the last layer [batch, time, rnn_size], new states). With `deferred`, the weights are read with
-    stop_gradient and `deferred` records what their gradients need. rows: see `dropout`."""
+    stop_gradient and `deferred` records what their gradients need. rows: see `dropout`.
+    track_layer: a layer's index, for analysis.py: a third result is then that layer's last state (the LSTM's
+    cell state c, else h) after every step, [batch, time, rnn_size]."""
     batch, steps = inputs.shape
     read = (lambda variable: tf.stop_gradient(variable.value)) if deferred else (lambda variable: variable.value)
     # A token's input product in the first layer is its embedding row times the kernel: with fewer tokens in
@@ -85,15 +87,21 @@ def forward(model, inputs, states, training, deferred=None, rows=None):
         multiply_kernel, multiply_recurrent = by(kernel), by(recurrent_kernel)
         biases = split_bias(model.cell_type, read(cell.bias))
         layer_states = model.layer_states(states, i)
-        outputs = []
+        outputs, tracked_states = [], []
         for x in sequence:
             h_previous = layer_states[0]
             x_bias, h_bias = deferred.record(i, x, h_previous, *biases) if deferred else biases
             x_product = (x if i == 0 and gathered else multiply_kernel(x)) + x_bias
             h, layer_states = cell_step(model.cell_type, cell, x_product, layer_states, multiply_recurrent, h_bias)
             outputs.append(dropout(model.dropouts[i], h, training, rows))
+            if i == track_layer:
+                tracked_states.append(layer_states[-1])
         sequence = outputs
         new_states.extend(layer_states)
+        if i == track_layer:
+            tracked = tf.stack(tracked_states, axis=1)
+    if track_layer is not None:
+        return tf.stack(sequence, axis=1), new_states, tracked
     return tf.stack(sequence, axis=1), new_states
 
 

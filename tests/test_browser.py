@@ -223,3 +223,73 @@ def test_hovering_a_generated_character_shows_its_probability_and_the_likeliest_
         ActionChains(driver).move_to_element(element(driver, "generate")).perform()
         WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: not element(d, "tip").is_displayed(),
                                                        "the probabilities stayed after the pointer left")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The analysis: analyze.py's HTML report, and the page's Analyze view (POST /analyze)
+
+ANALYZED_TEXT = "the cat sat on the log.\nthe dog sat on the mat.\n"  # characters the conftest model knows
+
+
+def span_colours(driver):
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.an-text span')].map((span) => span.style.backgroundColor)")
+
+
+def check_analysis_view(driver, data, text):
+    """One span per character, coloured; hovering one shows its probability and alternatives; choosing a cell
+    recolours the spans."""
+    spans = driver.find_elements(By.CSS_SELECTOR, ".an-text span")
+    assert len(spans) == len(text) and "".join(span.get_attribute("textContent") for span in spans) == text
+    by_surprise = span_colours(driver)
+    assert all(by_surprise) and len(set(by_surprise)) > 3
+    ActionChains(driver).move_to_element(spans[5]).perform()
+    tip = element(driver, "an-tip")
+    WebDriverWait(driver, 10).until(lambda d: tip.is_displayed(), "hovering a character showed nothing")
+    entry = data["positions"][5]
+    assert f"p = {entry['probability']}" in tip.text
+    alternatives = tip.text.split("likeliest:")[1].strip().splitlines()
+    shown = [line.rsplit(None, 1)[0].strip() for line in alternatives]  # each line: the token quoted, then its p
+    assert shown == [json.dumps(token) for token, _ in entry["alternatives"]]
+    cell = data["cells"][0]
+    driver.find_element(By.CSS_SELECTOR, f".an-cells button[data-cell='{cell['cell']}']").click()
+    by_cell = span_colours(driver)
+    assert by_cell != by_surprise and len(set(by_cell)) > 3
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", spans[5])
+    ActionChains(driver).move_to_element(spans[5]).perform()  # for the screenshot: the cell's colours and a tooltip
+
+
+def test_the_report_colours_every_character_shows_its_alternatives_and_a_cells_activation(trained_save_dir,
+                                                                                           tmp_path):
+    import analyze
+    source, page, out = tmp_path / "text.txt", tmp_path / "report.html", tmp_path / "analysis.json"
+    source.write_text(ANALYZED_TEXT, encoding="utf-8")
+    assert analyze.main(["--save_dir", trained_save_dir, str(source), "--html", str(page), "--json", str(out)]) == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    with chromium(*DESKTOP) as driver:
+        driver.get(page.as_uri())
+        check_analysis_view(driver, data, ANALYZED_TEXT)
+        assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
+        screenshot(driver, "analysis-report.png")
+
+
+def test_the_analyze_view_colours_the_text_post_analyze_analyzed(server):
+    with chromium(*DESKTOP) as driver:
+        open_page(driver, server)
+        driver.find_element(By.CSS_SELECTOR, "#analyze_view summary").click()
+        element(driver, "analyze_text").send_keys(ANALYZED_TEXT)
+        element(driver, "analyze_button").click()
+        WebDriverWait(driver, GENERATION_TIMEOUT_S).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".an-text span") or element(d, "analyze_error").is_displayed(),
+            "the Analyze view showed neither a text nor an error")
+        assert not element(driver, "analyze_error").is_displayed(), element(driver, "analyze_error").text
+        status, _, data = post_json(server.url + "/analyze", {"text": ANALYZED_TEXT})
+        assert status == 200, data
+        check_analysis_view(driver, data, ANALYZED_TEXT)
+        screenshot(driver, "ui-analyze.png")
+
+        # A refused text shows the server's one-line reason.
+        element(driver, "analyze_text").send_keys("zebra")
+        element(driver, "analyze_button").click()
+        WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "analyze_error").is_displayed())
+        assert "'z'" in element(driver, "analyze_error").text

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = ["train", "sample", "sample_server", "evaluate", "export", "plot"]
+SCRIPTS = ["train", "sample", "sample_server", "evaluate", "export", "plot", "analyze"]
 BUILD_PARSER = """
 import sys
 sys.path.insert(0, sys.argv[1])

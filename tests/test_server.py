@@ -458,6 +458,53 @@ def test_penalties_and_logprobs_reach_the_generator_on_every_surface(server, loc
     assert "tokens" not in stream(f"{server.url}/stream?{query}")[2][1][1]  # none unless asked
 
 
+ANALYZED = "The dog sat on the mat.\nThe cat sat on the log.\n"
+BAD_ANALYZE_BODIES = [
+    (b'{"text": "The", "prime": "x"}', 400, "unknown field 'prime'; the fields are text, top, cells, layer"),
+    (b'{"top": 3}', 400, "text must be a JSON string"),
+    (b'{"text": 5}', 400, "text must be a JSON string"),
+    (b'{"text": "The", "top": 0}', 400, "top must be an integer from 1 to 20"),
+    (b'{"text": "The", "cells": true}', 400, "cells must be an integer from 1 to 100"),
+    (b'{"text": "The", "layer": 2}', 400, "layer must be from 1 to 1 (this model's layers)"),
+    (b'{"text": "The Queen!"}', 400, "the model does not know: 'Q', 'u', '!'"),
+    (b'{"text": "T"}', 400, "at least 2 are needed"),
+    (b'{"text": "' + b"a" * 20_001 + b'"}', 413, "text is 20001 characters long; the limit is 20000 (--max_analyze)"),
+    (b"[" * 300_000, 413, "the limit is"),
+]
+
+
+@pytest.mark.parametrize("body, status, reason", BAD_ANALYZE_BODIES,
+                         ids=[body[:20].decode("latin-1") for body, _, _ in BAD_ANALYZE_BODIES])
+def test_post_analyze_refuses_a_bad_body_with_a_json_reason(server, body, status, reason):
+    answer_status, headers, answer = post_json(f"{server.url}/analyze", body)
+    assert (answer_status, headers.get_content_type()) == (status, "application/json")
+    assert list(answer) == ["error"] and reason in answer["error"] and "\n" not in answer["error"]
+
+
+def test_post_analyze_answers_what_analyze_py_writes_as_json(server, save_dir, tmp_path, capsys):
+    import analyze
+    status, headers, answer = post_json(f"{server.url}/analyze", {"text": ANALYZED, "top": 3, "cells": 2})
+    assert status == 200 and headers.get_content_type() == "application/json"
+    source, out = tmp_path / "text.txt", tmp_path / "analysis.json"
+    source.write_text(ANALYZED, encoding="utf-8")
+    assert analyze.main(["--save_dir", save_dir, str(source), "--json", str(out), "--top", "3", "--cells", "2"]) == 0
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert set(written) - set(answer) == {"source", "checkpoint"}
+    assert answer["bits_per_token"] == pytest.approx(written["bits_per_token"], abs=1e-6)
+    assert [entry["token"] for entry in answer["positions"]] == list(ANALYZED)
+    for served, local in zip(answer["positions"], written["positions"]):
+        assert [token for token, _ in served["alternatives"]] == [token for token, _ in local["alternatives"]]
+        assert [p for _, p in served["alternatives"]] == pytest.approx([p for _, p in local["alternatives"]], rel=1e-3)
+    assert [(cell["cell"], cell["feature"]) for cell in answer["cells"]] == [
+        (cell["cell"], cell["feature"]) for cell in written["cells"]]
+    status, headers, body = get(f"{server.url}/analyze")
+    assert status == 405 and headers["Allow"] == "POST" and "error" in json.loads(body)
+    # The page's Analyze view draws with the renderer the reports inline.
+    status, headers, body = get(f"{server.url}/analysis.js")
+    with open(os.path.join(REPO, "web", "analysis.js"), encoding="utf-8") as script:
+        assert (status, headers.get_content_type(), body) == (200, "text/javascript", script.read())
+
+
 # Requests whose body stops arriving: shorter than its Content-Length, or chunked and stalled after a chunk.
 HALF_SENT_BODIES = [
     b'POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"n": 5',

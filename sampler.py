@@ -30,7 +30,8 @@ from settings import (
 )
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
-GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop
+GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop; the first block of a sample
+LONGEST_BLOCK = 8192  # the most tokens of a block of Generator.blocks, which a long sample's blocks grow to
 PHILOX = 1  # tf.random.Algorithm.PHILOX, the algorithm of the raw random ops
 FLOAT32_MANTISSA_BITS = 23
 PRIMES_KEPT = 256  # how many primes' states feed_prime keeps (the most recently used)
@@ -52,6 +53,25 @@ def row_settings(samples):
 def row_specs(rows):
     """The TensorSpecs of row_settings' dict for `rows` rows (None: any number)."""
     return {setting.name: tf.TensorSpec([rows], setting.dtype) for setting in ROW_SETTINGS}
+
+
+def block_schedule(n):
+    """The blocks that make n tokens, as Generator.blocks runs them: yields (position, steps) for each. The first
+    block makes GENERATE_BLOCK tokens, each next one twice as many as the one before, up to LONGEST_BLOCK, and the
+    last one only the tokens left.
+
+    Why: the first text is printed after one short block, and a stop string ends a sample at most one block after
+    it appears, however long n is; but each block is a call from Python that costs about as much as 128 tokens of a
+    2 x 32 model, and a long sample in blocks of 128 ran at a third of the speed of one in blocks of thousands.
+    All the blocks run one compiled program (its output has room for LONGEST_BLOCK tokens), so the growing sizes
+    compile nothing more, and the draws depend on the seed and the position only, so they change no text.
+    Measured in docs/performance.md (Long samples).
+    """
+    position, steps = 0, GENERATE_BLOCK
+    while position < n:
+        yield position, min(steps, n - position)
+        position += steps
+        steps = min(2 * steps, LONGEST_BLOCK)
 
 
 def keep_top_k(logits, top_k):
@@ -129,8 +149,9 @@ class Generator(tf.Module):
     """Compiled sampling over one CharRNN; one instance serves many threads (its only Python state, the primes'
     states it keeps, is locked).
 
-    The token loop runs in blocks of GENERATE_BLOCK steps, each compiled by XLA into one fused program (a
-    per-token graph loop spends most of its time dispatching small ops); a graph loop runs the blocks.
+    The token loop runs in blocks of steps, each compiled by XLA into one fused program (a per-token graph loop
+    spends most of its time dispatching small ops): generate() runs blocks of GENERATE_BLOCK steps in a graph loop,
+    blocks() growing ones from a Python loop (see block_schedule).
     """
 
     def __init__(self, model, space_id=-1, jit_compile=True):
@@ -175,14 +196,14 @@ class Generator(tf.Module):
             (tf.constant(0), tf.zeros([1, self.model.vocab_size]), self.model.zero_state(1)))
         return prime[-1], logits[0], states
 
-    def _generate_block(self, steps, positions, previous, logits, states, settings):
-        """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits
+    def _generate_block(self, steps, positions, previous, logits, states, settings, capacity=GENERATE_BLOCK):
+        """`steps` (at most `capacity`, a Python int) more tokens for each row of (previous token [rows], its logits
         [rows, vocab], states): row r is at token positions[r] of its sample and draws with its settings, the r-th
         values of the dict `settings` (ROW_SETTINGS by name, each a vector over the rows, so that the rows of a
-        batch may be different requests). Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the
+        batch may be different requests). Returns the tokens [rows, capacity] (the first `steps` columns made, the
         rest zeros) and the new carry. The rows share the model's matrix products only: each row's choice depends
         on its own logits and settings alone."""
-        tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
+        tokens = tf.TensorArray(tf.int32, size=capacity)
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
         positions = tf.cast(positions, tf.int64)
 
@@ -196,17 +217,20 @@ class Generator(tf.Module):
         return tf.transpose(tokens.stack()), previous, logits, states
 
     def _generate_packed_block(self, steps, positions, previous, logits, states, settings):
-        """_generate_block with the states side by side in one [rows, num_states x size] tensor, in and out."""
+        """_generate_block with room for LONGEST_BLOCK tokens (one program for every block that blocks() and the
+        batching server run: room costs nothing measurable where fewer steps are made), and the states side by
+        side in one [rows, num_states x size] tensor, in and out."""
         states = tuple(tf.split(states, self.model.num_states, axis=1))
-        tokens, previous, logits, states = self._generate_block(steps, positions, previous, logits, states, settings)
+        tokens, previous, logits, states = self._generate_block(steps, positions, previous, logits, states, settings,
+                                                                LONGEST_BLOCK)
         return tokens, previous, logits, tf.concat(states, axis=1)
 
     def batch_block(self, steps, positions, previous, logits, states, settings):
-        """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
+        """One compiled block of `steps` tokens (at most LONGEST_BLOCK) over rows that may be different requests,
         for the batching server and blocks(): numpy in and out, and the states side by side in one array. The
         arguments: int32 [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x
         size] states, then the rows' settings (row_settings: a dict of [rows] arrays, by name).
-        Returns (tokens [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits,
+        Returns (tokens [rows, LONGEST_BLOCK], of which the first `steps` columns are made; previous, logits,
         states). XLA compiles it once per row count.
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
@@ -243,10 +267,11 @@ class Generator(tf.Module):
 
     def blocks(self, prime, n, settings, rows=1):
         """generate(), block by block as they are made, for the SampleSettings `settings` (its mode and seed those
-        drawn with, see Sampler.prepare; its prime and n are not read): yields int32 numpy arrays of at most
-        GENERATE_BLOCK ids, n in all (fewer once stop() was called). The same ids as generate(); the loop over the
-        blocks is Python's, so nothing but one block is traced and compiled (quicker to start), and the caller sees
-        each block at once (to print it, or to stop at a stop string).
+        drawn with, see Sampler.prepare; its prime and n are not read): yields int32 numpy arrays of ids, n in all
+        (fewer once stop() was called), one a block, as block_schedule sizes the blocks (GENERATE_BLOCK ids first,
+        growing to LONGEST_BLOCK). The same ids as generate(); the loop over the blocks is Python's, so nothing but
+        one block is traced and compiled (quicker to start), and the caller sees each block at once (to print it,
+        or to stop at a stop string).
 
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
         settings.seed alone); each block is then [rows, ids].
@@ -259,11 +284,11 @@ class Generator(tf.Module):
                  np.repeat(np.concatenate(states, axis=1), rows, axis=0))
         seed, settings = settings.seed, row_settings([settings] * rows)
         settings["seed"] = np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64)
-        for position in range(0, n, GENERATE_BLOCK):
+        # A block's first k tokens do not depend on how many steps it makes: each block makes the steps that
+        # block_schedule gives it (the last one only the steps left), all with one compiled program.
+        for position, steps in block_schedule(n):
             if self.stopped.numpy():
                 return
-            # The last block runs only the steps it needs (a block's first k tokens do not depend on its length).
-            steps = min(GENERATE_BLOCK, n - position)
             tokens, *carry = self.batch_block(steps, np.full(rows, position, np.int32), *carry, settings)
             tokens = tokens[:, :steps]
             yield tokens if rows > 1 else tokens[0]

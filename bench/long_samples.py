@@ -12,11 +12,12 @@ NAME is given). Then, for --rounds
 rounds, each checkout's `sample.py -n 10` and `sample.py -n 200010` (--long_n; both `--seed 1`) are timed from
 start to exit, in turns (the checkouts' order reversed each round), so that all see the same state of the machine.
 The generation rate of a checkout is 200,000 tokens (the difference of the two n) over the difference of the two
-wall times: start-up, loading and compiling cancel out. Before the clock starts, each command runs once untimed,
-so that XLA's compilation cache on disk (a folder of this run's, for every block size the checkout compiles) is
-filled: the figures are warm ones, and the bench checks that the timed runs added nothing to the cache.
+wall times: start-up, loading and compiling cancel out. Before the clock starts, each checkout's `-n 10` runs once
+untimed, so that XLA's compilation cache on disk (a folder of this run's) holds what it compiles: the figures are
+warm ones, and the bench checks that the timed runs, long ones included, added nothing to the cache (no block size
+of a long sample is compiled anew in each run).
 
-Then `python sample.py -n 500` of this checkout (the first model) and `python -c "import tensorflow"` are timed in
+Then `python sample.py -n 500` of each checkout (the first model) and `python -c "import tensorflow"` are timed in
 turns, --one_off_runs times each (0: skip).
 
 Prints one JSON line per timed run, then a summary line: each checkout's median rate per model, this checkout's
@@ -129,15 +130,16 @@ def rates(runs, save_dirs, rounds):
 
 
 def one_off(runs, save_dir, count):
-    """Medians of `sample.py -n 500` (this checkout) and of a bare `import tensorflow`, timed in turns."""
-    sample, just_import = runs.sample("new", save_dir, ONE_OFF_N), [sys.executable, "-c", "import tensorflow"]
-    times = {"sample": [], "import": []}
+    """Medians of each checkout's `sample.py -n 500` and of a bare `import tensorflow`, timed in turns, and this
+    checkout's time less the import's in each turn."""
+    commands = {name: runs.sample(name, save_dir, ONE_OFF_N) for name in runs.checkouts}
+    commands["import"] = [sys.executable, "-c", "import tensorflow"]
+    times = {name: [] for name in commands}
     for _ in range(count):
-        times["sample"].append(runs.wall(sample))
-        times["import"].append(runs.wall(just_import))
-    return {"one_off_sample_py_n500_s": round(statistics.median(times["sample"]), 2),
-            "one_off_import_tensorflow_s": round(statistics.median(times["import"]), 2),
-            "one_off_over_import_per_run_s": [round(a - b, 2) for a, b in zip(times["sample"], times["import"])]}
+        for name, command in commands.items():
+            times[name].append(runs.wall(command))
+    return {"one_off_n500_s": {name: round(statistics.median(values), 2) for name, values in times.items()},
+            "one_off_new_over_import_per_run_s": [round(a - b, 2) for a, b in zip(times["new"], times["import"])]}
 
 
 def summarize(found):
@@ -173,10 +175,9 @@ def main(argv=None):
         for layers, units in args.models:
             save_dirs[f"{layers}x{units}"] = os.path.join(work, f"lstm-{layers}x{units}")
             write_save_dir(save_dirs[f"{layers}x{units}"], vocab, layers, units)
-        for save_dir in save_dirs.values():  # loads in both, and fills the cache with every block size
+        for save_dir in save_dirs.values():  # loads in every checkout, and fills the cache
             for name in runs.checkouts:
-                for n in (SHORT_N, runs.long_n):
-                    runs.wall(runs.sample(name, save_dir, n))
+                runs.wall(runs.sample(name, save_dir, SHORT_N))
         cached = runs.cached()
         found = rates(runs, save_dirs, args.rounds)
         result = {"rates": summarize(found), "rounds": args.rounds, "long_n": args.long_n, "cache_files_warm": cached,

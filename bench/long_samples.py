@@ -20,6 +20,11 @@ of a long sample is compiled anew in each run).
 Then `python sample.py -n 500` of each checkout (the first model) and `python -c "import tensorflow"` are timed in
 turns, --one_off_runs times each (0: skip).
 
+In process (--in_process_rounds, 0: skip): a child process imports every checkout's sampler side by side (each
+checkout's modules apart) and times `Sampler.sample("", long_n, seed=1)` of each in turns, after a warm-up sample
+whose text must be the same for all: the generation alone, without the start-up of two processes whose difference
+the rates above divide by, which on a busy machine varies by seconds.
+
 Prints one JSON line per timed run, then a summary line: each checkout's median rate per model, this checkout's
 over each older one's (the ratio of the medians, and each round's), and the one-off medians.
 """
@@ -64,6 +69,8 @@ def build_parser():
     parser.add_argument("--models", type=lambda text: [model_size(part) for part in text.split(",")],
                         default=[(3, 128), (2, 32)], help="comma-separated LSTM sizes, LAYERSxUNITS")
     parser.add_argument("--rounds", type=cli.positive_int, default=2, help="rounds of every timed run")
+    parser.add_argument("--in_process_rounds", type=cli.non_negative_int, default=5,
+                        help="rounds of the in-process timing of every checkout's Sampler (0: skip)")
     parser.add_argument("--one_off_runs", type=cli.non_negative_int, default=5,
                         help="runs of `sample.py -n 500` and of `python -c 'import tensorflow'`, in turns (0: skip)")
     return parser
@@ -142,6 +149,47 @@ def one_off(runs, save_dir, count):
             "one_off_new_over_import_per_run_s": [round(a - b, 2) for a, b in zip(times["new"], times["import"])]}
 
 
+IN_PROCESS_CHILD = """
+import json, sys, time
+checkouts, save_dir, n, rounds = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+samplers = {}
+for name, root in checkouts.items():  # each checkout's modules imported apart, each keeping its own
+    sys.path.insert(0, root)
+    import sampler
+    samplers[name] = sampler.Sampler.load(save_dir)
+    sys.path.remove(root)
+    for module_name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(root + "/"):
+            del sys.modules[module_name]
+texts = {name: each.sample("", 3000, seed=1) for name, each in samplers.items()}  # and the warm-up
+rates = {name: [] for name in samplers}
+for round_ in range(rounds):
+    for name in (list(samplers) if round_ % 2 == 0 else list(reversed(samplers))):
+        start = time.perf_counter()
+        samplers[name].sample("", n, seed=1)
+        rates[name].append(n / (time.perf_counter() - start))
+print(json.dumps({"rates": rates, "same_text": len(set(texts.values())) == 1}))
+"""
+
+
+def in_process(runs, save_dirs, rounds):
+    """{model: {checkout: [rates]}} of every checkout's Sampler in one child process, in turns; and whether
+    their texts for one seed were the same."""
+    found, same = {}, True
+    for model, save_dir in save_dirs.items():
+        done = subprocess.run([sys.executable, "-c", IN_PROCESS_CHILD, json.dumps(runs.checkouts), save_dir,
+                               str(runs.long_n), str(rounds)], env=dict(runs.env, TF_CPP_MIN_LOG_LEVEL="3"),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ValueError(f"the in-process timing failed: {last}")
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        found[model], same = answer["rates"], same and answer["same_text"]
+        print(json.dumps({"in_process": model, "chars_per_s": {name: [round(rate) for rate in rates]
+                                                               for name, rates in found[model].items()}}), flush=True)
+    return found, same
+
+
 def summarize(found):
     """Each checkout's median rate per model, and this checkout's over each older one's."""
     summary = {}
@@ -182,6 +230,9 @@ def main(argv=None):
         found = rates(runs, save_dirs, args.rounds)
         result = {"rates": summarize(found), "rounds": args.rounds, "long_n": args.long_n, "cache_files_warm": cached,
                   "cache_files_added_while_timed": runs.cached() - cached}
+        if args.in_process_rounds:
+            found, same = in_process(runs, save_dirs, args.in_process_rounds)
+            result.update({"in_process": summarize(found), "in_process_same_text": same})
         if args.one_off_runs:
             result.update(one_off(runs, next(iter(save_dirs.values())), args.one_off_runs))
         print(json.dumps(result), flush=True)

@@ -62,7 +62,7 @@ def block_schedule(n):
 
     Why: the first text is printed after one short block, and a stop string ends a sample at most one block after
     it appears, however long n is; but each block is a call from Python that costs about as much as 128 tokens of a
-    2 x 32 model, and a long sample in blocks of 128 ran at a third of the speed of one in blocks of thousands.
+    2 x 32 model, and a long sample in blocks of 128 ran at less than half the speed of one in blocks of thousands.
     All the blocks run one compiled program (its output has room for LONGEST_BLOCK tokens), so the growing sizes
     compile nothing more, and the draws depend on the seed and the position only, so they change no text.
     Measured in docs/performance.md (Long samples).

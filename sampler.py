@@ -33,7 +33,8 @@ from settings import (
 )
 from utils import NEWLINE, encode_tokens, join_tokens, normalize_newlines, tokenize
 
-GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop
+GENERATE_BLOCK = 128  # tokens per XLA-compiled block of the sampling loop; the first block of a sample
+LONGEST_BLOCK = 8192  # the most tokens of a block of Generator.blocks, which a long sample's blocks grow to
 PRIMES_KEPT = 256  # how many primes' states feed_prime keeps (the most recently used)
 # An empty prime starts the model from a line break (from token id 0, the most frequent token, when the
 # vocabulary has no line break): text then begins as if at the start of a line.
@@ -87,6 +88,25 @@ def score(logits, token, top):
     log_probabilities = tf.nn.log_softmax(logits)
     top_logprobs, top_ids = tf.math.top_k(log_probabilities, k=top)
     return tf.gather(log_probabilities, token, batch_dims=1), top_ids, top_logprobs
+
+
+def block_schedule(n):
+    """The blocks that make n tokens, as Generator.blocks runs them: yields (position, steps) for each. The first
+    block makes GENERATE_BLOCK tokens, each next one twice as many as the one before, up to LONGEST_BLOCK, and the
+    last one only the tokens left.
+
+    Why: the first text is printed after one short block, and a stop string ends a sample at most one block after
+    it appears, however long n is; but each block is a call from Python that costs about as much as 128 tokens of a
+    2 x 32 model, and a long sample in blocks of 128 ran at less than half the speed of one in blocks of thousands.
+    All the blocks run one compiled program (its output has room for LONGEST_BLOCK tokens), so the growing sizes
+    compile nothing more, and the draws depend on the seed and the position only, so they change no text.
+    Measured in docs/performance.md (Long samples).
+    """
+    position, steps = 0, GENERATE_BLOCK
+    while position < n:
+        yield position, min(steps, n - position)
+        position += steps
+        steps = min(2 * steps, LONGEST_BLOCK)
 
 
 def keep_top_k(logits, top_k):
@@ -148,8 +168,9 @@ class Generator(tf.Module):
     """Compiled sampling over one CharRNN; one instance serves many threads (its only Python state, the primes'
     states it keeps, is locked).
 
-    The token loop runs in blocks of GENERATE_BLOCK steps, each compiled by XLA into one fused program (a
-    per-token graph loop spends most of its time dispatching small ops); a graph loop runs the blocks.
+    The token loop runs in blocks of steps, each compiled by XLA into one fused program (a per-token graph loop
+    spends most of its time dispatching small ops): generate() runs blocks of GENERATE_BLOCK steps in a graph loop,
+    blocks() growing ones from a Python loop (see block_schedule).
     """
 
     def __init__(self, model, space_id=-1, jit_compile=True):
@@ -175,7 +196,7 @@ class Generator(tf.Module):
         # block without them stays as fast as it was.
         self._scored_packed_block = tf.function(self._generate_scored_packed_block, jit_compile=jit_compile,
                                                 autograph=False)
-        self._packed_block_calls = {}  # their concrete functions by `scored`, made at the first batch_block
+        self._packed_block_calls = {}  # their concrete functions by (scored, capacity), made at the first use
         self._packed_block_lock = threading.Lock()
 
     def stop(self):
@@ -198,18 +219,19 @@ class Generator(tf.Module):
             (tf.constant(0), tf.zeros([1, self.model.vocab_size]), self.model.zero_state(1)))
         return prime[-1], logits[0], states
 
-    def _generate_block(self, steps, positions, previous, logits, states, counts, settings, scored=False):
-        """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits
+    def _generate_block(self, steps, positions, previous, logits, states, counts, settings, scored=False,
+                        capacity=GENERATE_BLOCK):
+        """`steps` (at most `capacity`, a Python int) more tokens for each row of (previous token [rows], its logits
         [rows, vocab], states, counts [rows, vocab] of the tokens it generated so far): row r is at token
         positions[r] of its sample and draws with its settings, the r-th values of the dict `settings`
         (ROW_SETTINGS by name, each a vector over the rows, so that the rows of a batch may be different requests).
-        Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the rest zeros), the new carry
+        Returns the tokens [rows, capacity] (the first `steps` columns made, the rest zeros), the new carry
         and, when scored, each token's scores (BlockScores' tensors, before the penalties: see score). The rows
         share the model's matrix products only: each row's choice depends on its own logits and settings alone."""
         top = min(MAX_LOGPROBS, self.model.vocab_size)
-        outputs = (tf.TensorArray(tf.int32, size=GENERATE_BLOCK),) + ((
-            tf.TensorArray(tf.float32, size=GENERATE_BLOCK), tf.TensorArray(tf.int32, size=GENERATE_BLOCK),
-            tf.TensorArray(tf.float32, size=GENERATE_BLOCK)) if scored else ())
+        outputs = (tf.TensorArray(tf.int32, size=capacity),) + ((
+            tf.TensorArray(tf.float32, size=capacity), tf.TensorArray(tf.int32, size=capacity),
+            tf.TensorArray(tf.float32, size=capacity)) if scored else ())
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
         positions = tf.cast(positions, tf.int64)
 
@@ -228,46 +250,49 @@ class Generator(tf.Module):
         made = tuple(tf.experimental.numpy.swapaxes(output.stack(), 0, 1) for output in outputs)
         return made[0], previous, logits, states, counts, made[1:]
 
-    def _generate_packed_block(self, steps, positions, previous, logits, states, counts, settings):
+    def _generate_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity):
         """_generate_block with the states side by side in one [rows, num_states x size] tensor, in and out."""
-        return self._packed(steps, positions, previous, logits, states, counts, settings, scored=False)
+        return self._packed(steps, positions, previous, logits, states, counts, settings, False, capacity)
 
-    def _generate_scored_packed_block(self, steps, positions, previous, logits, states, counts, settings):
+    def _generate_scored_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity):
         """_generate_packed_block that also scores each token (BlockScores)."""
-        return self._packed(steps, positions, previous, logits, states, counts, settings, scored=True)
+        return self._packed(steps, positions, previous, logits, states, counts, settings, True, capacity)
 
-    def _packed(self, steps, positions, previous, logits, states, counts, settings, scored):
+    def _packed(self, steps, positions, previous, logits, states, counts, settings, scored, capacity):
         states = tuple(tf.split(states, self.model.num_states, axis=1))
         tokens, previous, logits, states, counts, scores = self._generate_block(
-            steps, positions, previous, logits, states, counts, settings, scored)
+            steps, positions, previous, logits, states, counts, settings, scored, capacity)
         return tokens, previous, logits, tf.concat(states, axis=1), counts, scores
 
-    def batch_block(self, steps, positions, previous, logits, states, counts, settings, scored=False):
-        """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
+    def batch_block(self, steps, positions, previous, logits, states, counts, settings, scored=False,
+                    capacity=GENERATE_BLOCK):
+        """One compiled block of `steps` tokens (at most `capacity`) over rows that may be different requests,
         for the batching server and blocks(): numpy in and out, and the states side by side in one array. The
         arguments: int32 [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x
         size] states, int32 [rows, vocab] counts of the tokens each row generated so far, then the rows' settings
-        (row_settings: a dict of [rows] arrays, by name); scored: also score each token (logprobs).
-        Returns (tokens [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits,
-        states, counts; BlockScores when scored, else None). XLA compiles it once per row count (and scored).
+        (row_settings: a dict of [rows] arrays, by name); scored: also score each token (logprobs); capacity: the
+        most steps the block has room for (GENERATE_BLOCK for the batching server, whose blocks are short;
+        LONGEST_BLOCK for blocks(), whose blocks grow: see block_schedule). Returns (tokens [rows, capacity], of
+        which the first `steps` columns are made; previous, logits, states, counts; BlockScores when scored, else
+        None). XLA compiles it once per row count, scored and capacity.
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
         takes it back, and while the server's request threads run Python, each taking back waits for them (up to
         the interpreter's switch interval). Beside three threads running Python, a block of 16 rows took 316 to
         373 ms called the plain way and 45 to 49 ms this way (32 to 36 ms with nothing beside it)."""
         with self._packed_block_lock:
-            if scored not in self._packed_block_calls:
+            if (scored, capacity) not in self._packed_block_calls:
                 rows, vocab = [None], self.model.vocab_size
                 block = self._scored_packed_block if scored else self._packed_block
-                self._packed_block_calls[scored] = block.get_concrete_function(
+                self._packed_block_calls[scored, capacity] = block.get_concrete_function(
                     tf.TensorSpec([], tf.int32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int32),
                     tf.TensorSpec(rows + [vocab], tf.float32),
                     tf.TensorSpec(rows + [self.model.num_states * self.model.rnn_size], tf.float32),
-                    tf.TensorSpec(rows + [vocab], tf.int32), row_specs(None))
-        *outputs, scores = self._packed_block_calls[scored](
+                    tf.TensorSpec(rows + [vocab], tf.int32), row_specs(None), capacity)
+        *outputs, scores = self._packed_block_calls[scored, capacity](
             tf.constant(steps, tf.int32),
             *(tf.constant(value) for value in (positions, previous, logits, states, counts)),
-            {name: tf.constant(value) for name, value in settings.items()})
+            {name: tf.constant(value) for name, value in settings.items()}, capacity)
         return (*(output.numpy() for output in outputs),
                 BlockScores(*(score.numpy() for score in scores)) if scored else None)
 
@@ -288,11 +313,11 @@ class Generator(tf.Module):
 
     def blocks(self, prime, n, settings, rows=1):
         """generate(), block by block as they are made, for the SampleSettings `settings` (its mode and seed those
-        drawn with, see Sampler.prepare; its prime and n are not read): yields (int32 numpy array of at most
-        GENERATE_BLOCK ids, their BlockScores when settings.logprobs > 0, else None), n ids in all (fewer once
-        stop() was called). The same ids as generate(); the loop over the blocks is Python's, so nothing but one
-        block is traced and compiled (quicker to start), and the caller sees each block at once (to print it, or
-        to stop at a stop string).
+        drawn with, see Sampler.prepare; its prime and n are not read): yields (an int32 numpy array of ids, their
+        BlockScores when settings.logprobs > 0, else None) a block, n ids in all (fewer once stop() was called), as block_schedule sizes the blocks (GENERATE_BLOCK ids first,
+        growing to LONGEST_BLOCK). The same ids as generate(); the loop over the blocks is Python's, so nothing but
+        one block is traced and compiled (quicker to start), and the caller sees each block at once (to print it,
+        or to stop at a stop string).
 
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
         settings.seed alone); each block's ids are then [rows, ids] (and its scores those of every row).
@@ -307,13 +332,13 @@ class Generator(tf.Module):
         scored = settings.logprobs > 0
         seed, settings = settings.seed, row_settings([settings] * rows)
         settings["seed"] = np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64)
-        for position in range(0, n, GENERATE_BLOCK):
+        # A block's first k tokens do not depend on how many steps it makes: each block makes the steps that
+        # block_schedule gives it (the last one only the steps left), all with one compiled program.
+        for position, steps in block_schedule(n):
             if self.stopped.numpy():
                 return
-            # The last block runs only the steps it needs (a block's first k tokens do not depend on its length).
-            steps = min(GENERATE_BLOCK, n - position)
             tokens, *carry, scores = self.batch_block(steps, np.full(rows, position, np.int32), *carry, settings,
-                                                      scored)
+                                                      scored, LONGEST_BLOCK)
             if rows == 1:
                 yield tokens[0, :steps], None if scores is None else scores.row(0, steps)
             else:

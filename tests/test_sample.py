@@ -193,7 +193,7 @@ def test_a_sample_makes_one_compiled_call_per_block_and_no_step_past_n(sampler, 
 
     monkeypatch.setattr(sampler.generator, "batch_block", counted)
     text = sampler.sample("the", 2 * GENERATE_BLOCK + 72, mode=1, seed=3)
-    assert steps == [GENERATE_BLOCK, GENERATE_BLOCK, 72]  # the last block stops at n
+    assert steps == [GENERATE_BLOCK, GENERATE_BLOCK + 72]  # the second block is twice as long, and stops at n
     # A shorter last block makes the same tokens: the sample is the start of a longer one.
     assert sampler.sample("the", 3 * GENERATE_BLOCK, mode=1, seed=3).startswith(text)
 

@@ -58,8 +58,9 @@ class Adam(keras.optimizers.Adam):
         return grads_and_vars
 
 
-def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
-    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced.
+def make_train_step(model, optimizer, progress, grad_clip, strategy=None, watch=None):
+    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced, and the
+    loss shown to `watch` (a DivergenceWatch, or None) inside the graph, so that no step waits for the host.
 
     Under a tf.distribute strategy of several replicas (see distribution.py), each replica takes its contiguous
     share of the batch's streams and of the carried state; the mean loss over the whole batch and its gradients
@@ -98,6 +99,8 @@ def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
         progress.loss_count.assign_add(1)
         progress.step.assign_add(1)
         progress.batch_in_epoch.assign_add(1)
+        if watch is not None:
+            watch.update(loss, progress.step)
         return loss
     return train_step
 
@@ -124,6 +127,35 @@ DIVERGED_STEPS = 20
 def divergence_bar(vocab_size):
     """The loss, in nats, above which a run over `vocab_size` tokens has diverged (see DIVERGED_TIMES_LN_V)."""
     return DIVERGED_TIMES_LN_V * math.log(vocab_size) + DIVERGED_SLACK_NATS
+
+
+class DivergenceWatch(tf.Module):
+    """The divergence test of each step's training loss, run inside the compiled step: the count of consecutive
+    steps above the bar, and the first step (with its loss) at which the loss was NaN or infinite or had stayed
+    above the bar for DIVERGED_STEPS steps. The loop reads it only when it prints or saves: reading a value each
+    step made every step wait for the host, 2% of the training time. Not checkpointed: a resume counts afresh."""
+
+    def __init__(self, bar):
+        super().__init__(name="divergence_watch")
+        self.bar = bar
+        self.steps_above = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.tripped_step = tf.Variable(0, dtype=tf.int64, trainable=False)  # 0: not tripped
+        self.tripped_loss = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+
+    def update(self, loss, step):
+        """In the graph: count `loss` (a scalar, of step `step`) and note the first step that diverged."""
+        loss = tf.cast(loss, tf.float32)
+        above = tf.where(loss > self.bar, self.steps_above + 1, 0)
+        self.steps_above.assign(above)
+        tripped = tf.logical_and(tf.equal(self.tripped_step, 0), tf.logical_or(
+            tf.logical_not(tf.math.is_finite(loss)), above >= DIVERGED_STEPS))
+        self.tripped_step.assign(tf.where(tripped, step, self.tripped_step))
+        self.tripped_loss.assign(tf.where(tripped, loss, self.tripped_loss))
+
+    def tripped(self):
+        """(step, loss) of the first diverged step, or None."""
+        step = int(self.tripped_step)
+        return (step, float(self.tripped_loss)) if step else None
 
 
 def format_duration(seconds):
@@ -154,11 +186,12 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress,
                                               dropout_rng=self.dropout_rng)
         save_dir.attach(self.checkpoint)
-        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy)
+        self.loss_bar = divergence_bar(model_config.vocab_size)
+        self.watch = DivergenceWatch(self.loss_bar)
+        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy,
+                                          watch=self.watch)
         self.eval_chunk = make_eval_chunk(self.model)
         self.started = time.time()
-        self.loss_bar = divergence_bar(model_config.vocab_size)
-        self.steps_above_bar = 0  # consecutive steps whose training loss was above loss_bar
 
     def resume(self, directory):
         """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch (or starts
@@ -242,12 +275,12 @@ class Trainer:
         step, epoch = int(progress.step), int(progress.epoch)
         tick, tick_step = time.perf_counter(), step
         for index in range(int(progress.batch_in_epoch), loader.num_batches):
-            loss = float(self.train_step(*loader.batch(index)))
+            loss = self.train_step(*loader.batch(index))  # not read here: a read waits for the step
             step += 1
-            self.check_step_loss(step, loss)
             if step % config.print_every == 0 or step == total:
+                self.check_step_losses()
                 seconds = (time.perf_counter() - tick) / (step - tick_step)
-                self.report(step, total, epoch, loss, seconds)
+                self.report(step, total, epoch, float(loss), seconds)
                 tick, tick_step = time.perf_counter(), step
             if step % config.save_every == 0 or step == total:
                 self.save()
@@ -266,6 +299,7 @@ class Trainer:
 
     def save(self, validate=True):
         """Write a checkpoint; when `validate`, also the full-pass validation loss and best/ if it improved."""
+        self.check_step_losses()
         progress = self.progress
         count = int(progress.loss_count)
         train_loss = float(progress.loss_sum) / count if count else math.nan
@@ -290,15 +324,17 @@ class Trainer:
         progress.loss_count.assign(0)
         return self.save_dir.save(step, self.model_info(step, score, val_loss, train_loss) if improved else None)
 
-    def check_step_loss(self, step, loss):
-        """Stop when a step's training loss is NaN or infinite, or has stayed above loss_bar for DIVERGED_STEPS steps
-        in a row."""
+    def check_step_losses(self):
+        """Stop when a step's training loss was NaN or infinite, or stayed above loss_bar for DIVERGED_STEPS steps
+        in a row, since the run started (the watch in the compiled step keeps the count)."""
+        tripped = self.watch.tripped()
+        if tripped is None:
+            return
+        step, loss = tripped
         if not math.isfinite(loss):
             self.diverged(f"the training loss became {loss} at step {step}")
-        self.steps_above_bar = self.steps_above_bar + 1 if loss > self.loss_bar else 0
-        if self.steps_above_bar >= DIVERGED_STEPS:
-            self.diverged(f"the training loss stayed above {self.describe_bar()} for {DIVERGED_STEPS} steps "
-                          f"({loss:.6g} at step {step})")
+        self.diverged(f"the training loss stayed above {self.describe_bar()} for {DIVERGED_STEPS} steps "
+                      f"({loss:.6g} at step {step})")
 
     def check_loss(self, name, loss, when):
         """Stop when a loss averaged over many tokens (the training loss since the last checkpoint, the validation

@@ -57,6 +57,9 @@ class TrainConfig:
     strategy: str = "auto"
     replicas: int = 0
     cluster_timeout: float = 300.0  # seconds a multi_worker worker waits for the others to start
+    # auto, float32 or bfloat16 (precision.py); config.yaml records the one that ran. Not resumed: the weights are
+    # float32 in either, so a run resumes in the other.
+    precision: str = "auto"
     # The preset whose settings the run took (PRESETS), recorded in config.yaml
     preset: str | None = None
 

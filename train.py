@@ -8,6 +8,7 @@ import os
 import sys
 
 import cli
+from precision import AUTO_MIN_RNN_SIZE, PRECISIONS
 from settings import CELL_TYPES, PRESETS, RESUMED_SETTINGS, STRATEGIES, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
 
 DESCRIPTION = "Train a multi-layer LSTM/GRU/RNN language model over characters or words."
@@ -96,6 +97,10 @@ def build_parser():
     devices.add_argument("--cluster_timeout", type=cli.positive_float, default=DEFAULTS.cluster_timeout,
                          help="multi_worker: seconds each worker waits for the others TF_CONFIG names to start, "
                               "before it stops with one line")
+    devices.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
+                         help="bfloat16: the recurrent layers' matrix products in bfloat16 (weights, optimizer, loss "
+                              "and state stay float32; checkpoints are float32 either way); auto: bfloat16 on a CPU "
+                              f"with AVX-512 BF16 or AMX at --rnn_size {AUTO_MIN_RNN_SIZE} or more, else float32")
     return parser
 
 

@@ -18,6 +18,7 @@ from tensorflow import keras
 
 import checkpoints
 import distribution as distribution_module
+import precision as precision_module
 import savedir
 import unrolled
 from evaluation import full_pass_loss, make_eval_chunk
@@ -173,7 +174,7 @@ class Trainer:
         self.distribution = distribution or distribution_module.one_device()
         strategy = self.distribution.strategy
         with strategy.scope():  # the weights and the optimizer's slots mirrored on every replica
-            self.model = CharRNN(model_config)
+            self.model = CharRNN(model_config, precision=config.precision)
             self.model.build_weights()
             self.optimizer = Adam(config.learning_rate)
             self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
@@ -382,6 +383,14 @@ def with_resume_settings(config):
     return dataclasses.replace(config, **taken)
 
 
+def choose_precision(config):
+    """The precision this run trains in (config.yaml records it), after a line saying why when auto chose it."""
+    precision, why = precision_module.choose(config.precision, config.rnn_size, on_gpu=unrolled.has_gpu())
+    if config.precision == "auto":
+        print(f"precision {precision} ({why})")
+    return precision
+
+
 def load_text(config):
     """The TextLoader of config's data, after one line saying how many tokens it holds and how they are used."""
     loader = TextLoader.from_config(config)
@@ -420,7 +429,8 @@ def train(config):
         raise ValueError(f"batch_size {config.batch_size} does not divide among {distribution.replicas} replicas: "
                          f"give a batch_size that is a multiple of {distribution.replicas}")
     config = with_resume_settings(config)
-    config = dataclasses.replace(config, seed=pick_seed() if config.seed is None else config.seed)
+    config = dataclasses.replace(config, seed=pick_seed() if config.seed is None else config.seed,
+                                 precision=choose_precision(config))
     keras.utils.set_random_seed(config.seed)
     loader = load_text(config)
     model_config, vectors = network(config, loader)

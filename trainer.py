@@ -20,6 +20,7 @@ import checkpoints
 import distribution as distribution_module
 import precision as precision_module
 import savedir
+import train_samples
 import unrolled
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
@@ -178,6 +179,10 @@ class Trainer:
             self.model.build_weights()
             self.optimizer = Adam(config.learning_rate)
             self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
+        # After the training model, so that its weights and dropout seeds are those of a run without samples.
+        self.samples = (train_samples.TrainingSamples(config, self.model, model_config, loader.vocab, loader.unk_token,
+                                                      save_dir)
+                        if config.sample_every != train_samples.SAMPLES_OFF and self.distribution.is_chief else None)
         self.progress = Progress(self.model.num_states, config.batch_size, config.rnn_size, config.seq_length)
         # The dropout layers' random state (Keras gives one only to a rate > 0), so that a resumed run draws the
         # masks the uninterrupted run would have drawn.
@@ -283,8 +288,11 @@ class Trainer:
                 seconds = (time.perf_counter() - tick) / (step - tick_step)
                 self.report(step, total, epoch, float(loss), seconds)
                 tick, tick_step = time.perf_counter(), step
-            if step % config.save_every == 0 or step == total:
+            saved = step % config.save_every == 0 or step == total
+            if saved:
                 self.save()
+            if self.samples and self.samples.due(step, saved):
+                self.samples.write(step)
             if step >= total:
                 return
         progress.epoch.assign_add(1)

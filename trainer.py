@@ -135,7 +135,8 @@ class DivergenceWatch(tf.Module):
     """The divergence test of each step's training loss, run inside the compiled step: the count of consecutive
     steps above the bar, and the first step (with its loss) at which the loss was NaN or infinite or had stayed
     above the bar for DIVERGED_STEPS steps. The loop reads it only when it prints or saves: reading a value each
-    step made every step wait for the host, 2% of the training time. Not checkpointed: a resume counts afresh."""
+    step made every step wait for the host before the next batch was prepared (docs/performance.md, "The divergence
+    check"). Not checkpointed: a resume counts afresh."""
 
     def __init__(self, bar):
         super().__init__(name="divergence_watch")

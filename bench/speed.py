@@ -304,7 +304,7 @@ def timed_rounds(args, data_dir):
         timers[label], model = train_speed(data_dir, cell, layers, units, precision)
         if (cell, f"{layers}x{units}", precision) == ("lstm", DEFAULT_SIZE, "float32"):
             lstm = model
-    if lstm is None and args.sampling:
+    if lstm is None and "lstm" in args.models.split(","):  # sampling and the rest time the default LSTM
         _, lstm = train_speed(data_dir, "lstm")
     peer = args.peer_python and args.peer_script
     ours, theirs, sampling = {label: [] for label in runs}, {label: [] for label in runs}, []
@@ -313,7 +313,7 @@ def timed_rounds(args, data_dir):
             ours[label].append(timers[label](args.steps))
             if peer:
                 theirs[label].append(peer_speed(args, cell))
-        if args.sampling:
+        if args.sampling and lstm is not None:
             sampling.append(sample_speed(lstm, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
     return ours, theirs, sampling, lstm
 

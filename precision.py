@@ -2,10 +2,10 @@
 
 `choose(requested, rnn_size)` turns train.py's --precision (auto, float32, bfloat16) into what runs, with a reason
 for the log line. auto picks bfloat16 only on a CPU whose flags say it multiplies bfloat16 in hardware (AVX-512 BF16
-or AMX) and only for networks of at least AUTO_MIN_RNN_SIZE units: measured with bench/speed.py on such a CPU
-(docs/performance.md, "bfloat16"), training ran 1.90x as fast in bfloat16 at 2 x 512 and 1.16x at 2 x 256, while
-the default 3 x 128 gained nothing (0.99x): a product of 50 rows by 128 columns is too small for the bfloat16 units
-to pay for the casts around it. A rule, not a
+or AMX) and only for layers of at least AUTO_MIN_RNN_SIZE units: measured with bench/speed.py on such a CPU
+(docs/performance.md, "bfloat16"), training ran about twice as fast in bfloat16 at 2 x 512, 1.45x at 2 x 256 and
+1.22x at the default 3 x 128 (each the quietest of three runs); smaller layers were not measured, and there the
+casts around products of 50 rows by fewer than 128 columns weigh more. A rule, not a
 timing at start-up: two compiled training steps would cost the start-up tens of seconds, and the rule gives the
 same answer on the same machine every time. On a GPU, auto keeps float32 (no GPU was at hand to measure);
 --precision bfloat16 runs the Keras layers under Keras' "mixed_bfloat16" policy there (not tested on a GPU).
@@ -19,7 +19,7 @@ PRECISIONS = ("auto", FLOAT32, BFLOAT16)
 # /proc/cpuinfo flags of the x86 extensions that multiply bfloat16 in hardware (Intel Cooper Lake and later,
 # AMD Zen 4 and later; AMX: Intel Sapphire Rapids and later).
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-AUTO_MIN_RNN_SIZE = 256  # the smallest layer size auto trains in bfloat16 (see the module doc)
+AUTO_MIN_RNN_SIZE = 128  # the smallest layer size auto trains in bfloat16 (see the module doc)
 CPUINFO = "/proc/cpuinfo"
 
 

@@ -21,7 +21,8 @@ AMX = ("amx_bf16",)
 @pytest.mark.parametrize("requested, rnn_size, flags, on_gpu, expected", [
     ("auto", precision.AUTO_MIN_RNN_SIZE, AMX, False, "bfloat16"),
     ("auto", 512, ("avx512_bf16",), False, "bfloat16"),
-    ("auto", precision.AUTO_MIN_RNN_SIZE - 1, AMX, False, "float32"),  # the default 128 gains nothing
+    ("auto", 128, AMX, False, "bfloat16"),  # the default size gains too (docs/performance.md)
+    ("auto", precision.AUTO_MIN_RNN_SIZE - 1, AMX, False, "float32"),  # smaller than measured
     ("auto", 512, (), False, "float32"),  # no bfloat16 units: casts only cost
     ("auto", 512, AMX, True, "float32"),
     ("float32", 512, AMX, False, "float32"),

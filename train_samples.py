@@ -5,11 +5,11 @@ Each sample starts from the empty prime (as if at the start of a line) with the 
 step, so that the samples of two steps differ only by what the model learned between them. It is sample.py's
 sampler (sampler.Sampler) on a float32 copy of the training weights: the training weights, its optimizer and its
 random state are never touched, so a run with samples trains exactly as one without, and a resumed run writes the
-samples the uninterrupted run wrote. The sampler runs without XLA (as the export does: the same draws, the same
-math up to the last bits of rounding): measured at 3 x 128 on 2 busy cores, XLA took 8.4 s to compile and then
-0.07 s per call (both temperatures), without XLA 2.9 s at the first call and 0.36 s after; over the 22 samples of
-a default run both come to about 10 s, and a short run (or a test) pays a third at the start. The text is, up to
-those bits, the one `sample.py --prime "" -n LENGTH --temperature T --seed S` prints from that step's checkpoint.
+samples the uninterrupted run wrote. The text is the one `sample.py --prime "" -n LENGTH --temperature T --seed S`
+prints from that step's checkpoint: the same XLA-compiled generator. Without XLA (as the export runs) the first
+sampling would start sooner (2.9 s against 8.4 s to compile, at 3 x 128 on 2 busy cores) but each would take 0.36 s
+against 0.07 s, about the same over a default run's 23 samplings, and TensorFlow logs a oneDNN notice on stderr
+when that graph first runs.
 """
 import dataclasses
 
@@ -34,7 +34,7 @@ class TrainingSamples:
         self.copy = CharRNN(dataclasses.replace(model_config, dropout=0.0))
         self.copy.build_weights()
         loaded = savedir.Loaded(config, model_config, vocab, unk_token, self.copy, path=None)
-        self.sampler = Sampler(loaded, jit_compile=False)
+        self.sampler = Sampler(loaded)
 
     def due(self, step, saved):
         """Whether `step` gets samples: every --sample_every steps, or with each checkpoint (`saved`)."""

@@ -57,10 +57,10 @@ def test_samples_appear_at_the_chosen_steps(tmp_path, data_dir, capsys, every, e
         (f"sample/temperature_{temperature:g}", step): f"```\n{text}\n```" for step, temperature, text in samples}
     # One seed at every step: the samples differ by what the model learned, so the first and last differ.
     assert samples[0][2] != samples[-1][2]
-    # Each from the weights of its step: the last ones are those of the last checkpoint, sampled afresh (without XLA,
-    # as while training), which also starts the prime from those weights' states.
+    # Each from the weights of its step: the last ones are sample.py's of the last checkpoint, which also starts the
+    # prime from those weights' states.
     if every == 0:
-        fresh = Sampler(savedir.load(save), jit_compile=False)
+        fresh = Sampler.load(save)
         assert [text for step, _, text in samples if step == 25] == [
             fresh.run(SampleSettings("", 30, temperature=temperature, seed=0)) for temperature in (0.5, 1.0)]
 

@@ -8,7 +8,15 @@ from runtime import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 from settings import TRAIN_DEFAULTS
 
 # The scripts' flag types, as cli.positive_int and the like.
-from value_types import fraction, non_negative_int, positive_float, positive_int, probability, top_p  # noqa: F401
+from value_types import (  # noqa: F401
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    sample_every,
+    top_p,
+)
 
 
 def add_model_flags(parser):

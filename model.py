@@ -5,11 +5,16 @@ layer; h per GRU or SimpleRNN layer), so the same weights serve a training batch
 layer is stateful. Build it from its settings: `CharRNN(settings.ModelConfig(...))`, or from a save dir's
 config.yaml with savedir.build_model. On a CPU, short training batches run through unrolled.py (the same math,
 faster); sampling's compiled loop (sampler.py) calls `step`.
+
+precision (precision.py): "bfloat16" computes the recurrent layers' matrix products of `call` in bfloat16, the
+weights, the carried state, the output layer and what `call` returns staying float32; `step` (sampling) is float32
+whatever the precision. The weights, and so the checkpoints, are the same in either.
 """
 import tensorflow as tf
 from tensorflow import keras
 
 import unrolled
+from precision import BFLOAT16, FLOAT32, keras_policy
 
 RNN_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
 STATES_PER_LAYER = {"lstm": 2, "gru": 1, "rnn": 1}
@@ -19,16 +24,19 @@ STEP_TABLE_MAX_VOCAB = 128  # see CharRNN.step_table
 class CharRNN(keras.Model):
     """Embedding -> stacked recurrent layers -> Dense logits, with explicit state in and out."""
 
-    def __init__(self, config, **kwargs):
-        """config: a settings.ModelConfig (vocab_size, model, rnn_size, num_layers, embedding_size, dropout)."""
+    def __init__(self, config, precision=FLOAT32, **kwargs):
+        """config: a settings.ModelConfig (vocab_size, model, rnn_size, num_layers, embedding_size, dropout);
+        precision: "float32" or "bfloat16" (see the module doc)."""
         super().__init__(**kwargs)
-        self.model_config = config
+        self.model_config, self.precision = config, precision
+        self.product_dtype = tf.bfloat16 if precision == BFLOAT16 else tf.float32  # of the recurrent products
         self.vocab_size, self.rnn_size, self.num_layers = config.vocab_size, config.rnn_size, config.num_layers
         self.cell_type = config.model
         self.embedding = keras.layers.Embedding(config.vocab_size, config.embedding_size, name="embedding")
         # Default activations, no recurrent dropout, no unrolling: the layers stay eligible for cuDNN.
         self.rnn_layers = [RNN_LAYERS[config.model](config.rnn_size, return_sequences=True, return_state=True,
-                                                    name=f"{config.model}_{i}") for i in range(config.num_layers)]
+                                                    dtype=keras_policy(precision), name=f"{config.model}_{i}")
+                           for i in range(config.num_layers)]
         # `dropout` is the probability of dropping a unit (TF1's keep_prob confusion is not repeated).
         self.dropouts = [keras.layers.Dropout(config.dropout, name=f"dropout_{i}") for i in range(config.num_layers)]
         self.head = keras.layers.Dense(config.vocab_size, name="head")
@@ -63,7 +71,8 @@ class CharRNN(keras.Model):
             new_states = []
             for i, layer in enumerate(self.rnn_layers):
                 x, *layer_states = layer(x, initial_state=self.layer_states(states, i), training=training)
-                new_states.extend(layer_states)
+                x = tf.cast(x, tf.float32)  # from bfloat16 under the mixed policy: dropout and the head in float32
+                new_states.extend(tf.cast(state, tf.float32) for state in layer_states)
                 x = unrolled.dropout(self.dropouts[i], x, training, rows)  # (B, T, rnn_size)
         return self.head(x), tuple(new_states)
 

@@ -19,6 +19,11 @@ class PrimeStates:
                 self._kept.move_to_end(key)
             return fed
 
+    def clear(self):
+        """Forget every kept state (the model's weights changed)."""
+        with self._lock:
+            self._kept.clear()
+
     def put(self, key, fed):
         with self._lock:
             self._kept[key] = fed

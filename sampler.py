@@ -204,6 +204,12 @@ class Generator(tf.Module):
         than n ids (those of the blocks already made). For a server that is shutting down; there is no undo."""
         self.stopped.assign(True)
 
+    def weights_changed(self):
+        """Forget the states kept for the primes fed so far: call after assigning new weights to the model (as
+        train_samples.py does before each sample while training), or a prime fed again would start from the
+        states of the old weights."""
+        self._primes.clear()
+
     def _feed_prime(self, prime):
         """Run the prime ids through the model, one `step` at a time: (its last id, the logits after it [vocab],
         the states, each [1, size]). A graph loop of the step that the blocks run, so that a prime's state is the

@@ -8,6 +8,7 @@ Layout of a save dir (best/ holds the same files for the best model so far, plus
     checkpoint                  tf.train.CheckpointManager's index of checkpoints (relative paths)
     model.ckpt-<step>.index / .data-*
     metrics.csv                 the loss curves
+    samples.txt                 the samples printed while training (--sample_every), each under a SAMPLE_HEADER
 No pickle: loading a model never executes code from a file.
 """
 import contextlib
@@ -40,6 +41,10 @@ LOCK_FILE = "train.lock"
 LOG_DIR = "logs"  # TensorBoard's logs, inside the save dir unless --log_dir says otherwise
 METRICS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_s", "elapsed_s")
 BEST_DIR = "best"
+SAMPLES_FILE = "samples.txt"
+# The line above each sample of samples.txt; a resume drops the samples of the steps it replays by these lines.
+SAMPLE_HEADER = "step {step}, temperature {temperature:g}, seed {seed}:"
+SAMPLE_HEADER_STEP = re.compile(r"^step (\d+), temperature \S+, seed \d+:$", re.MULTILINE)
 # Settings that decide the shape or meaning of the weights: a resume must keep every one of them.
 WEIGHT_FIELDS = ("model", "rnn_size", "num_layers", "word_level", "embedding_size", "vocab_size")
 
@@ -310,7 +315,16 @@ class SaveDir:
         step = checkpoints.checkpoint_step(path)
         if os.path.abspath(directory) == os.path.abspath(self.path):
             self.saved_step = step
+        keep_samples_until(os.path.join(self.path, SAMPLES_FILE), step)
         return path, self.metrics.keep_until(step)
+
+    def write_sample(self, step, temperature, seed, text):
+        """Append one sample made while training to samples.txt, under its SAMPLE_HEADER, and to TensorBoard."""
+        header = SAMPLE_HEADER.format(step=step, temperature=temperature, seed=seed)
+        with writing(self.path, SAMPLES_FILE), open(os.path.join(self.path, SAMPLES_FILE), "a",
+                                                     encoding="utf-8") as f:
+            f.write(f"{header}\n{text}\n\n")
+        self.metrics.write_text(f"sample/temperature_{temperature:g}", text, step)
 
     def best_score(self):
         """The score best/ was saved with, or None when there is no best/ yet."""
@@ -370,6 +384,24 @@ class MetricsLog:
                     if name not in ("epoch", "elapsed_s") and value is not None:
                         tf.summary.scalar(name, value, step=step)
             self.writer.flush()
+
+    def write_text(self, name, text, step):
+        """A text at `step` in TensorBoard (as a code block: TensorBoard reads text as Markdown)."""
+        if self.writer is not None:
+            with self.writer.as_default():
+                tf.summary.text(name, f"```\n{text}\n```", step=step)
+            self.writer.flush()
+
+
+def keep_samples_until(path, step):
+    """Drop the samples of samples.txt made after `step` (steps a resume replays)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    later = next((match.start() for match in SAMPLE_HEADER_STEP.finditer(text) if int(match.group(1)) > step), None)
+    if later is not None:
+        atomic_write_bytes(path, text[:later].encode("utf-8"))
 
 
 def _csv_value(value):

@@ -38,6 +38,12 @@ class TrainConfig:
     init_from: str | None = None
     print_every: int = 10
     log_dir: str | None = None
+    # Samples while training (train_samples.py): every sample_every steps (0: at each checkpoint; -1: none), from
+    # the empty prime, at each of the comma-separated temperatures, with one seed at every step
+    sample_every: int = 0
+    sample_length: int = 200
+    sample_temperatures: str = "0.5,1.0"
+    sample_seed: int = 0
     # Model
     model: str = "lstm"
     rnn_size: int = 128
@@ -57,11 +63,26 @@ class TrainConfig:
     strategy: str = "auto"
     replicas: int = 0
     cluster_timeout: float = 300.0  # seconds a multi_worker worker waits for the others to start
+    # auto, float32 or bfloat16 (precision.py); config.yaml records the one that ran. Not resumed: the weights are
+    # float32 in either, so a run resumes in the other.
+    precision: str = "auto"
     # The preset whose settings the run took (PRESETS), recorded in config.yaml
     preset: str | None = None
 
 
 TRAIN_DEFAULTS = TrainConfig()
+
+
+def parse_temperatures(text):
+    """--sample_temperatures "0.5,1.0" -> (0.5, 1.0); ValueError for anything but positive numbers."""
+    try:
+        temperatures = tuple(float(value) for value in text.split(","))
+    except ValueError:
+        temperatures = ()
+    if not temperatures or not all(FLOAT32_TINY <= value <= FLOAT32_MAX for value in temperatures):
+        raise ValueError(f"--sample_temperatures {text!r}: give positive numbers separated by commas, as 0.5,1.0 "
+                         f"({FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g})")
+    return temperatures
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,16 @@ import os
 import sys
 
 import cli
-from settings import CELL_TYPES, PRESETS, RESUMED_SETTINGS, STRATEGIES, TRAIN_DEFAULTS as DEFAULTS, TrainConfig
+from precision import AUTO_MIN_RNN_SIZE, PRECISIONS
+from settings import (
+    CELL_TYPES,
+    PRESETS,
+    RESUMED_SETTINGS,
+    STRATEGIES,
+    TRAIN_DEFAULTS as DEFAULTS,
+    TrainConfig,
+    parse_temperatures,
+)
 
 DESCRIPTION = "Train a multi-layer LSTM/GRU/RNN language model over characters or words."
 
@@ -55,6 +64,18 @@ def build_parser():
                     help="print training stats every N steps")
     io.add_argument("--log_dir", default=DEFAULTS.log_dir, help="TensorBoard log directory (default: SAVE_DIR/logs)")
 
+    samples = parser.add_argument_group("samples while training (printed, appended to SAVE_DIR/samples.txt and "
+                                        "logged to TensorBoard)")
+    samples.add_argument("--sample_every", type=cli.sample_every, default=DEFAULTS.sample_every,
+                         help="sample every N steps; 0: at each checkpoint (--save_every, and the last step); "
+                              "-1: never")
+    samples.add_argument("--sample_length", type=cli.positive_int, default=DEFAULTS.sample_length,
+                         help="tokens per sample, after the empty prime (the start of a line)")
+    samples.add_argument("--sample_temperatures", type=temperatures, default=DEFAULTS.sample_temperatures,
+                         help="comma-separated temperatures: one sample at each")
+    samples.add_argument("--sample_seed", type=cli.non_negative_int, default=DEFAULTS.sample_seed,
+                         help="the seed of every sample, so that the samples of different steps compare")
+
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULTS.model, choices=CELL_TYPES, help="rnn, gru, or lstm")
     model.add_argument("--rnn_size", type=cli.positive_int, default=DEFAULTS.rnn_size,
@@ -96,7 +117,21 @@ def build_parser():
     devices.add_argument("--cluster_timeout", type=cli.positive_float, default=DEFAULTS.cluster_timeout,
                          help="multi_worker: seconds each worker waits for the others TF_CONFIG names to start, "
                               "before it stops with one line")
+    devices.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
+                         help="bfloat16: the recurrent layers' matrix products in bfloat16 (weights, optimizer, loss "
+                              "and state stay float32; checkpoints are float32 either way); auto: bfloat16 on a CPU "
+                              f"with AVX-512 BF16 or AMX at --rnn_size {AUTO_MIN_RNN_SIZE} or more, else float32")
     return parser
+
+
+def temperatures(text):
+    """--sample_temperatures: comma-separated positive numbers, kept as given (config.yaml records them)."""
+    try:
+        parse_temperatures(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive numbers separated by commas (1.2e-38 to "
+                                         f"3.4e+38)")
+    return text
 
 
 def preset_flags(preset):

@@ -18,7 +18,9 @@ from tensorflow import keras
 
 import checkpoints
 import distribution as distribution_module
+import precision as precision_module
 import savedir
+import train_samples
 import unrolled
 from evaluation import full_pass_loss, make_eval_chunk
 from model import CharRNN
@@ -58,8 +60,9 @@ class Adam(keras.optimizers.Adam):
         return grads_and_vars
 
 
-def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
-    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced.
+def make_train_step(model, optimizer, progress, grad_clip, strategy=None, watch=None):
+    """A compiled step: forward from the carried state, clipped Adam update, state and counters advanced, and the
+    loss shown to `watch` (a DivergenceWatch, or None) inside the graph, so that no step waits for the host.
 
     Under a tf.distribute strategy of several replicas (see distribution.py), each replica takes its contiguous
     share of the batch's streams and of the carried state; the mean loss over the whole batch and its gradients
@@ -98,6 +101,8 @@ def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
         progress.loss_count.assign_add(1)
         progress.step.assign_add(1)
         progress.batch_in_epoch.assign_add(1)
+        if watch is not None:
+            watch.update(loss, progress.step)
         return loss
     return train_step
 
@@ -126,6 +131,36 @@ def divergence_bar(vocab_size):
     return DIVERGED_TIMES_LN_V * math.log(vocab_size) + DIVERGED_SLACK_NATS
 
 
+class DivergenceWatch(tf.Module):
+    """The divergence test of each step's training loss, run inside the compiled step: the count of consecutive
+    steps above the bar, and the first step (with its loss) at which the loss was NaN or infinite or had stayed
+    above the bar for DIVERGED_STEPS steps. The loop reads it only when it prints or saves: reading a value each
+    step made every step wait for the host before the next batch was prepared (docs/performance.md, "The divergence
+    check"). Not checkpointed: a resume counts afresh."""
+
+    def __init__(self, bar):
+        super().__init__(name="divergence_watch")
+        self.bar = bar
+        self.steps_above = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.tripped_step = tf.Variable(0, dtype=tf.int64, trainable=False)  # 0: not tripped
+        self.tripped_loss = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+
+    def update(self, loss, step):
+        """In the graph: count `loss` (a scalar, of step `step`) and note the first step that diverged."""
+        loss = tf.cast(loss, tf.float32)
+        above = tf.where(loss > self.bar, self.steps_above + 1, 0)
+        self.steps_above.assign(above)
+        tripped = tf.logical_and(tf.equal(self.tripped_step, 0), tf.logical_or(
+            tf.logical_not(tf.math.is_finite(loss)), above >= DIVERGED_STEPS))
+        self.tripped_step.assign(tf.where(tripped, step, self.tripped_step))
+        self.tripped_loss.assign(tf.where(tripped, loss, self.tripped_loss))
+
+    def tripped(self):
+        """(step, loss) of the first diverged step, or None."""
+        step = int(self.tripped_step)
+        return (step, float(self.tripped_loss)) if step else None
+
+
 def format_duration(seconds):
     """Seconds as h:mm:ss."""
     seconds = int(max(seconds, 0))
@@ -141,10 +176,14 @@ class Trainer:
         self.distribution = distribution or distribution_module.one_device()
         strategy = self.distribution.strategy
         with strategy.scope():  # the weights and the optimizer's slots mirrored on every replica
-            self.model = CharRNN(model_config)
+            self.model = CharRNN(model_config, precision=config.precision)
             self.model.build_weights()
             self.optimizer = Adam(config.learning_rate)
             self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
+        # After the training model, so that its weights and dropout seeds are those of a run without samples.
+        self.samples = (train_samples.TrainingSamples(config, self.model, model_config, loader.vocab, loader.unk_token,
+                                                      save_dir)
+                        if config.sample_every != train_samples.SAMPLES_OFF and self.distribution.is_chief else None)
         self.progress = Progress(self.model.num_states, config.batch_size, config.rnn_size, config.seq_length)
         # The dropout layers' random state (Keras gives one only to a rate > 0), so that a resumed run draws the
         # masks the uninterrupted run would have drawn.
@@ -154,11 +193,12 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, progress=self.progress,
                                               dropout_rng=self.dropout_rng)
         save_dir.attach(self.checkpoint)
-        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy)
+        self.loss_bar = divergence_bar(model_config.vocab_size)
+        self.watch = DivergenceWatch(self.loss_bar)
+        self.train_step = make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy,
+                                          watch=self.watch)
         self.eval_chunk = make_eval_chunk(self.model)
         self.started = time.time()
-        self.loss_bar = divergence_bar(model_config.vocab_size)
-        self.steps_above_bar = 0  # consecutive steps whose training loss was above loss_bar
 
     def resume(self, directory):
         """Restore the newest intact checkpoint of `directory`; a changed batch layout restarts the epoch (or starts
@@ -242,15 +282,18 @@ class Trainer:
         step, epoch = int(progress.step), int(progress.epoch)
         tick, tick_step = time.perf_counter(), step
         for index in range(int(progress.batch_in_epoch), loader.num_batches):
-            loss = float(self.train_step(*loader.batch(index)))
+            loss = self.train_step(*loader.batch(index))  # not read here: a read waits for the step
             step += 1
-            self.check_step_loss(step, loss)
             if step % config.print_every == 0 or step == total:
+                self.check_step_losses()
                 seconds = (time.perf_counter() - tick) / (step - tick_step)
-                self.report(step, total, epoch, loss, seconds)
+                self.report(step, total, epoch, float(loss), seconds)
                 tick, tick_step = time.perf_counter(), step
-            if step % config.save_every == 0 or step == total:
+            saved = step % config.save_every == 0 or step == total
+            if saved:
                 self.save()
+            if self.samples and self.samples.due(step, saved):
+                self.samples.write(step)
             if step >= total:
                 return
         progress.epoch.assign_add(1)
@@ -266,6 +309,7 @@ class Trainer:
 
     def save(self, validate=True):
         """Write a checkpoint; when `validate`, also the full-pass validation loss and best/ if it improved."""
+        self.check_step_losses()
         progress = self.progress
         count = int(progress.loss_count)
         train_loss = float(progress.loss_sum) / count if count else math.nan
@@ -290,15 +334,17 @@ class Trainer:
         progress.loss_count.assign(0)
         return self.save_dir.save(step, self.model_info(step, score, val_loss, train_loss) if improved else None)
 
-    def check_step_loss(self, step, loss):
-        """Stop when a step's training loss is NaN or infinite, or has stayed above loss_bar for DIVERGED_STEPS steps
-        in a row."""
+    def check_step_losses(self):
+        """Stop when a step's training loss was NaN or infinite, or stayed above loss_bar for DIVERGED_STEPS steps
+        in a row, since the run started (the watch in the compiled step keeps the count)."""
+        tripped = self.watch.tripped()
+        if tripped is None:
+            return
+        step, loss = tripped
         if not math.isfinite(loss):
             self.diverged(f"the training loss became {loss} at step {step}")
-        self.steps_above_bar = self.steps_above_bar + 1 if loss > self.loss_bar else 0
-        if self.steps_above_bar >= DIVERGED_STEPS:
-            self.diverged(f"the training loss stayed above {self.describe_bar()} for {DIVERGED_STEPS} steps "
-                          f"({loss:.6g} at step {step})")
+        self.diverged(f"the training loss stayed above {self.describe_bar()} for {DIVERGED_STEPS} steps "
+                      f"({loss:.6g} at step {step})")
 
     def check_loss(self, name, loss, when):
         """Stop when a loss averaged over many tokens (the training loss since the last checkpoint, the validation
@@ -346,6 +392,14 @@ def with_resume_settings(config):
     return dataclasses.replace(config, **taken)
 
 
+def choose_precision(config):
+    """The precision this run trains in (config.yaml records it), after a line saying why when auto chose it."""
+    precision, why = precision_module.choose(config.precision, config.rnn_size, on_gpu=unrolled.has_gpu())
+    if config.precision == "auto":
+        print(f"precision {precision} ({why})")
+    return precision
+
+
 def load_text(config):
     """The TextLoader of config's data, after one line saying how many tokens it holds and how they are used."""
     loader = TextLoader.from_config(config)
@@ -384,7 +438,8 @@ def train(config):
         raise ValueError(f"batch_size {config.batch_size} does not divide among {distribution.replicas} replicas: "
                          f"give a batch_size that is a multiple of {distribution.replicas}")
     config = with_resume_settings(config)
-    config = dataclasses.replace(config, seed=pick_seed() if config.seed is None else config.seed)
+    config = dataclasses.replace(config, seed=pick_seed() if config.seed is None else config.seed,
+                                 precision=choose_precision(config))
     keras.utils.set_random_seed(config.seed)
     loader = load_text(config)
     model_config, vectors = network(config, loader)

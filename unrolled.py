@@ -13,6 +13,10 @@ against the layers.
 The math and the weights are the Keras layers' (LSTMCell, GRUCell with reset_after, SimpleRNNCell); a GPU, or a
 longer or dynamic-length sequence, uses the layers (and so cuDNN). The trainer calls loss_and_gradients, whatever
 path it takes; sampling's CharRNN.step uses the cells' arithmetic below too.
+
+In bfloat16 (model.product_dtype, see precision.py) every matrix product of the recurrent layers, forward and
+backward, takes bfloat16 operands (each weight cast once per pass) and gives a float32 result: the gate arithmetic,
+the carried state, the gradients and the weights stay float32.
 """
 import functools
 
@@ -25,6 +29,13 @@ UNROLL_MAX_STEPS = 100  # longest static sequence run unrolled on a CPU (graph s
 @functools.cache
 def has_gpu():
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def product(a, b, dtype=tf.float32, **options):
+    """tf.matmul(a, b, **options) with operands in `dtype` and a float32 result (float32: the plain product)."""
+    if dtype == tf.float32:
+        return tf.matmul(a, b, **options)
+    return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **options), tf.float32)
 
 
 def applies(model, inputs):
@@ -66,13 +77,14 @@ def forward(model, inputs, states, training, deferred=None, rows=None, track_lay
     track_layer: a layer's index, for analysis.py: a third result is then that layer's last state (the LSTM's
     cell state c, else h) after every step, [batch, time, rnn_size]."""
     batch, steps = inputs.shape
+    dtype = model.product_dtype
     read = (lambda variable: tf.stop_gradient(variable.value)) if deferred else (lambda variable: variable.value)
     # A token's input product in the first layer is its embedding row times the kernel: with fewer tokens in
     # the vocabulary than in the batch, multiply the whole table once and gather rows. This drops a sixth of
     # the matrix products of a training step (3 x 128 LSTM), forward and backward.
     gathered = batch is not None and model.vocab_size < batch * steps
     if gathered:
-        table = tf.matmul(read(model.embedding.embeddings), read(model.rnn_layers[0].cell.kernel))
+        table = product(read(model.embedding.embeddings), read(model.rnn_layers[0].cell.kernel), dtype)
         step_ids = tf.unstack(inputs, axis=1)  # one gather per step: no strided [batch, time] slicing
         sequence = [tf.gather(table, ids) for ids in step_ids]
         if deferred:
@@ -84,7 +96,7 @@ def forward(model, inputs, states, training, deferred=None, rows=None, track_lay
         cell = layer.cell
         kernel, recurrent_kernel = read(cell.kernel), read(cell.recurrent_kernel)
         by = by_constant_weight if deferred else by_weight
-        multiply_kernel, multiply_recurrent = by(kernel), by(recurrent_kernel)
+        multiply_kernel, multiply_recurrent = by(kernel, dtype), by(recurrent_kernel, dtype)
         biases = split_bias(model.cell_type, read(cell.bias))
         layer_states = model.layer_states(states, i)
         outputs, tracked_states = [], []
@@ -153,22 +165,25 @@ def rnn_gates(cell, x_product, h_product, states):
 GATES = {"lstm": lstm_gates, "gru": gru_gates, "rnn": rnn_gates}
 
 
-def by_weight(weight):
-    """x -> x @ weight."""
-    return lambda x: tf.matmul(x, weight)
+def by_weight(weight, dtype=tf.float32):
+    """x -> x @ weight, computed in `dtype` (see `product`; the weight cast once)."""
+    weight = tf.cast(weight, dtype)
+    return lambda x: product(x, weight, dtype)
 
 
-def by_constant_weight(weight):
+def by_constant_weight(weight, dtype=tf.float32):
     """x -> x @ weight for a weight with no gradient of its own, whose backward product for x uses a transposed
-    copy made once: oneDNN multiplies [batch, 4 x units] by a transposed [units, 4 x units] operand 1.4x slower."""
+    copy made once: oneDNN multiplies [batch, 4 x units] by a transposed [units, 4 x units] operand 1.4x slower.
+    Both products computed in `dtype` (see `product`)."""
     # Two halves transposed and joined: Grappler would fold a plain transpose back into the product's flag.
+    weight = tf.cast(weight, dtype)
     half = weight.shape[0] // 2
     transposed = tf.concat([tf.transpose(weight[:half]), tf.transpose(weight[half:])], 1)
 
     @tf.custom_gradient
-    def product(x):
-        return tf.matmul(x, weight), lambda upstream: tf.matmul(upstream, transposed)
-    return product
+    def multiply(x):
+        return product(x, weight, dtype), lambda upstream: product(upstream, transposed, dtype)
+    return multiply
 
 
 def split_bias(cell_type, bias):
@@ -209,7 +224,7 @@ class DeferredGradients:
 
     def gradients(self, loss):
         """The gradients of `loss` for model.trainable_variables, in that order."""
-        model = self.model
+        model, dtype = self.model, self.model.product_dtype
         deferred = [v for layer in model.rnn_layers for v in (layer.cell.kernel, layer.cell.recurrent_kernel,
                                                                layer.cell.bias)]
         if self.step_ids is not None:
@@ -229,14 +244,14 @@ class DeferredGradients:
             shared = layer["h_probes"][0] is layer["x_probes"][0]
             d_h = d_x if shared else tf.concat([probe_grads[id(p)] for p in layer["h_probes"]], 0)
             previous = tf.concat(layer["previous"], 0)
-            by_variable[id(cell.recurrent_kernel)] = tf.matmul(previous, d_h, transpose_a=True)
+            by_variable[id(cell.recurrent_kernel)] = product(previous, d_h, dtype, transpose_a=True)
             d_bias = tf.reduce_sum(d_x, 0)
             by_variable[id(cell.bias)] = d_bias if shared else tf.stack([d_bias, tf.reduce_sum(d_h, 0)])
             if i == 0 and self.step_ids is not None:
                 d_table = tf.math.unsorted_segment_sum(d_x, tf.concat(self.step_ids, 0), model.vocab_size)
                 embeddings, kernel = model.embedding.embeddings.value, cell.kernel.value
-                by_variable[id(cell.kernel)] = tf.matmul(embeddings, d_table, transpose_a=True)
-                by_variable[id(model.embedding.embeddings)] = tf.matmul(d_table, kernel, transpose_b=True)
+                by_variable[id(cell.kernel)] = product(embeddings, d_table, dtype, transpose_a=True)
+                by_variable[id(model.embedding.embeddings)] = product(d_table, kernel, dtype, transpose_b=True)
             else:
-                by_variable[id(cell.kernel)] = tf.matmul(tf.concat(layer["inputs"], 0), d_x, transpose_a=True)
+                by_variable[id(cell.kernel)] = product(tf.concat(layer["inputs"], 0), d_x, dtype, transpose_a=True)
         return [by_variable[id(v)] for v in model.trainable_variables]

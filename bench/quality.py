@@ -51,7 +51,8 @@ def main(argv=None):
     result = {"project": "char-rnn-tensorflow", "mode": "quality", "model": network.model,
               "rnn_size": network.rnn_size, "num_layers": network.num_layers, "batch_size": run.batch_size,
               "seq_length": run.seq_length, "num_epochs": run.num_epochs, "preset": run.preset,
-              "dropout": network.dropout, "vocab_size": network.vocab_size,
+              "dropout": network.dropout, "vocab_size": network.vocab_size, "max_steps": run.max_steps,
+              "precision": run.precision,
               "train_seconds": round(train_seconds, 1), "val_loss_nats": round(val_loss, 4),
               "val_bits_per_token": round(val_loss / math.log(2), 4), "val_tokens": count + 1}
     print(json.dumps(result))

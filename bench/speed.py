@@ -1,10 +1,13 @@
 """Speed yardstick: training tokens/s, sampling chars/s and preprocessing throughput, as one JSON line.
 
 usage: python bench/speed.py --data ../shared/data/tinyshakespeare/input.txt
+       python bench/speed.py --data ... --models lstm --sizes 3x128,2x512 --precision float32,bfloat16 --sampling 0 \
+           --one_off_runs 0 --export 0 --server_clients 0 --preprocess_mb 0     # bfloat16 against float32
        python bench/speed.py --data ... --peer_python /tmp/peer/bin/python --peer_script ../shared/bench/peer_torch.py
 
 Training: the original's default sizes (3 x 128, batch 50, seq 50) on the given text, `--steps` compiled steps
-timed after a warm-up, for each of --models. Server: requests/s and latency at n = 200 (bench/server.py).
+timed after a warm-up, for each of --models (and of --sizes and --precision, each round timing every
+combination in turn; with several precisions, the medians' ratio to the first and each round's). Server: requests/s and latency at n = 200 (bench/server.py).
 Sampling: chars/s of the compiled generator at n = --sample_n (and, beside it in turns, of the SavedModel that
 export.py writes, which runs without XLA), and
 seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows); with --logprobs_cost,
@@ -30,6 +33,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import cli  # noqa: E402
+import precision as precision_module  # noqa: E402
+from settings import TRAIN_DEFAULTS  # noqa: E402
+
+DEFAULT_SIZE = f"{TRAIN_DEFAULTS.num_layers}x{TRAIN_DEFAULTS.rnn_size}"
 
 
 def build_parser():
@@ -39,6 +46,12 @@ def build_parser():
     parser.add_argument("--steps", type=cli.positive_int, default=100, help="timed training steps per model")
     parser.add_argument("--rounds", type=cli.positive_int, default=3,
                         help="rounds of (ours, then the peer) per cell type; medians and per-round ratios reported")
+    parser.add_argument("--sizes", default=DEFAULT_SIZE,
+                        help="comma-separated LAYERSxUNITS network sizes to time training at (the default: train.py's)")
+    parser.add_argument("--precision", default="float32",
+                        help="comma-separated training precisions to time (float32, bfloat16: see precision.py)")
+    parser.add_argument("--sampling", type=int, default=1, choices=[0, 1],
+                        help="1: also time sampling (the LSTM of train.py's default size, float32) each round")
     parser.add_argument("--sample_n", type=cli.positive_int, default=2000, help="tokens per timed sample")
     parser.add_argument("--one_off_runs", type=cli.non_negative_int, default=5,
                         help="runs of `python sample.py -n 500` and of `python -c 'import tensorflow'`, in turns, for "
@@ -67,8 +80,21 @@ def default_loader(data_dir):
     return TextLoader.from_config(dataclasses.replace(TRAIN_DEFAULTS, data_dir=data_dir, val_frac=0.0))
 
 
-def train_speed(data_dir, cell):
-    """A timer of training tokens/s at the default sizes for one cell type: (timer(steps), model)."""
+def parse_sizes(text):
+    """"3x128,2x512" -> [(3, 128), (2, 512)]; ValueError for anything else."""
+    try:
+        sizes = [tuple(int(number) for number in size.split("x")) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise ValueError(f"--sizes {text!r}: give LAYERSxUNITS sizes separated by commas, as 3x128,2x512")
+    return sizes
+
+
+def train_speed(data_dir, cell, num_layers=TRAIN_DEFAULTS.num_layers, rnn_size=TRAIN_DEFAULTS.rnn_size,
+                precision="float32"):
+    """A timer of training tokens/s at the default batch for one cell type, size and precision: (timer(steps),
+    model)."""
     from tensorflow import keras
 
     from model import CharRNN
@@ -76,11 +102,11 @@ def train_speed(data_dir, cell):
     from trainer import Progress, make_train_step
 
     loader = default_loader(data_dir)
-    model = CharRNN(ModelConfig(loader.vocab_size, cell))  # the default rnn_size and num_layers
+    model = CharRNN(ModelConfig(loader.vocab_size, cell, rnn_size, num_layers), precision=precision)
     model.build_weights()
     optimizer = keras.optimizers.Adam(DEFAULTS.learning_rate)
     optimizer.build(model.trainable_variables)
-    progress = Progress(model.num_states, DEFAULTS.batch_size, DEFAULTS.rnn_size, DEFAULTS.seq_length)
+    progress = Progress(model.num_states, DEFAULTS.batch_size, rnn_size, DEFAULTS.seq_length)
     step = make_train_step(model, optimizer, progress, DEFAULTS.grad_clip)
     for i in range(5):  # warm-up: tracing and the first allocations
         step(*loader.batch(i))
@@ -291,25 +317,53 @@ def peer_speed(args, cell):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def training_runs(args):
+    """{label: (cell, layers, units, precision)} of every training combination to time; a label is the cell type
+    alone when only train.py's default size in float32 is timed (the peer's comparison needs those)."""
+    sizes, precisions = parse_sizes(args.sizes), args.precision.split(",")
+    for precision in precisions:
+        precision_module.choose(precision, 0)  # an unknown one is refused before anything is timed
+    plain = sizes == parse_sizes(DEFAULT_SIZE) and precisions == ["float32"]
+    return {cell if plain else f"{cell} {layers}x{units} {precision}": (cell, layers, units, precision)
+            for cell in args.models.split(",") for layers, units in sizes for precision in precisions}
+
+
 def timed_rounds(args, data_dir):
-    """Time every cell type (and sampling, with the LSTM) for args.rounds rounds, ours then the peer's;
-    returns (ours {cell: [tokens/s]}, the peer's {cell: [its JSON]}, sampling [runs], the LSTM model)."""
-    cells = args.models.split(",")
+    """Time every training combination (and sampling, with the LSTM) for args.rounds rounds, ours then the peer's;
+    returns (ours {label: [tokens/s]}, the peer's {cell: [its JSON]}, sampling [runs], the LSTM model)."""
+    runs = training_runs(args)
     timers, lstm = {}, None
-    for cell in cells:
-        timers[cell], model = train_speed(data_dir, cell)
-        if cell == "lstm":
+    for label, (cell, layers, units, precision) in runs.items():
+        timers[label], model = train_speed(data_dir, cell, layers, units, precision)
+        if (cell, f"{layers}x{units}", precision) == ("lstm", DEFAULT_SIZE, "float32"):
             lstm = model
+    if lstm is None and "lstm" in args.models.split(","):  # sampling and the rest time the default LSTM
+        _, lstm = train_speed(data_dir, "lstm")
     peer = args.peer_python and args.peer_script
-    ours, theirs, sampling = {cell: [] for cell in cells}, {cell: [] for cell in cells}, []
-    for _ in range(args.rounds):  # ours, then the peer, cell by cell: both see the same machine state
-        for cell in cells:
-            ours[cell].append(timers[cell](args.steps))
+    ours, theirs, sampling = {label: [] for label in runs}, {label: [] for label in runs}, []
+    for _ in range(args.rounds):  # ours, then the peer, one after the other: both see the same machine state
+        for label, (cell, *_) in runs.items():
+            ours[label].append(timers[label](args.steps))
             if peer:
-                theirs[cell].append(peer_speed(args, cell))
-            if cell == "lstm":
-                sampling.append(sample_speed(lstm, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
+                theirs[label].append(peer_speed(args, cell))
+        if args.sampling and lstm is not None:
+            sampling.append(sample_speed(lstm, args.sample_n, [int(n) for n in args.flat_n.split(",")]))
     return ours, theirs, sampling, lstm
+
+
+def precision_ratios(ours, args):
+    """With several --precision: each other precision's tokens/s over the first's, of the medians and per round."""
+    precisions = args.precision.split(",")
+    ratios, per_round = {}, {}
+    for label, runs in ours.items():
+        cell, size, precision = label.split(" ")
+        if precision == precisions[0]:
+            continue
+        base = ours[f"{cell} {size} {precisions[0]}"]
+        key = f"{cell} {size} {precision}/{precisions[0]}"
+        ratios[key] = round(statistics.median(runs) / statistics.median(base), 3)
+        per_round[key] = [round(a / b, 3) for a, b in zip(runs, base)]
+    return {"precision_ratio": ratios, "precision_ratio_per_round": per_round}
 
 
 def peer_ratios(result, ours, theirs, sampling):
@@ -339,8 +393,10 @@ def main(argv=None):
         os.makedirs(data_dir)
         shutil.copyfile(args.data, os.path.join(data_dir, "input.txt"))
         ours, theirs, sampling, lstm = timed_rounds(args, data_dir)
-        result = {"project": "char-rnn-tensorflow", "rounds": args.rounds,
+        result = {"project": "char-rnn-tensorflow", "rounds": args.rounds, "steps": args.steps,
                   "train_tokens_per_s": {cell: round(statistics.median(runs), 1) for cell, runs in ours.items()}}
+        if len(args.precision.split(",")) > 1:
+            result.update(precision_ratios(ours, args))
         for key in sampling[0] if sampling else ():
             result[key] = statistics.median(run[key] for run in sampling)
         if lstm is not None and args.logprobs_cost:

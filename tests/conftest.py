@@ -59,9 +59,9 @@ def make_data_dir(path, text=TINY_TEXT):
 
 
 def train_flags(data_dir, save_dir, *extra):
-    """train.py flags for the tiny model, quiet, repeatable."""
+    """train.py flags for the tiny model, quiet (no samples while training, unless `extra` asks), repeatable."""
     return ["--data_dir", data_dir, "--save_dir", save_dir, *TINY_MODEL, "--seed", "1", "--print_every", "1000",
-            *map(str, extra)]
+            "--sample_every", "-1", *map(str, extra)]
 
 
 def snapshot(directory):

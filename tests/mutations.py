@@ -101,8 +101,8 @@ MUTATIONS = [
              "kept = rows", ("tests/test_faults.py", "-k", "metrics")),
     # More of the training loop, the save dir and the server.
     Mutation("grad_clip_not_passed", "trainer.py",
-             "make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy)",
-             "make_train_step(self.model, self.optimizer, self.progress, 5.0, strategy)",
+             "make_train_step(self.model, self.optimizer, self.progress, config.grad_clip, strategy,",
+             "make_train_step(self.model, self.optimizer, self.progress, 5.0, strategy,",
              ("tests/test_train_loop.py", "-k", "clipped")),
     Mutation("epoch_not_advanced", "trainer.py", "progress.epoch.assign_add(1)\n        progress.batch_in_epoch.assign(0)",
              "progress.epoch.assign_add(0)\n        progress.batch_in_epoch.assign(0)",

@@ -395,14 +395,24 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path, data_dir):
 BLOWN_UP_LOGIT = 1e4  # the output bias of one token: every other token's loss is then about 1e4 nats, still finite
 
 
+def losses_from(monkeypatch, change):
+    """The divergence watch of the compiled step sees change(step, loss) instead of each step's training loss (the
+    step counting from 1); the gradients and the mean training loss stay those of the real loss."""
+    real_update = trainer.DivergenceWatch.update
+
+    def update(watch, loss, step):
+        return real_update(watch, change(step, loss), step)
+    monkeypatch.setattr(trainer.DivergenceWatch, "update", update)
+
+
 def blow_up_the_weights_from(monkeypatch, first_step):
     """From step `first_step` on, every training step ends with the output layer's bias of the rarest token at
     BLOWN_UP_LOGIT: the weights of a run whose learning rate is far too high, made alike on every processor (a
     real --learning_rate 1e30 makes the loss NaN on some and finite but astronomical on others)."""
     real_make_train_step = trainer.make_train_step
 
-    def make_train_step(model, optimizer, progress, grad_clip, strategy=None):
-        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
+    def make_train_step(model, optimizer, progress, grad_clip, strategy=None, watch=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy, watch)
 
         def train_step(inputs, targets):
             loss = step(inputs, targets)
@@ -443,16 +453,9 @@ def test_a_training_loss_far_above_a_uniform_guess_stops_once_it_lasts_diverged_
         tmp_path, data_dir, monkeypatch, capsys, steps_above, code):
     """A spike of the loss shorter than DIVERGED_STEPS is not divergence; one that lasts that long stops the run
     before its first checkpoint."""
-    real_make_train_step, spike = trainer.make_train_step, range(5, 5 + steps_above)
-
-    def spiking(model, optimizer, progress, grad_clip, strategy=None):
-        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
-
-        def train_step(inputs, targets):
-            loss = step(inputs, targets)
-            return tf.constant(BLOWN_UP_LOGIT) if int(progress.step) in spike else loss
-        return train_step
-    monkeypatch.setattr(trainer, "make_train_step", spiking)
+    spike = range(5, 5 + steps_above)
+    losses_from(monkeypatch, lambda step, loss: tf.where(
+        tf.logical_and(step >= spike[0], step <= spike[-1]), BLOWN_UP_LOGIT, loss))
     save = str(tmp_path / "save")
     assert train.main(train_flags(data_dir, save, "--max_steps", 40)) == code
     if code:
@@ -464,25 +467,13 @@ def test_a_training_loss_far_above_a_uniform_guess_stops_once_it_lasts_diverged_
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
-    real_make_train_step = trainer.make_train_step
-
-    def poisoned_from_step_25(model, optimizer, progress, grad_clip, strategy=None):
-        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
-
-        def train_step(inputs, targets):
-            loss = step(inputs, targets)
-            if int(progress.step) >= 25:  # as if the weights had blown up
-                progress.loss_sum.assign(float("nan"))
-                return tf.constant(float("nan"))
-            return loss
-        return train_step
-
-    monkeypatch.setattr(trainer, "make_train_step", poisoned_from_step_25)
+    # The step's loss as if the weights had blown up at step 25.
+    losses_from(monkeypatch, lambda step, loss: tf.where(step >= 25, float("nan"), loss))
     save = str(tmp_path / "save")
     code = train.main(train_flags(data_dir, save, "--save_every", 20, "--max_steps", 60))
     assert code == 1
     line = error_line(capsys)
-    assert "nan" in line and "last good checkpoint" in line
+    assert "the training loss became nan at step 25" in line and "last good checkpoint" in line
     assert newest_step(save) == 20
     assert savedir.read_yaml(os.path.join(save, savedir.BEST_DIR, savedir.MODEL_INFO_FILE))["step"] == 20
 
@@ -492,8 +483,8 @@ def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(tmp_path, d
     finite, and without a validation split nothing else would notice before the save."""
     real_make_train_step = trainer.make_train_step
 
-    def poisons_the_weights_at_step_10(model, optimizer, progress, grad_clip, strategy=None):
-        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
+    def poisons_the_weights_at_step_10(model, optimizer, progress, grad_clip, strategy=None, watch=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy, watch)
 
         def train_step(inputs, targets):
             loss = step(inputs, targets)

@@ -76,7 +76,7 @@ def checkpoint_values(save_dir):
 ])
 def test_resume_continues_the_same_run(tmp_path, data_dir, total, split, dropout, capsys):
     straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
-    flags = ["--save_every", split, "--dropout", dropout]
+    flags = ["--save_every", split, "--dropout", dropout, "--sample_every", 20, "--sample_length", 40]
     assert train.main(train_flags(data_dir, straight, *flags, "--max_steps", total)) == 0
     assert train.main(train_flags(data_dir, halves, *flags, "--max_steps", split)) == 0
     assert newest_step(halves) == split
@@ -96,6 +96,10 @@ def test_resume_continues_the_same_run(tmp_path, data_dir, total, split, dropout
     best = [savedir.read_yaml(os.path.join(d, savedir.BEST_DIR, savedir.MODEL_INFO_FILE)) for d in (straight, halves)]
     assert best[1]["step"] == best[0]["step"]
     assert best[1]["val_loss"] == pytest.approx(best[0]["val_loss"], abs=1e-6)
+    # The samples while training: the same steps, and the same texts for the same seed across the resume.
+    samples = [open(os.path.join(d, savedir.SAMPLES_FILE), encoding="utf-8").read() for d in (straight, halves)]
+    assert samples[1] == samples[0]
+    assert samples[0].count("temperature 1, seed 0:\n") == total // 20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +268,8 @@ def readme_flag_table():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[0].startswith("`--"):
             flags = [flag.strip(" `-") for flag in cells[0].split(",")]
-            defaults = [value.strip() for value in cells[1].replace("`", "").split(",")]
+            defaults = [value.strip() for value in cells[1].replace("`", "").split(",")] if len(flags) > 1 else [
+                cells[1].replace("`", "").strip()]  # one flag: its default may hold commas ("0.5,1.0")
             table.update(zip(flags, defaults))
     return table
 

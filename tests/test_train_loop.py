@@ -174,7 +174,7 @@ def test_validation_loss_is_the_inference_loss_over_every_held_out_token(tmp_pat
 
 def test_ctrl_c_in_the_loop_before_any_step_saves_nothing(tmp_path, data_dir, monkeypatch, capsys):
     # Ctrl-C at the first step, in the training loop: no step was made, so no checkpoint of random weights.
-    def interrupted_at_once(model, optimizer, progress, grad_clip, strategy=None):
+    def interrupted_at_once(model, optimizer, progress, grad_clip, strategy=None, watch=None):
         def train_step(inputs, targets):
             raise KeyboardInterrupt
         return train_step
@@ -194,8 +194,8 @@ def test_ctrl_c_saves_a_checkpoint_but_never_makes_it_best(tmp_path, monkeypatch
     save = str(tmp_path / "save")
     real_make_train_step = trainer.make_train_step
 
-    def interrupted_at_step_25(model, optimizer, progress, grad_clip, strategy=None):
-        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy)
+    def interrupted_at_step_25(model, optimizer, progress, grad_clip, strategy=None, watch=None):
+        step = real_make_train_step(model, optimizer, progress, grad_clip, strategy, watch)
 
         def train_step(inputs, targets):
             if int(progress.step) == 25:

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow import keras
 
 import precision
 import sample
@@ -41,7 +42,8 @@ def test_the_cpu_flags_come_from_cpuinfo(tmp_path):
 
 
 def pair(cell):
-    """A float32 CharRNN and a bfloat16 one with the same weights."""
+    """A float32 CharRNN and a bfloat16 one with the same weights (the same for every run of the test)."""
+    keras.utils.set_random_seed(0)
     config = ModelConfig(20, cell, 32, 2)
     float32, bfloat16 = CharRNN(config), CharRNN(config, precision="bfloat16")
     for model in (float32, bfloat16):
@@ -62,8 +64,11 @@ def test_bfloat16_training_products_are_float32_s_within_bfloat16_rounding(cell,
     grads, grads16 = ([tf.convert_to_tensor(g) for g in gradients] for gradients in (grads, grads16))  # no slices
     assert loss16.dtype == tf.float32 and {t.dtype for t in (*grads16, *new_states16)} == {tf.float32}
     assert float(loss16) == pytest.approx(float(loss), rel=1e-2)
-    for g, g16 in zip(grads, grads16):  # bfloat16 keeps 8 bits of mantissa: about 0.4% of each product
-        np.testing.assert_allclose(g16, g, atol=0.05 * float(tf.reduce_max(tf.abs(g))) + 1e-6)
+    # bfloat16 keeps 8 bits of mantissa: about 0.4% of each product. Unrolled, only the products are bfloat16; Keras'
+    # mixed_bfloat16 layers run the whole recurrence in it, whose rounding adds up over the 101 steps.
+    tolerance = 0.05 if steps <= unrolled.UNROLL_MAX_STEPS else 0.2
+    for g, g16 in zip(grads, grads16):
+        np.testing.assert_allclose(g16, g, atol=tolerance * float(tf.reduce_max(tf.abs(g))) + 1e-6)
     assert any(not np.array_equal(g, g16) for g, g16 in zip(grads, grads16))  # the products did change
     assert {w.dtype for w in bfloat16.weights} == {"float32"}
 

@@ -352,7 +352,9 @@ class Sampler:
 
         stops: strings that end the sample at their first occurrence in the generated text (the prime is not
         searched); the text ends right before it, and no more blocks are generated. The last len(longest) - 1
-        characters are held back until it is clear that no stop string begins in them.
+        characters are held back until it is clear that no stop string begins in them. Returns (as a generator
+        returns: `text = yield from sampler.stream(...)`) the SampleText, whose `stopped` says whether a stop
+        string ended it.
         """
         prime, ids, drawn = self.prepare(settings, stops)
         yield prime
@@ -360,10 +362,11 @@ class Sampler:
         for block in self.generator.blocks(ids, settings.n, drawn):
             yield text.add(block)
             if text.stopped:
-                return
+                return text
         yield text.rest()
         if text.made < settings.n:
             raise GenerationStopped(f"the generation was stopped after {text.made} of {settings.n} tokens")
+        return text
 
     def run_many(self, settings, count, stops=()):
         """`count` samples of one prime, generated together as the rows of one batch: [(seed, text)], sample i

@@ -4,7 +4,7 @@ completions API documents them: completion objects, stream chunks, the model lis
 
 How OpenAI's fields map to ours (README: OpenAI-compatible API): prompt -> prime (a list of prompts: one set of
 choices each), max_tokens -> n, temperature 0 -> argmax (sample_mode 0), any other temperature -> sample_mode 1 at
-that temperature, top_p -> top_p, seed -> seed (choice j of a prompt draws with seed + j, as sample.py --count
+that temperature, top_p -> top_p, seed -> seed (choice j of a prompt draws with seed + j, as sample.py --num_samples
 does), stop -> stop strings. A request's text for a seed is the native API's for the same settings.
 """
 import dataclasses

@@ -579,8 +579,11 @@ def serve(args):
     cherrypy.config.update(server_config(args))
     limits = Limits(args.max_n, args.max_prime, args.temperature)
     service = SampleService(model, limits, metrics)
-    service.v1 = OpenAIService(model, limits, args.model_name or openai_api.default_model_name(args.save_dir))
+    name = args.model_name or openai_api.default_model_name(args.save_dir)
+    service.v1 = OpenAIService(model, limits, name)
     cherrypy.tree.mount(service, "/", app_config(metrics, keys))
+    engine.log(f"OpenAI-compatible API at /v1, model {name!r}; "
+               f"{f'{len(keys)} API keys' if keys else 'no API keys'}")
     shutdown = Shutdown(engine)
     shutdown.subscribe()
     try:

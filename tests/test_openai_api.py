@@ -1,5 +1,6 @@
 """The OpenAI-compatible API and the API keys: a request's fields mapped onto our settings (openai_api.py) and the key
 files (api_keys.py) in this process, then a real sample_server.py with keys driven by the official `openai` client."""
+import argparse
 import json
 import urllib.parse
 import urllib.request
@@ -9,8 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import api_keys
+import sample_server
 from conftest import run_script
-from openai_api import DEFAULT_MAX_TOKENS, MAX_CHOICES, APIError, parse_completion_request
+from openai_api import DEFAULT_MAX_TOKENS, MAX_CHOICES, APIError, default_model_name, parse_completion_request
 from servers import REQUEST_TIMEOUT_S, get, post_json, running_server
 from settings import MAX_SEED, MODE_ARGMAX, MODE_SAMPLE
 
@@ -124,6 +126,15 @@ def test_the_server_warns_when_it_listens_beyond_loopback_without_keys():
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert api_keys.open_warning(host, ()) is None, host
     assert api_keys.open_warning("0.0.0.0", (b"sk-one",)) is None
+
+
+def test_the_model_name_is_the_save_dirs_own_name_unless_given():
+    assert default_model_name("runs/shakespeare/") == "shakespeare"
+    assert default_model_name("save/best") == "best"
+    assert sample_server.model_name("my-model") == "my-model"
+    for refused in ("", " ", "a/b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sample_server.model_name(refused)
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@ compiled block of the sampling loop.
 
 Batcher(sampler, max_batch, max_wait_s, max_waiting) runs one thread. submit(settings, stops) checks the settings
 and returns a Generation at once; iterating it yields the request's text piece by piece (the prime, then the text of
-each block of at most GENERATE_BLOCK tokens) as the thread makes them. Between two blocks the thread takes the
+each block of at most GENERATE_BLOCK tokens) as the thread makes them; its pieces() yields each piece with the
+TokenLogprob of the tokens that begin in it (with settings.logprobs > 0; a block is scored when one of its rows
+asks). Between two blocks the thread takes the
 requests that arrived (feeding each one's prime) and drops the rows that are done or whose client left, so a short
 request never waits for a long one to end. Each row keeps its own prime, sampling settings (the seed among them) and
 position in its sample, so its text is the one sample.py makes for the same settings: the rows share the matrix
@@ -42,9 +44,9 @@ SLOT_POLL_S = 0.1  # how often a request of OneAtATime waiting for a turn checks
 
 
 class Generation:
-    """One request in the batcher. Iterate it for the text pieces; close() it when its client leaves early, and
-    its row is freed before the next block. settings are those it draws with (Sampler.prepare: the seed picked
-    when none was given); made counts the tokens made so far."""
+    """One request in the batcher. Iterate it for the text pieces (or pieces() for (text, [TokenLogprob]));
+    close() it when its client leaves early, and its row is freed before the next block. settings are those it
+    draws with (Sampler.prepare: the seed picked when none was given); made counts the tokens made so far."""
 
     def __init__(self, text, settings, ids):
         self.text, self.settings, self.ids = text, settings, ids
@@ -54,7 +56,12 @@ class Generation:
         self._pieces = queue.SimpleQueue()
 
     def __iter__(self):
-        yield self.text.prime
+        for piece, _ in self.pieces():
+            yield piece
+
+    def pieces(self):
+        """The pieces of text, each with the TokenLogprob of the tokens that begin in it: (text, [TokenLogprob])."""
+        yield self.text.prime, []
         while True:
             piece = self._pieces.get()
             if piece is _DONE:
@@ -72,15 +79,17 @@ class Generation:
         return self.text.stopped
 
     def _put(self, piece):
-        if piece:
-            self._pieces.put(piece)
+        details = self.text.take_details()
+        if piece or details:
+            self._pieces.put((piece, details))
 
 
 class _Row:
     """A generation's place in the batch: the carry of its sampling loop between two blocks."""
 
-    def __init__(self, generation, previous, logits, states):
+    def __init__(self, generation, previous, logits, states, counts):
         self.generation, self.previous, self.logits, self.states = generation, previous, logits, states
+        self.counts = counts  # of each token generated so far, for the penalties
         self.position = 0
 
 
@@ -131,7 +140,7 @@ class Batcher:
     def prepare(self, settings, stops=()):
         """A Generation for the request, its settings checked (ValueError); it holds no place yet."""
         prime, ids, drawn = self.sampler.prepare(settings, stops)
-        return Generation(SampleText(self.sampler, prime, stops), drawn, ids)
+        return Generation(SampleText(self.sampler, prime, stops, logprobs=drawn.logprobs), drawn, ids)
 
     def take_place(self):
         """Count a request in; raises Busy when every place is taken, GenerationStopped once closed."""
@@ -245,7 +254,8 @@ class Batcher:
     def _row(self, generation):
         """A new request's place in the batch, its prime fed."""
         previous, logits, states = self.generator.feed_prime(generation.ids)
-        return _Row(generation, previous, logits, np.concatenate([state[0] for state in states]))
+        return _Row(generation, previous, logits, np.concatenate([state[0] for state in states]),
+                    np.zeros(len(logits), np.int32))
 
     def _start(self, generation):
         """A new request's row, or None when it needs no block (cancelled, or n = 0)."""
@@ -264,20 +274,22 @@ class Batcher:
         """One compiled block over the rows (padded with copies of the first up to the bucket size)."""
         padded = rows + [rows[0]] * (bucket(len(rows), self.max_batch) - len(rows))
         steps = block_steps([row.generation.settings.n - row.position for row in rows])
-        tokens, previous, logits, states = self.generator.batch_block(
+        scored = any(row.generation.settings.logprobs for row in rows)  # the plain block is quicker
+        tokens, previous, logits, states, counts, scores = self.generator.batch_block(
             steps, np.array([row.position for row in padded], np.int32),
             np.array([row.previous for row in padded], np.int32),
             np.stack([row.logits for row in padded]), np.stack([row.states for row in padded]),
-            row_settings([row.generation.settings for row in padded]))
+            np.stack([row.counts for row in padded]), row_settings([row.generation.settings for row in padded]),
+            scored)
         made = 0
         for i, row in enumerate(rows):
             generation = row.generation
             ids = tokens[i, :min(generation.settings.n - row.position, steps)]
-            row.previous, row.logits, row.states = int(previous[i]), logits[i], states[i]
+            row.previous, row.logits, row.states, row.counts = int(previous[i]), logits[i], states[i], counts[i]
             row.position += steps
             generation.made += len(ids)
             made += len(ids)
-            generation._put(generation.text.add(ids))
+            generation._put(generation.text.add(ids, None if scores is None else scores.row(i, len(ids))))
         if self.on_block is not None:
             self.on_block(len(rows), made)
 
@@ -393,8 +405,9 @@ class OneAtATime:
 
 
 class AloneGeneration:
-    """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text;
-    stopped says, once it is iterated, whether a stop string ended the text."""
+    """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text (pieces():
+    each with its TokenLogprob, as Generation.pieces); stopped says, once it is iterated, whether a stop string
+    ended the text."""
 
     def __init__(self, slots, settings, stops=()):
         self.slots, self.settings, self.stops = slots, settings, stops
@@ -402,6 +415,10 @@ class AloneGeneration:
         self._left = False
 
     def __iter__(self):
+        for piece, _ in self.pieces():
+            yield piece
+
+    def pieces(self):
         slots = self.slots
         try:
             while not slots.generating.acquire(timeout=SLOT_POLL_S):
@@ -409,7 +426,7 @@ class AloneGeneration:
                     raise GenerationStopped("the server is shutting down")
             slots._count("rows", 1)
             try:
-                text = yield from slots.sampler.stream(self.settings, self.stops)
+                text = yield from slots.sampler.pieces(self.settings, self.stops)
                 self.stopped = text.stopped
                 if slots.on_done is not None:
                     slots.on_done(self.settings.n)

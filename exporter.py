@@ -5,8 +5,8 @@ Inside the graph travel what sample.py does around the network: the vocabulary (
 (code points, or words and line breaks as utils.tokenize splits them), CRLF read as LF unless the model keeps
 CRLF, the refusal of unknown tokens (or <unk>), the empty prime's start token, the checks of every setting, the
 Generator's loop of blocks (sampler.py) built without XLA, and the join of the tokens into text. Signatures:
-    serving_default = generate: prime and each sampling setting (settings.SETTINGS, by the server's parameter
-                      names) -> text, token_ids
+    serving_default = generate: prime and each sampling setting that reaches the generator (settings.SETTINGS
+                      but logprobs, by the server's parameter names) -> text, token_ids
     step: token_ids [batch], states [num_states, batch, rnn_size] -> logits [batch, vocab], states
 An export dir holds the SavedModel and assets.extra/char_rnn.json (the vocabulary and settings a client of
 `step` needs; it also marks the folder as an export, which --force may replace).
@@ -29,9 +29,11 @@ INFO_FILE = os.path.join("assets.extra", "char_rnn.json")
 TFLITE_FILE = os.path.join("assets.extra", "step.tflite")
 SAVED_MODEL_FILE = "saved_model.pb"
 SIGNATURES = ("serving_default", "generate", "step")
-# generate's inputs: the prime, then every checked sampling setting, named as the server's parameters.
+# generate's inputs: the prime, then every checked sampling setting that reaches the generator (not logprobs, which
+# the export does not report), named as the server's parameters.
+GENERATED = tuple(setting for setting in CHECKED if setting.dtype is not None)
 GENERATE_INPUTS = [tf.TensorSpec([], tf.string, name="prime")] + [
-    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in CHECKED]
+    tf.TensorSpec([], setting.dtype, name=setting.http) for setting in GENERATED]
 MAX_UNKNOWN_SHOWN = 10  # as utils.encode_tokens: an error names at most this many unknown tokens
 # Python's \s, which utils.tokenize splits words on, is every code point for which str.isspace() holds; RE2's
 # \s is ASCII only, so the graph's tokenizer spells the class out.
@@ -78,7 +80,7 @@ class ExportedModel(tf.Module):
     def generate(self, prime, *settings):
         """What sample.py prints (without its final newline) for these settings (GENERATE_INPUTS' order): {"text":
         the prime followed by n generated tokens, "token_ids": their ids}. Sampler.run in graph form."""
-        values = {setting.name: value for setting, value in zip(CHECKED, settings)}
+        values = {setting.name: value for setting, value in zip(GENERATED, settings)}
         with tf.control_dependencies(check_settings(values)):
             prime = tf.identity(prime)
         if not self.keep_crlf:
@@ -159,7 +161,7 @@ def check_settings(values):
     with the same one-line reason (the value it got follows it). values: {name: scalar tensor}, by SampleSettings
     field."""
     asserts = []
-    for setting in CHECKED:
+    for setting in GENERATED:
         value = values[setting.name]
         if setting.choices is not None:
             valid = tf.reduce_any(tf.equal(value, list(setting.choices)))

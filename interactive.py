@@ -4,8 +4,9 @@ At a terminal it prompts, shows each answer's seed, keeps a line history (readli
 the settings; Ctrl-D or Ctrl-C (or :quit) leaves. From a pipe it reads one prime a line and prints each answer on
 its own line(s), without prompts. The commands (a line starting with ":"):
 
-    (each sampling setting of settings.SETTINGS but the prime, by its flag's name)
+    (each sampling setting of settings.SETTINGS but the prime and logprobs, by its flag's name)
     :n 200   :sample 0|1|2   :temperature 0.8   :seed 7 | :seed random   :top_k 5   :top_p 0.9
+    :frequency_penalty 0.5   :presence_penalty 0.5
     :stop TEXT (add a stop string; \\n is a line break)   :stop (clear them)   :settings   :help   :quit
 
 A prime longer than the server's default limit (settings.MAX_PRIME characters) is refused in one line.
@@ -20,7 +21,8 @@ from settings import MAX_PRIME, SETTINGS, pick_seed
 PROMPT = "prime> "
 # Each settable field by its :command (its sample.py flag's name; the prime is a line of its own): the setting
 # declared in settings.SETTINGS, read as its flag is (the sampler checks the ranges).
-FIELDS = {setting.flag.lstrip("-"): setting for setting in SETTINGS if setting.name != "prime"}
+# logprobs is left out: -i prints text only (sample.py reports logprobs with --json).
+FIELDS = {setting.flag.lstrip("-"): setting for setting in SETTINGS if setting.name not in ("prime", "logprobs")}
 
 
 def usage(command, setting):

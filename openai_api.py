@@ -5,7 +5,8 @@ completions API documents them: completion objects, stream chunks, the model lis
 How OpenAI's fields map to ours (README: OpenAI-compatible API): prompt -> prime (a list of prompts: one set of
 choices each), max_tokens -> n, temperature 0 -> argmax (sample_mode 0), any other temperature -> sample_mode 1 at
 that temperature, top_p -> top_p, seed -> seed (choice j of a prompt draws with seed + j, as sample.py --num_samples
-does), stop -> stop strings. A request's text for a seed is the native API's for the same settings.
+does), stop -> stop strings, frequency_penalty, presence_penalty and logprobs -> ours of the same names. A request's
+text for a seed is the native API's for the same settings.
 """
 import dataclasses
 import json
@@ -15,7 +16,17 @@ import os
 import secrets
 
 from request_parsing import RepeatedField, refuse_constant, shown, unique_fields
-from settings import MAX_SEED, MODE_ARGMAX, MODE_SAMPLE, SETTINGS_BY_HTTP, SampleSettings, pick_seed
+from settings import (
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_SEED,
+    MODE_ARGMAX,
+    MODE_SAMPLE,
+    SETTINGS_BY_HTTP,
+    SampleSettings,
+    pick_seed,
+)
+from token_logprobs import logprobs_json
 
 COMPLETION = "text_completion"  # the object type of a completion and of its stream chunks
 COMPLETION_ID_PREFIX = "cmpl-"
@@ -100,9 +111,13 @@ def parse_completion_request(body, model_name, max_n, max_prime):
         text_field(fields, "user")
     prompts = read_prompts(fields, max_prime)
     n = integer_field(fields, "n", 1, 1, MAX_CHOICES // len(prompts))
-    stream = boolean_field(fields, "stream")
-    return CompletionRequest(tuple(prompts), read_settings(fields, max_n), n, read_stops(fields), stream,
-                             boolean_field(fields, "echo"), read_include_usage(fields, stream))
+    stream, echo = boolean_field(fields, "stream"), boolean_field(fields, "echo")
+    settings = read_settings(fields, max_n)
+    if echo and settings.logprobs:
+        # OpenAI scores the prompt's tokens too; this server's loop scores only the tokens it generates.
+        raise APIError(400, "echo with logprobs is not supported: the prompt's tokens are not scored", param="echo")
+    return CompletionRequest(tuple(prompts), settings, n, read_stops(fields), stream, echo,
+                             read_include_usage(fields, stream))
 
 
 def read_object(body):
@@ -153,7 +168,10 @@ def read_settings(fields, max_n):
         prime="", n=integer_field(fields, "max_tokens", min(DEFAULT_MAX_TOKENS, max_n), 0, max_n, "--max_n"),
         # Argmax reads no temperature; 1 keeps the settings within the check's limits.
         mode=MODE_SAMPLE if temperature else MODE_ARGMAX, temperature=temperature or DEFAULT_TEMPERATURE,
-        seed=pick_seed() if seed is None else seed, top_p=top_p)
+        seed=pick_seed() if seed is None else seed, top_p=top_p,
+        frequency_penalty=number_field(fields, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        presence_penalty=number_field(fields, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        logprobs=integer_field(fields, "logprobs", 0, 0, MAX_LOGPROBS))
 
 
 def read_stops(fields):
@@ -222,7 +240,7 @@ def number_field(fields, name, default, low, high):
 
 # Every field a request may give (the unsupported ones are in UNSUPPORTED); user is taken and ignored.
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-          "echo", "user")
+          "echo", "frequency_penalty", "presence_penalty", "logprobs", "user")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,14 +260,24 @@ def completion_id():
 @dataclasses.dataclass
 class Choice:
     """One choice's answer: its text (the prompt first with echo), its index, why it ended ("stop": at a stop
-    string; "length": after max_tokens tokens) and the tokens generated."""
+    string; "length": after max_tokens tokens), the tokens generated, and with logprobs their TokenLogprob (None
+    without)."""
     text: str
     index: int
     finish_reason: str
     tokens: int
+    details: list | None = None
 
     def as_json(self):
-        return {"text": self.text, "index": self.index, "logprobs": None, "finish_reason": self.finish_reason}
+        return {"text": self.text, "index": self.index, "logprobs": logprobs_of(self.details),
+                "finish_reason": self.finish_reason}
+
+
+def logprobs_of(details):
+    """A choice's (or a chunk's) logprobs object: OpenAI's legacy "tokens", "token_logprobs", "top_logprobs" (a
+    {token: logprob} object per token) and "text_offset" (where each token begins in the prompt and text), or None
+    when no logprobs were asked (details None)."""
+    return None if details is None else logprobs_json(details)
 
 
 def usage(prompt_tokens, completion_tokens):
@@ -265,10 +293,12 @@ def completion(answer_id, created, model, choices, prompt_tokens):
             "usage": usage(prompt_tokens, sum(choice.tokens for choice in choices))}
 
 
-def chunk(answer_id, created, model, index, text, finish_reason=None):
-    """One stream chunk: a piece of choice `index`'s text, or its end (finish_reason given, text empty)."""
+def chunk(answer_id, created, model, index, text, finish_reason=None, details=None):
+    """One stream chunk: a piece of choice `index`'s text (with logprobs, the TokenLogprob of the tokens that begin
+    in it), or its end (finish_reason given, text empty)."""
     return {"id": answer_id, "object": COMPLETION, "created": created, "model": model,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"text": text, "index": index, "logprobs": logprobs_of(details),
+                         "finish_reason": finish_reason}]}
 
 
 def usage_chunk(answer_id, created, model, prompt_tokens, completion_tokens):

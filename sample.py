@@ -5,14 +5,17 @@ usage: python sample.py [--save_dir save] [-n 500] [--prime The] [--sample 1] [-
        python sample.py --top_p 0.9 --stop '\\n\\n'  # nucleus sampling, ending at the first blank line
        python sample.py --num_samples 3             # three samples of the prime, each with its seed
        python sample.py --beam_width 8 -n 100       # the likeliest continuation beam search finds
+       python sample.py --logprobs 5 --json         # one JSON object: the text, its settings, each token's logprob
        python sample.py -i                          # primes from the terminal (or a pipe), the model loaded once
 """
 import argparse
+import json
 import os
 import sys
 
 import cli
 from settings import SETTINGS, SampleSettings, check_beam_width, check_settings, check_stops
+from token_logprobs import logprobs_json
 
 DESCRIPTION = "Generate text from a trained char-rnn model: the prime followed by n sampled tokens."
 
@@ -37,6 +40,9 @@ def build_parser():
                         help="instead of sampling, the likeliest continuation of n tokens that a beam search of width "
                              "B finds, never less likely than argmax's (its log-probability goes to stderr); "
                              "deterministic; 0: sample")
+    parser.add_argument("--json", action="store_true",
+                        help="print each sample as one line of JSON: its text, settings and seed, and with --logprobs "
+                             "its tokens' log-probabilities (tokens, token_logprobs, top_logprobs, text_offset)")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="read primes in a loop (from the terminal, or one a line from a pipe) and answer each as "
                              "it is generated; :help lists the commands that change the settings")
@@ -60,6 +66,10 @@ def check_flags(args, settings):
         raise ValueError("--beam_width finds one continuation: it does not combine with --num_samples, -i or --stop")
     if args.interactive and args.num_samples > 1:
         raise ValueError("-i answers one sample a prime: it does not combine with --num_samples")
+    if args.json and (args.beam_width or args.interactive):
+        raise ValueError("--json prints samples: it does not combine with --beam_width or -i")
+    if settings.logprobs and not args.json:
+        raise ValueError("--logprobs are reported in JSON: add --json")
     check_settings(settings)
     check_stops(args.stop)
     if args.beam_width:
@@ -70,6 +80,15 @@ def print_samples(sampler, settings, count, stops):
     """--num_samples: each sample after a line naming it and its seed."""
     for i, (seed, text) in enumerate(sampler.run_many(settings, count, stops), 1):
         sys.stdout.write(f"--- sample {i} of {count}, seed {seed} ---\n{text}\n")
+
+
+def print_json(sampler, settings, count, stops):
+    """--json: each sample as one line of JSON, its settings (the seed it was drawn with) and its logprobs."""
+    from request_parsing import settings_json
+    for sample in sampler.samples(settings, count, stops):
+        drawn = settings_json(settings) | {"seed": sample.seed}
+        logprobs = logprobs_json(sample.logprobs) if settings.logprobs else None
+        sys.stdout.write(json.dumps({"text": sample.text, **drawn, "logprobs": logprobs}) + "\n")
 
 
 def print_beam(sampler, settings, width):
@@ -101,6 +120,8 @@ def main(argv=None):
             return interactive.loop(sampler, settings, args.stop)
         if args.beam_width:
             print_beam(sampler, settings, args.beam_width)
+        elif args.json:
+            print_json(sampler, settings, args.num_samples, args.stop)
         elif args.num_samples > 1:
             print_samples(sampler, settings, args.num_samples, args.stop)
         else:

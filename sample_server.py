@@ -40,6 +40,7 @@ from runtime import warn
 from server_engine import ModelPlugin, Shutdown, StartupFailed, check_port_free, server_config
 from service_metrics import ServiceMetrics
 from settings import MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
+from token_logprobs import logprobs_json, pieces_json
 from utils import tokenize
 from value_types import number_type
 
@@ -141,7 +142,7 @@ class SampleService:
         a browser that asks for HTML and gives no parameters gets the web page."""
         if not params and wants_html():
             return self.ui()
-        request, text = self.sample(params)
+        request, text, _ = self.sample(params)
         cherrypy.response.headers["Content-Type"] = PLAIN_TEXT
         cherrypy.response.headers["X-Seed"] = str(request.seed)
         return text.encode("utf-8")
@@ -149,26 +150,27 @@ class SampleService:
     @cherrypy.expose
     @cherrypy.tools.json_out()
     def sample_json(self, **params):
-        """{"text": ..., and every setting used, "seed" included}; CherryPy maps /sample.json to this name."""
-        request, text = self.sample(params)
-        return {"text": text, **settings_json(request)}
+        """{"text": ..., and every setting used, "seed" included, "logprobs" (see answer_json)}; CherryPy maps
+        /sample.json to this name."""
+        return answer_json(*self.sample(params))
 
     @cherrypy.expose
     def generate(self):
-        """POST /generate: a JSON object of settings in, {"text": ..., the settings used, "tokens"} out."""
+        """POST /generate: a JSON object of settings in, {"text": ..., the settings used, "logprobs", "tokens"}
+        out."""
         cherrypy.response.headers["Content-Type"] = JSON_TYPE
         body = read_body(self.limits.max_body)
         try:
             request = parse_json_request(body, self.limits)
         except ValueError as error:
             raise cherrypy.HTTPError(400, str(error))
-        request, text = self.sample(request)
-        return json.dumps({"text": text, **settings_json(request), "tokens": request.n}).encode("utf-8")
+        return json.dumps({**answer_json(*self.sample(request)), "tokens": request.n}).encode("utf-8")
 
     @cherrypy.expose
     def stream(self, **params):
         """GET /stream: the same parameters as GET /; Server-Sent Events as the text is generated: "text" events
-        ({"text": piece}, the prime first), then "done" (the settings used, seed included, and "tokens"), or
+        ({"text": piece}, the prime first; with logprobs > 0 also "tokens": the tokens that begin in the piece, as
+        token_logprobs.pieces_json), then "done" (the settings used, seed included, and "tokens"), or
         "error" ({"error": reason}) when a shutdown stops it. A client that leaves frees its row at the next
         block."""
         request = self.parsed(params)
@@ -182,8 +184,9 @@ class SampleService:
 
     def events(self, request, generation):
         try:
-            for piece in generation:
-                yield server_sent_event("text", {"text": piece})
+            for piece, details in generation.pieces():
+                yield server_sent_event("text", {"text": piece, "tokens": pieces_json(details)} if request.logprobs
+                                        else {"text": piece})
             yield server_sent_event("done", {**settings_json(request), "tokens": request.n})
         except GenerationStopped:
             yield server_sent_event("error", {"error": STOPPED_REASON})
@@ -227,16 +230,19 @@ class SampleService:
 
     def sample(self, params):
         """Check the parameters (a dict of query parameters, or SampleSettings already read), wait for a row,
-        generate; returns (SampleSettings, text)."""
+        generate; returns (SampleSettings, text, [TokenLogprob], empty unless logprobs were asked)."""
         request = params if isinstance(params, SampleSettings) else self.parsed(params)
         generation = self.submit(request)
+        text, details = [], []
         try:
-            text = "".join(generation)
+            for piece, found in generation.pieces():
+                text.append(piece)
+                details += found
         except GenerationStopped:
             raise cherrypy.HTTPError(503, STOPPED_REASON) from None
         finally:
             generation.close()
-        return request, text
+        return request, "".join(text), details
 
     def parsed(self, params):
         """Query parameters -> SampleSettings, or 400."""
@@ -311,10 +317,15 @@ class OpenAIService:
 
     def choice(self, generation, index, echo):
         """A choice's answer (openai_api.Choice), once its generation is over."""
-        pieces = iter(generation)
-        prime = next(pieces)
-        text = "".join(pieces)
-        return openai_api.Choice(prime + text if echo else text, index, *self.ending(generation, text))
+        pieces = generation.pieces()
+        prime, _ = next(pieces)
+        text, details = [], []
+        for piece, found in pieces:
+            text.append(piece)
+            details += found
+        text = "".join(text)
+        return openai_api.Choice(prime + text if echo else text, index, *self.ending(generation, text),
+                                 details if generation.settings.logprobs else None)
 
     def ending(self, generation, text):
         """(finish_reason, tokens generated) of a generation that is over, whose generated text is `text`: "stop"
@@ -326,19 +337,20 @@ class OpenAIService:
     def chunks(self, request, generations, answer_id, created):
         """The stream: each choice's pieces as they come (the prompt first with echo), then its end; the usage
         with stream_options.include_usage; then [DONE]. A shutdown that stops it sends OpenAI's error object."""
-        def sent(index, text, finish_reason=None):
-            return openai_api.server_sent(openai_api.chunk(answer_id, created, self.name, index, text, finish_reason))
+        def sent(index, text, finish_reason=None, details=None):
+            return openai_api.server_sent(openai_api.chunk(answer_id, created, self.name, index, text, finish_reason,
+                                                           details if request.settings.logprobs else None))
         made = 0
         try:
             for index, generation in enumerate(generations):
-                pieces, generated = iter(generation), []
-                prime = next(pieces)
+                pieces, generated = generation.pieces(), []
+                prime, _ = next(pieces)
                 if request.echo and prime:
                     yield sent(index, prime)
-                for piece in pieces:
-                    if piece:
+                for piece, details in pieces:
+                    if piece or details:
                         generated.append(piece)
-                        yield sent(index, piece)
+                        yield sent(index, piece, details=details)
                 finish_reason, tokens = self.ending(generation, "".join(generated))
                 made += tokens
                 yield sent(index, "", finish_reason)
@@ -378,6 +390,11 @@ def refuse(error):
     if error.status == 503:
         response.headers["Retry-After"] = RETRY_AFTER_S
     return error.body()
+def answer_json(request, text, details):
+    """The JSON answer of a sample: {"text", every setting used (seed included), "logprobs": the tokens' log-
+    probabilities as token_logprobs.logprobs_json writes them, or null when none were asked}."""
+    return {"text": text, **settings_json(request),
+            "logprobs": logprobs_json(details) if request.logprobs else None}
 
 
 def server_sent_event(name, data):

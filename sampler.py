@@ -8,6 +8,7 @@ text; sampler.sample(prime, n, ...) is the same with the settings as arguments.
 """
 import dataclasses
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +19,7 @@ from prime_states import PrimeStates
 from runtime import warn
 from sample_text import SampleText
 from settings import (
+    MAX_LOGPROBS,
     MAX_SEED,
     MODE_SAMPLE,
     MODE_SAMPLE_ON_SPACES,
@@ -52,6 +54,40 @@ def row_settings(samples):
 def row_specs(rows):
     """The TensorSpecs of row_settings' dict for `rows` rows (None: any number)."""
     return {setting.name: tf.TensorSpec([rows], setting.dtype) for setting in ROW_SETTINGS}
+
+
+class BlockScores(NamedTuple):
+    """What a scored block reports of each token it made (Generator.batch_block with scored): the token's
+    log-probability [rows, GENERATE_BLOCK] and the likeliest tokens' ids and log-probabilities [rows, GENERATE_BLOCK,
+    min(MAX_LOGPROBS, vocab)], likeliest first, all under the model's softmax at temperature 1 (see score)."""
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+    def row(self, row, steps):
+        """Row `row`'s scores of its first `steps` tokens (SampleText.add takes them)."""
+        return BlockScores(self.logprobs[row, :steps], self.top_ids[row, :steps], self.top_logprobs[row, :steps])
+
+
+def penalize(logits, counts, frequency_penalty, presence_penalty):
+    """OpenAI's frequency and presence penalties: logits [rows, vocab] lowered by counts x frequency_penalty +
+    (counts > 0) x presence_penalty, each row by its own counts [rows, vocab] (int32: the tokens it generated so far)
+    and penalties [rows]. Left alone when no row has a penalty, so that such a sample is what it always was."""
+    def lowered():
+        counted = tf.cast(counts, logits.dtype)
+        present = tf.cast(counts > 0, logits.dtype)
+        return logits - counted * frequency_penalty[:, tf.newaxis] - present * presence_penalty[:, tf.newaxis]
+    penalized = tf.logical_or(tf.not_equal(frequency_penalty, 0.0), tf.not_equal(presence_penalty, 0.0))
+    return tf.cond(tf.reduce_any(penalized), lowered, lambda: logits)
+
+
+def score(logits, token, top):
+    """The log-probability [rows] of each row's token under softmax(logits) (logits [rows, vocab], at temperature
+    1: the model's own distribution), and the `top` likeliest tokens' ids and log-probabilities [rows, top],
+    likeliest first."""
+    log_probabilities = tf.nn.log_softmax(logits)
+    top_logprobs, top_ids = tf.math.top_k(log_probabilities, k=top)
+    return tf.gather(log_probabilities, token, batch_dims=1), top_ids, top_logprobs
 
 
 def keep_top_k(logits, top_k):
@@ -97,12 +133,15 @@ def uniform_draw(step_seed):
     return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
 
 
-def choose_next(logits, previous, steps, settings, space_id):
+def choose_next(logits, previous, steps, settings, space_id, counts):
     """Pick the next token id of each row from logits [rows, vocab]: settings holds the rows' settings by name
     (ROW_SETTINGS; see Generator.generate for what each means), each a [rows] vector; row r draws with the seed
-    pair [seed[r], steps[r]]. The rows share no arithmetic: each row's choice is what it would be alone."""
+    pair [seed[r], steps[r]]; counts [rows, vocab] are the tokens each row generated so far (for the penalties).
+    The rows share no arithmetic: each row's choice is what it would be alone."""
     temperature, mode, seeds = settings["temperature"], settings["mode"], settings["seed"]
     top_k, top_p = settings["top_k"], settings["top_p"]
+    # The penalties first, on the logits that every mode reads (argmax too), as OpenAI applies them.
+    logits = penalize(logits, counts, settings["frequency_penalty"], settings["presence_penalty"])
     # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN. Then
     # top-k, then top-p over the k kept (the order of Hugging Face's and llama.cpp's samplers).
     scaled = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature[:, tf.newaxis]
@@ -152,7 +191,11 @@ class Generator(tf.Module):
                                        input_signature=[tf.TensorSpec([None], tf.int32)])
         self._primes = PrimeStates(PRIMES_KEPT)
         self._packed_block = tf.function(self._generate_packed_block, jit_compile=jit_compile, autograph=False)
-        self._packed_block_call = None  # its concrete function, made at the first batch_block
+        # The same block that also scores each token (BlockScores), run only when some row asks for logprobs: the
+        # block without them stays as fast as it was.
+        self._scored_packed_block = tf.function(self._generate_scored_packed_block, jit_compile=jit_compile,
+                                                autograph=False)
+        self._packed_block_calls = {}  # their concrete functions by `scored`, made at the first batch_block
         self._packed_block_lock = threading.Lock()
 
     def stop(self):
@@ -175,56 +218,78 @@ class Generator(tf.Module):
             (tf.constant(0), tf.zeros([1, self.model.vocab_size]), self.model.zero_state(1)))
         return prime[-1], logits[0], states
 
-    def _generate_block(self, steps, positions, previous, logits, states, settings):
+    def _generate_block(self, steps, positions, previous, logits, states, counts, settings, scored=False):
         """`steps` (at most GENERATE_BLOCK) more tokens for each row of (previous token [rows], its logits
-        [rows, vocab], states): row r is at token positions[r] of its sample and draws with its settings, the r-th
-        values of the dict `settings` (ROW_SETTINGS by name, each a vector over the rows, so that the rows of a
-        batch may be different requests). Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the
-        rest zeros) and the new carry. The rows share the model's matrix products only: each row's choice depends
-        on its own logits and settings alone."""
-        tokens = tf.TensorArray(tf.int32, size=GENERATE_BLOCK)
+        [rows, vocab], states, counts [rows, vocab] of the tokens it generated so far): row r is at token
+        positions[r] of its sample and draws with its settings, the r-th values of the dict `settings`
+        (ROW_SETTINGS by name, each a vector over the rows, so that the rows of a batch may be different requests).
+        Returns the tokens [rows, GENERATE_BLOCK] (the first `steps` columns made, the rest zeros), the new carry
+        and, when scored, each token's scores (BlockScores' tensors, before the penalties: see score). The rows
+        share the model's matrix products only: each row's choice depends on its own logits and settings alone."""
+        top = min(MAX_LOGPROBS, self.model.vocab_size)
+        outputs = (tf.TensorArray(tf.int32, size=GENERATE_BLOCK),) + ((
+            tf.TensorArray(tf.float32, size=GENERATE_BLOCK), tf.TensorArray(tf.int32, size=GENERATE_BLOCK),
+            tf.TensorArray(tf.float32, size=GENERATE_BLOCK)) if scored else ())
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
         positions = tf.cast(positions, tf.int64)
 
-        def body(i, previous, logits, states, tokens):
-            token = choose_next(logits, previous, positions + tf.cast(i, tf.int64), settings, self.space_id)
+        def body(i, previous, logits, states, counts, outputs):
+            token = choose_next(logits, previous, positions + tf.cast(i, tf.int64), settings, self.space_id,
+                                counts)
+            made = (token, *score(logits, token, top)) if scored else (token,)
             next_logits, next_states = self.model.step(token, states, table)
-            return i + 1, token, next_logits, next_states, tokens.write(i, token)
+            counts += tf.one_hot(token, self.model.vocab_size, dtype=tf.int32)
+            return (i + 1, token, next_logits, next_states, counts,
+                    tuple(output.write(i, value) for output, value in zip(outputs, made)))
 
-        _, previous, logits, states, tokens = tf.while_loop(
-            lambda i, *_: i < steps, body, (tf.constant(0), previous, logits, states, tokens))
-        return tf.transpose(tokens.stack()), previous, logits, states
+        _, previous, logits, states, counts, outputs = tf.while_loop(
+            lambda i, *_: i < steps, body, (tf.constant(0), previous, logits, states, counts, outputs))
+        # [GENERATE_BLOCK, rows, ...] -> [rows, GENERATE_BLOCK, ...]
+        made = tuple(tf.experimental.numpy.swapaxes(output.stack(), 0, 1) for output in outputs)
+        return made[0], previous, logits, states, counts, made[1:]
 
-    def _generate_packed_block(self, steps, positions, previous, logits, states, settings):
+    def _generate_packed_block(self, steps, positions, previous, logits, states, counts, settings):
         """_generate_block with the states side by side in one [rows, num_states x size] tensor, in and out."""
-        states = tuple(tf.split(states, self.model.num_states, axis=1))
-        tokens, previous, logits, states = self._generate_block(steps, positions, previous, logits, states, settings)
-        return tokens, previous, logits, tf.concat(states, axis=1)
+        return self._packed(steps, positions, previous, logits, states, counts, settings, scored=False)
 
-    def batch_block(self, steps, positions, previous, logits, states, settings):
+    def _generate_scored_packed_block(self, steps, positions, previous, logits, states, counts, settings):
+        """_generate_packed_block that also scores each token (BlockScores)."""
+        return self._packed(steps, positions, previous, logits, states, counts, settings, scored=True)
+
+    def _packed(self, steps, positions, previous, logits, states, counts, settings, scored):
+        states = tuple(tf.split(states, self.model.num_states, axis=1))
+        tokens, previous, logits, states, counts, scores = self._generate_block(
+            steps, positions, previous, logits, states, counts, settings, scored)
+        return tokens, previous, logits, tf.concat(states, axis=1), counts, scores
+
+    def batch_block(self, steps, positions, previous, logits, states, counts, settings, scored=False):
         """One compiled block of `steps` tokens (at most GENERATE_BLOCK) over rows that may be different requests,
         for the batching server and blocks(): numpy in and out, and the states side by side in one array. The
         arguments: int32 [rows] positions and previous, float32 [rows, vocab] logits, float32 [rows, num_states x
-        size] states, then the rows' settings (row_settings: a dict of [rows] arrays, by name).
+        size] states, int32 [rows, vocab] counts of the tokens each row generated so far, then the rows' settings
+        (row_settings: a dict of [rows] arrays, by name); scored: also score each token (logprobs).
         Returns (tokens [rows, GENERATE_BLOCK], of which the first `steps` columns are made; previous, logits,
-        states). XLA compiles it once per row count.
+        states, counts; BlockScores when scored, else None). XLA compiles it once per row count (and scored).
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
         takes it back, and while the server's request threads run Python, each taking back waits for them (up to
         the interpreter's switch interval). Beside three threads running Python, a block of 16 rows took 316 to
         373 ms called the plain way and 45 to 49 ms this way (32 to 36 ms with nothing beside it)."""
         with self._packed_block_lock:
-            if self._packed_block_call is None:
-                rows = [None]
-                self._packed_block_call = self._packed_block.get_concrete_function(
+            if scored not in self._packed_block_calls:
+                rows, vocab = [None], self.model.vocab_size
+                block = self._scored_packed_block if scored else self._packed_block
+                self._packed_block_calls[scored] = block.get_concrete_function(
                     tf.TensorSpec([], tf.int32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int32),
-                    tf.TensorSpec(rows + [self.model.vocab_size], tf.float32),
+                    tf.TensorSpec(rows + [vocab], tf.float32),
                     tf.TensorSpec(rows + [self.model.num_states * self.model.rnn_size], tf.float32),
-                    row_specs(None))
-        outputs = self._packed_block_call(
-            tf.constant(steps, tf.int32), *(tf.constant(value) for value in (positions, previous, logits, states)),
+                    tf.TensorSpec(rows + [vocab], tf.int32), row_specs(None))
+        *outputs, scores = self._packed_block_calls[scored](
+            tf.constant(steps, tf.int32),
+            *(tf.constant(value) for value in (positions, previous, logits, states, counts)),
             {name: tf.constant(value) for name, value in settings.items()})
-        return tuple(output.numpy() for output in outputs)
+        return (*(output.numpy() for output in outputs),
+                BlockScores(*(score.numpy() for score in scores)) if scored else None)
 
     def feed_prime(self, prime):
         """Run the prime ids (a list, at least one) through the model: (its last id, the logits after it [vocab],
@@ -243,20 +308,23 @@ class Generator(tf.Module):
 
     def blocks(self, prime, n, settings, rows=1):
         """generate(), block by block as they are made, for the SampleSettings `settings` (its mode and seed those
-        drawn with, see Sampler.prepare; its prime and n are not read): yields int32 numpy arrays of at most
-        GENERATE_BLOCK ids, n in all (fewer once stop() was called). The same ids as generate(); the loop over the
-        blocks is Python's, so nothing but one block is traced and compiled (quicker to start), and the caller sees
-        each block at once (to print it, or to stop at a stop string).
+        drawn with, see Sampler.prepare; its prime and n are not read): yields (int32 numpy array of at most
+        GENERATE_BLOCK ids, their BlockScores when settings.logprobs > 0, else None), n ids in all (fewer once
+        stop() was called). The same ids as generate(); the loop over the blocks is Python's, so nothing but one
+        block is traced and compiled (quicker to start), and the caller sees each block at once (to print it, or
+        to stop at a stop string).
 
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
-        settings.seed alone); each block is then [rows, ids].
+        settings.seed alone); each block's ids are then [rows, ids] (and its scores those of every row).
         """
         previous, logits, states = self.feed_prime(prime)
         # numpy in and out, through batch_block's concrete function: a request of a server without batching makes
         # one TensorFlow call per block and a few array copies, where each eager op it made before cost a call
         # (and, beside the server's other threads, a wait for the GIL: see batch_block).
         carry = (np.full(rows, previous, np.int32), np.repeat(logits[np.newaxis], rows, axis=0),
-                 np.repeat(np.concatenate(states, axis=1), rows, axis=0))
+                 np.repeat(np.concatenate(states, axis=1), rows, axis=0),
+                 np.zeros((rows, self.model.vocab_size), np.int32))  # the penalties count generated tokens only
+        scored = settings.logprobs > 0
         seed, settings = settings.seed, row_settings([settings] * rows)
         settings["seed"] = np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64)
         for position in range(0, n, GENERATE_BLOCK):
@@ -264,9 +332,13 @@ class Generator(tf.Module):
                 return
             # The last block runs only the steps it needs (a block's first k tokens do not depend on its length).
             steps = min(GENERATE_BLOCK, n - position)
-            tokens, *carry = self.batch_block(steps, np.full(rows, position, np.int32), *carry, settings)
-            tokens = tokens[:, :steps]
-            yield tokens if rows > 1 else tokens[0]
+            tokens, *carry, scores = self.batch_block(steps, np.full(rows, position, np.int32), *carry, settings,
+                                                      scored)
+            if rows == 1:
+                yield tokens[0, :steps], None if scores is None else scores.row(0, steps)
+            else:
+                yield tokens[:, :steps], None if scores is None else BlockScores(
+                    *(score[:, :steps] for score in scores))
 
     @tf.function(autograph=False, input_signature=[
         tf.TensorSpec([None], tf.int32, name="prime"),
@@ -276,33 +348,47 @@ class Generator(tf.Module):
         tf.TensorSpec([], tf.int64, name="seed"),
         tf.TensorSpec([], tf.int32, name="top_k"),
         tf.TensorSpec([], tf.float32, name="top_p"),
+        tf.TensorSpec([], tf.float32, name="frequency_penalty"),
+        tf.TensorSpec([], tf.float32, name="presence_penalty"),
     ])
-    def generate(self, prime, n, temperature, mode, seed, top_k, top_p):
+    def generate(self, prime, n, temperature, mode, seed, top_k, top_p, frequency_penalty, presence_penalty):
         """Feed the prime ids (at least one), then generate n ids; returns int32 [n], or the ids of the blocks
         made so far (fewer than n) once stop() was called. All in one graph (export.py saves it).
 
         mode: 0 argmax, 1 sample every step, 2 sample only right after a space. temperature divides the
         logits; top_k > 0 samples among the k likeliest tokens only, top_p < 1 among the likeliest whose
-        probabilities reach top_p; seed makes the draw repeatable.
+        probabilities reach top_p; seed makes the draw repeatable; frequency_penalty and presence_penalty lower the
+        logits of the tokens generated so far (see penalize).
         """
         previous, logits, states = self._feed_prime(prime)
         settings = {name: value[tf.newaxis] for name, value in
-                    dict(temperature=temperature, mode=mode, seed=seed, top_k=top_k, top_p=top_p).items()}
+                    dict(temperature=temperature, mode=mode, seed=seed, top_k=top_k, top_p=top_p,
+                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty).items()}
         num_blocks = (n + GENERATE_BLOCK - 1) // GENERATE_BLOCK
         blocks = tf.TensorArray(tf.int32, size=num_blocks, element_shape=[GENERATE_BLOCK])
 
-        def body(b, previous, logits, states, blocks):
-            tokens, previous, logits, states = self._block(
-                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, settings)
-            return b + 1, previous, logits, states, blocks.write(b, tokens[0])
+        def body(b, previous, logits, states, counts, blocks):
+            tokens, previous, logits, states, counts, _ = self._block(
+                tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, counts,
+                settings)
+            return b + 1, previous, logits, states, counts, blocks.write(b, tokens[0])
 
         def more(b, *_):
             return tf.logical_and(b < num_blocks, tf.logical_not(self.stopped.read_value()))
 
-        made, _, _, _, blocks = tf.while_loop(
-            more, body, (tf.constant(0), previous[tf.newaxis], logits[tf.newaxis], states, blocks))
+        counts = tf.zeros([1, self.model.vocab_size], tf.int32)
+        made, _, _, _, _, blocks = tf.while_loop(
+            more, body, (tf.constant(0), previous[tf.newaxis], logits[tf.newaxis], states, counts, blocks))
         # Blocks a stop left unmade concatenate as zeros (the element shape is fixed); the slice drops them.
         return blocks.concat()[:tf.minimum(n, made * GENERATE_BLOCK)]
+
+
+class Sample(NamedTuple):
+    """One of Sampler.samples: the seed it was drawn with, its text, and its tokens' TokenLogprob (empty unless
+    logprobs were asked)."""
+    seed: int
+    text: str
+    logprobs: list
 
 
 class Sampler:
@@ -352,18 +438,24 @@ class Sampler:
 
         stops: strings that end the sample at their first occurrence in the generated text (the prime is not
         searched); the text ends right before it, and no more blocks are generated. The last len(longest) - 1
-        characters are held back until it is clear that no stop string begins in them. Returns (as a generator
-        returns: `text = yield from sampler.stream(...)`) the SampleText, whose `stopped` says whether a stop
-        string ended it.
+        characters are held back until it is clear that no stop string begins in them.
         """
+        for piece, _ in self.pieces(settings, stops):
+            yield piece
+
+    def pieces(self, settings, stops=()):
+        """stream(), each piece with the TokenLogprob of the tokens that begin in it: (text, [TokenLogprob]),
+        the list empty unless settings.logprobs > 0 (see SampleText.take_details). Returns (as a generator
+        returns: `text = yield from sampler.pieces(...)`) the SampleText, whose `stopped` says whether a stop
+        string ended it."""
         prime, ids, drawn = self.prepare(settings, stops)
-        yield prime
-        text = SampleText(self, prime, stops)
-        for block in self.generator.blocks(ids, settings.n, drawn):
-            yield text.add(block)
+        yield prime, []
+        text = SampleText(self, prime, stops, settings.logprobs)
+        for block, scores in self.generator.blocks(ids, settings.n, drawn):
+            yield text.add(block, scores), text.take_details()
             if text.stopped:
                 return text
-        yield text.rest()
+        yield text.rest(), text.take_details()
         if text.made < settings.n:
             raise GenerationStopped(f"the generation was stopped after {text.made} of {settings.n} tokens")
         return text
@@ -371,20 +463,29 @@ class Sampler:
     def run_many(self, settings, count, stops=()):
         """`count` samples of one prime, generated together as the rows of one batch: [(seed, text)], sample i
         drawn with settings.seed + i (a random seed when None), each text as run() makes it."""
+        return [(sample.seed, sample.text) for sample in self.samples(settings, count, stops)]
+
+    def samples(self, settings, count, stops=()):
+        """run_many() as [Sample]: each sample's seed, text and (with settings.logprobs) [TokenLogprob]."""
         prime, ids, drawn = self.prepare(settings, stops)
         seed = drawn.seed
-        texts = [SampleText(self, prime, stops) for _ in range(count)]
+        texts = [SampleText(self, prime, stops, settings.logprobs) for _ in range(count)]
         pieces = [[prime] for _ in range(count)]
-        for block in self.generator.blocks(ids, settings.n, drawn, rows=count):
-            for text, row, kept in zip(texts, block, pieces):
+        details = [[] for _ in range(count)]
+        for block, scores in self.generator.blocks(ids, settings.n, drawn, rows=count):
+            if count == 1:  # blocks() gives one row's ids (and scores) without the rows' axis
+                block = block[np.newaxis]
+                scores = None if scores is None else BlockScores(*(score[np.newaxis] for score in scores))
+            for i, (text, row, kept) in enumerate(zip(texts, block, pieces)):
                 if not text.stopped:
-                    kept.append(text.add(row))
+                    kept.append(text.add(row, None if scores is None else scores.row(i, len(row))))
+                    details[i] += text.take_details()
             if all(text.stopped for text in texts):
                 break
         if any(text.made < settings.n and not text.stopped for text in texts):
             raise GenerationStopped(f"the generation was stopped after {texts[0].made} of {settings.n} tokens")
-        return [((seed + i) % (MAX_SEED + 1), "".join(kept) + text.rest())
-                for i, (text, kept) in enumerate(zip(texts, pieces))]
+        return [Sample((seed + i) % (MAX_SEED + 1), "".join(kept) + text.rest(), found + text.take_details())
+                for i, (text, kept, found) in enumerate(zip(texts, pieces, details))]
 
     def beam_search(self, prime, n, width):
         """(the prime followed by the likeliest continuation of n tokens that a beam search of `width` finds, its

@@ -128,6 +128,9 @@ MAX_BEAM_WIDTH = 1024  # each step keeps width x vocabulary candidates
 # per token, so a 1 MB line would keep the loop busy for most of a minute.
 MAX_PRIME = 1000
 MODE_ARGMAX, MODE_SAMPLE, MODE_SAMPLE_ON_SPACES = 0, 1, 2
+# The frequency and presence penalties' range, and the most likeliest alternatives reported per token: OpenAI's.
+MAX_PENALTY = 2.0
+MAX_LOGPROBS = 5
 SAMPLE_MODES = {MODE_ARGMAX: "argmax", MODE_SAMPLE: "sample", MODE_SAMPLE_ON_SPACES: "sample after spaces"}
 
 
@@ -140,7 +143,9 @@ def pick_seed():
 class SampleSettings:
     """One sample: the prime, then n tokens chosen by `mode` (SAMPLE_MODES) from the logits divided by
     `temperature`, among the top_k likeliest (0: all) and among the likeliest whose probabilities add up to top_p
-    (1: all), repeatably for a seed (None: a random one). The defaults are sample.py's."""
+    (1: all), repeatably for a seed (None: a random one); each logit first lowered for the tokens already
+    generated (frequency_penalty per time, presence_penalty once); with logprobs > 0, each token's log-probability
+    and that many likeliest alternatives are reported. The defaults are sample.py's."""
     prime: str = "The"
     n: int = 500
     mode: int = MODE_SAMPLE
@@ -148,6 +153,9 @@ class SampleSettings:
     seed: int | None = None
     top_k: int = 0
     top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +169,8 @@ class Setting:
     http: the query parameter and JSON field (also the export's input); parse: reads a flag or a query value
     (argparse's type); what: what the check says a value must be; query_what: what a query value must be, where
     it says more than `what`; served: the server's default where it is not sample.py's (the original server's);
-    dtype: the generator's tensor type of the setting (None: not a tensor, the prime).
+    dtype: the generator's tensor type of the setting (None: not a tensor: the prime, and logprobs, which picks
+    the variant of the compiled block rather than reaching it per row).
     """
     name: str
     kind: type
@@ -209,6 +218,8 @@ class Setting:
                 "choices": None if self.choices is None else {str(k): v for k, v in self.choices.items()}}
 
 
+_PENALTY_WHAT = f"a number from {-MAX_PENALTY:g} to {MAX_PENALTY:g}"
+_penalty = value_types.number_type(float, lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, _PENALTY_WHAT)
 _MODES = ", ".join(f"{number} ({name})" for number, name in SAMPLE_MODES.items())
 # Every sampling setting, in the order of the server's parameters, the check and the JSON answers.
 SETTINGS = (
@@ -233,6 +244,18 @@ SETTINGS = (
             "at least p (1: all); after --temperature and --top_k", "--top_p", "top_p", value_types.top_p,
             "a number in (0, 1] (1 keeps every token)", FLOAT32_TINY, 1.0, query_what="a number in (0, 1]",
             dtype="float32"),
+    # OpenAI's penalties: counts over the tokens generated so far by the sample (not the prime), in every mode.
+    Setting("frequency_penalty", float, "lowers each token's logit by this much per time it was generated so far "
+            "(not counting the prime; negative: raises it); before --temperature, --top_k and --top_p",
+            "--frequency_penalty", "frequency_penalty", _penalty, _PENALTY_WHAT, -MAX_PENALTY,
+            MAX_PENALTY, dtype="float32"),
+    Setting("presence_penalty", float, "lowers the logit of each token generated at least once so far by this "
+            "much (not counting the prime; negative: raises it)", "--presence_penalty", "presence_penalty",
+            _penalty, _PENALTY_WHAT, -MAX_PENALTY, MAX_PENALTY, dtype="float32"),
+    Setting("logprobs", int, "report each generated token's log-probability (the model's own, at temperature 1, "
+            f"before the penalties, top-k and top-p) and that many likeliest alternatives (0: none; at most "
+            f"{MAX_LOGPROBS})", "--logprobs", "logprobs", value_types.non_negative_int,
+            f"an integer from 0 to {MAX_LOGPROBS}", 0, MAX_LOGPROBS),
 )
 SETTINGS_BY_HTTP = {setting.http: setting for setting in SETTINGS}
 CHECKED = tuple(setting for setting in SETTINGS if setting.what)  # every setting but the prime, which any text is

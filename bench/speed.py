@@ -7,7 +7,8 @@ Training: the original's default sizes (3 x 128, batch 50, seq 50) on the given 
 timed after a warm-up, for each of --models. Server: requests/s and latency at n = 200 (bench/server.py).
 Sampling: chars/s of the compiled generator at n = --sample_n (and, beside it in turns, of the SavedModel that
 export.py writes, which runs without XLA), and
-seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows). Preprocessing: a
+seconds per token at n = 1,000 and n = 100,000 (flat means no slow-down as the text grows); with --logprobs_cost,
+chars/s of the block loop that sample.py and the server run, without logprobs and with logprobs = 5, in turns. Preprocessing: a
 synthetic corpus of --preprocess_mb MB (the text repeated) tokenized in a child process, with its MB/s and peak
 resident memory per input byte. With --peer_*, the PyTorch peer's speed mode runs in the same invocation: for
 each of --rounds rounds and each cell type, ours is timed, then the peer; the medians, their ratios and each
@@ -44,6 +45,8 @@ def build_parser():
                              "the one-off latency (0: skip it)")
     parser.add_argument("--export", type=int, default=1, choices=[0, 1],
                         help="1: also time the exported SavedModel (export.py) beside the Generator at --sample_n")
+    parser.add_argument("--logprobs_cost", type=int, default=1, choices=[0, 1],
+                        help="1: also time sample.py's block loop at --sample_n without logprobs and with 5, in turns")
     parser.add_argument("--flat_n", default="1000,100000", help="n values for the time-per-token check")
     parser.add_argument("--preprocess_mb", type=cli.non_negative_int, default=100,
                         help="size of the synthetic preprocessing corpus in MB (0: skip)")
@@ -102,7 +105,8 @@ def sample_speed(model, n, flat_ns):
     def timed(count):
         start = time.perf_counter()
         generator.generate(tf.constant([1], tf.int32), tf.constant(count), tf.constant(1.0), tf.constant(1),
-                           tf.constant(7, tf.int64), tf.constant(0), tf.constant(1.0)).numpy()
+                           tf.constant(7, tf.int64), tf.constant(0), tf.constant(1.0), tf.constant(0.0),
+                           tf.constant(0.0)).numpy()
         return time.perf_counter() - start
 
     timed(10)  # warm-up
@@ -110,6 +114,34 @@ def sample_speed(model, n, flat_ns):
     for count in flat_ns:
         result[f"sample_s_per_token_n{count}"] = timed(count) / count
     return result
+
+
+def logprobs_speed(model, n, runs=5):
+    """chars/s at n of Generator.blocks (the loop of sample.py and the server) without logprobs and with
+    MAX_LOGPROBS (each token's log-probability and the likeliest alternatives), timed in turns; medians and their
+    ratio."""
+    from sampler import Generator
+    from settings import MAX_LOGPROBS, SampleSettings
+
+    generator = Generator(model, space_id=0)
+    settings = {"plain": SampleSettings(n=n, seed=7), "logprobs": SampleSettings(n=n, seed=7, logprobs=MAX_LOGPROBS)}
+
+    def timed(name):
+        start = time.perf_counter()
+        for _ in generator.blocks([1], n, settings[name]):
+            pass
+        return time.perf_counter() - start
+
+    for name in settings:  # warm-up: each variant's block compiles
+        timed(name)
+    times = {name: [] for name in settings}
+    for _ in range(runs):
+        for name in settings:
+            times[name].append(timed(name))
+    rates = {name: n / statistics.median(values) for name, values in times.items()}
+    return {"blocks_chars_per_s": round(rates["plain"], 1),
+            f"blocks_logprobs{MAX_LOGPROBS}_chars_per_s": round(rates["logprobs"], 1),
+            f"logprobs{MAX_LOGPROBS}_speed_ratio": round(rates["logprobs"] / rates["plain"], 3)}
 
 
 def export_speed(model, data_dir, work, n, runs=3):
@@ -132,7 +164,7 @@ def export_speed(model, data_dir, work, n, runs=3):
     prime = "The"
     prime_ids = tf.constant([vocab.index(c) for c in prime], tf.int32)
     settings = dict(temperature=tf.constant(1.0), seed=tf.constant(7, tf.int64), top_k=tf.constant(0),
-                    top_p=tf.constant(1.0))
+                    top_p=tf.constant(1.0), frequency_penalty=tf.constant(0.0), presence_penalty=tf.constant(0.0))
 
     def exported():
         return generate(prime=tf.constant(prime), n=tf.constant(n), sample_mode=tf.constant(1),
@@ -140,7 +172,8 @@ def export_speed(model, data_dir, work, n, runs=3):
 
     def compiled():
         return generator.generate(prime_ids, tf.constant(n), settings["temperature"], tf.constant(1),
-                                  settings["seed"], settings["top_k"], settings["top_p"]).numpy()
+                                  settings["seed"], settings["top_k"], settings["top_p"],
+                                  settings["frequency_penalty"], settings["presence_penalty"]).numpy()
 
     same = np.array_equal(exported(), compiled())  # also the warm-up of both
     times = {"exported": [], "compiled": []}
@@ -310,6 +343,8 @@ def main(argv=None):
                   "train_tokens_per_s": {cell: round(statistics.median(runs), 1) for cell, runs in ours.items()}}
         for key in sampling[0] if sampling else ():
             result[key] = statistics.median(run[key] for run in sampling)
+        if lstm is not None and args.logprobs_cost:
+            result.update(logprobs_speed(lstm, args.sample_n))
         if lstm is not None and args.one_off_runs:
             result.update(one_off_latency(lstm, data_dir, work, args.one_off_runs))
         if lstm is not None and args.export:

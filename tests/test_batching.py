@@ -2,9 +2,19 @@
 join and leave at block boundaries, and are refused or turned away when full or shutting down."""
 import threading
 
+import numpy as np
 import pytest
 
-from batching import MIN_BLOCK_STEPS, Batcher, BatcherPool, OneAtATime, block_steps, bucket, default_batchers, split
+from batching import (
+    MIN_BLOCK_STEPS,
+    Batcher,
+    BatcherPool,
+    OneAtATime,
+    block_steps,
+    bucket,
+    default_batchers,
+    split,
+)
 from errors import Busy, GenerationStopped
 from sampler import GENERATE_BLOCK, Sampler
 from settings import SampleSettings
@@ -268,3 +278,27 @@ def test_a_burst_of_exactly_the_pools_places_gets_no_busy_many_times_over(sample
         pool.close()
         assert not any(isinstance(answer, Busy) for answer in answers), answers
         assert loads == [4, 4]  # every place taken, each batching thread's own
+
+
+def test_a_rows_penalties_and_logprobs_are_its_own_beside_rows_without_them(sampler, alone):
+    # Rows with penalties and logprobs in the batch of REQUESTS: each row gets its text (and logprobs) alone, and
+    # the other rows, run in the block that scores every row, get theirs unchanged.
+    own = [SampleSettings("the", 170, mode=1, frequency_penalty=0.8, presence_penalty=-0.5, seed=7),
+           SampleSettings("cat", 140, mode=0, presence_penalty=1.5, logprobs=3, seed=8)]
+    expected = [sampler.samples(settings, 1)[0] for settings in own]
+    batcher = Batcher(sampler, max_batch=8, max_wait_s=0.5, max_waiting=8)
+    generations = [batcher.submit(settings) for settings in REQUESTS + own]
+    pieces = [list(generation.pieces()) for generation in generations]
+    assert ["".join(text for text, _ in found) for found in pieces] == alone + [sample.text for sample in expected]
+    batched_logprobs = [detail for _, details in pieces[-1] for detail in details]
+    assert [detail.token for detail in batched_logprobs] == [detail.token for detail in expected[1].logprobs]
+    np.testing.assert_allclose([detail.logprob for detail in batched_logprobs],
+                               [detail.logprob for detail in expected[1].logprobs], atol=1e-5)
+    assert all(not details for found in pieces[:-1] for _, details in found)
+    batcher.close()
+
+
+def test_without_batching_a_request_gets_the_pieces_and_logprobs_of_the_sampler(sampler):
+    settings = SampleSettings("the", 150, mode=1, frequency_penalty=0.5, logprobs=2, seed=9)
+    generation = OneAtATime(sampler, running=1, waiting=1).submit(settings)
+    assert list(generation.pieces()) == list(sampler.pieces(settings))

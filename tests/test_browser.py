@@ -5,12 +5,14 @@ when missing). Without them these tests fail saying so; CHAR_RNN_NO_BROWSER=1 sk
 """
 import contextlib
 import json
+import math
 import os
 import shutil
 
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -237,3 +239,33 @@ def test_with_api_keys_the_page_asks_for_the_key_once_and_streams_with_it(keyed_
                                                        "the page did not show GET /health's answer after a reload")
         assert not element(driver, "key_form").is_displayed()
         assert driver.execute_script("return sessionStorage.getItem('char-rnn-api-key')") == API_KEY
+def test_hovering_a_generated_character_shows_its_probability_and_the_likeliest_alternatives(server):
+    with chromium(*DESKTOP) as driver:
+        open_page(driver, server)
+        fill(driver, **SETTINGS)
+        assert element(driver, "logprobs").get_attribute("value") == "5"  # the page asks for the alternatives
+        element(driver, "generate").click()
+        assert wait_for_the_end(driver) == "done", element(driver, "error").text
+        status, _, answer = post_json(server.url + "/generate", dict(SETTINGS, logprobs=5))
+        assert status == 200, answer
+        assert element(driver, "output").get_attribute("textContent") == answer["text"]
+        tokens = driver.find_elements(By.CSS_SELECTOR, "#output .token")
+        assert [token.get_attribute("textContent") for token in tokens] == answer["logprobs"]["tokens"]
+        position = 7
+        ActionChains(driver).move_to_element(tokens[position]).perform()
+        WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "tip").is_displayed(),
+                                                       "hovering a token showed no probabilities")
+        lines = element(driver, "tip").get_attribute("textContent").split("\n")
+        token, probability = lines[0].rsplit(" ", 1)
+        assert json.loads(token) == answer["logprobs"]["tokens"][position]
+        expected = 100 * math.exp(answer["logprobs"]["token_logprobs"][position])
+        assert float(probability.rstrip("%")) == pytest.approx(expected, abs=0.06)
+        alternatives = [line.strip().rsplit(" ", 1) for line in lines[2:]]
+        top = answer["logprobs"]["top_logprobs"][position]
+        assert [json.loads(text) for text, _ in alternatives] == list(top)  # the likeliest first
+        for (_, shown), logprob in zip(alternatives, top.values(), strict=True):
+            assert float(shown.rstrip("%")) == pytest.approx(100 * math.exp(logprob), abs=0.06)
+        screenshot(driver, "ui-hover.png")
+        ActionChains(driver).move_to_element(element(driver, "generate")).perform()
+        WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: not element(d, "tip").is_displayed(),
+                                                       "the probabilities stayed after the pointer left")

@@ -23,6 +23,7 @@ import savedir
 import train
 from conftest import TINY_MODEL, error_line, make_data_dir, snapshot
 from sampler import GENERATE_BLOCK, Sampler
+from settings import SampleSettings
 
 WORD_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
 ONE_EPOCH = ["--num_epochs", "1", "--print_every", "1000", "--seed", "1"]
@@ -39,7 +40,8 @@ CAPPED_CASES = [("the dog sat on the log.", 30, 1, 1.0, 12, 0, 1.0),
                 ("dog", 20, 2, 1.0, 13, 0, 1.0)]  # dog, log. -> <unk>
 GENERATE_INPUTS = {"prime": ([], tf.string), "n": ([], tf.int32), "temperature": ([], tf.float32),
                    "sample_mode": ([], tf.int32), "top_k": ([], tf.int32), "top_p": ([], tf.float32),
-                   "seed": ([], tf.int64)}
+                   "seed": ([], tf.int64), "frequency_penalty": ([], tf.float32),
+                   "presence_penalty": ([], tf.float32)}
 GENERATE_OUTPUTS = {"text": ([], tf.string), "token_ids": ([None], tf.int32)}
 
 # Run with `python -I` from a folder outside the repository: only TensorFlow, never the project's code.
@@ -60,7 +62,8 @@ for case in json.load(sys.stdin):
         out = generate(prime=tf.constant(case["prime"]), n=tf.constant(case["n"], tf.int32),
                        temperature=tf.constant(case["temperature"], tf.float32),
                        sample_mode=tf.constant(case["mode"], tf.int32), top_k=tf.constant(case["top_k"], tf.int32),
-                       top_p=tf.constant(case["top_p"], tf.float32), seed=tf.constant(case["seed"], tf.int64))
+                       top_p=tf.constant(case["top_p"], tf.float32), seed=tf.constant(case["seed"], tf.int64),
+                       frequency_penalty=tf.constant(0.0), presence_penalty=tf.constant(0.0))
         results.append(out["text"].numpy().decode("utf-8"))
     except tf.errors.InvalidArgumentError as e:
         results.append("error: " + e.message)
@@ -171,13 +174,27 @@ def test_the_export_holds_no_xla(exports):
     ("n", -1, "n must be an integer from 0 to"), ("sample_mode", 3, "sample_mode must be one of 0 (argmax)"),
     ("temperature", float("nan"), "temperature must be a number"), ("top_k", -2, "top_k must be an integer"),
     ("top_p", 0.0, "top_p must be a number in (0, 1]"), ("top_p", 1.5, "top_p must be a number in (0, 1]"),
-    ("seed", -5, "seed must be an integer in [0, 9223372036854775807]"), ("prime", b"\xff", "Invalid")])
+    ("seed", -5, "seed must be an integer in [0, 9223372036854775807]"), ("prime", b"\xff", "Invalid"),
+    ("frequency_penalty", 2.5, "frequency_penalty must be a number from -2 to 2"),
+    ("presence_penalty", float("nan"), "presence_penalty must be a number from -2 to 2")])
 def test_bad_settings_are_refused_in_the_graph(char_export, setting, value, message):
     settings = {"prime": "the", "n": 5, "temperature": 1.0, "sample_mode": 1, "top_k": 0, "top_p": 1.0, "seed": 1,
-                setting: value}
+                "frequency_penalty": 0.0, "presence_penalty": 0.0, setting: value}
     dtypes = {name: dtype for name, (_, dtype) in GENERATE_INPUTS.items()}
     with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
         char_export.signatures["generate"](**{name: tf.constant(v, dtypes[name]) for name, v in settings.items()})
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_the_exports_penalty_inputs_give_the_samplers_text(exports, char_export, mode):
+    settings = SampleSettings("the ", GENERATE_BLOCK + 20, mode, 1.0, 5, frequency_penalty=0.6, presence_penalty=-0.3)
+    out = char_export.signatures["generate"](
+        prime=tf.constant(settings.prime), n=tf.constant(settings.n), temperature=tf.constant(1.0),
+        sample_mode=tf.constant(mode), seed=tf.constant(5, tf.int64), top_k=tf.constant(0), top_p=tf.constant(1.0),
+        frequency_penalty=tf.constant(0.6), presence_penalty=tf.constant(-0.3))
+    expected = Sampler.load(exports["char"][0]).run(settings)
+    assert out["text"].numpy().decode("utf-8") == expected
+    assert expected != Sampler.load(exports["char"][0]).run(SampleSettings("the ", settings.n, mode, 1.0, 5))
 
 
 def test_the_litert_step_computes_the_models_logits(exports):

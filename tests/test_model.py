@@ -87,7 +87,7 @@ def test_compiled_greedy_generation_follows_the_network(cell, vocab_size):
     randomize_every_weight(net, seed=vocab_size)  # biases too; and larger weights, so that argmax varies
     prime = [1, 2, 3]
     generator = sampler.Generator(net)
-    generated = generator.generate(tf.constant(prime), 12, 1.0, settings.MODE_ARGMAX, 0, 0, 1.0).numpy()
+    generated = generator.generate(tf.constant(prime), 12, 1.0, settings.MODE_ARGMAX, 0, 0, 1.0, 0.0, 0.0).numpy()
     ids = list(prime)
     for _ in range(12):
         logits, _ = net(tf.constant([ids]), net.zero_state(1))

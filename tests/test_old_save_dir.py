@@ -13,6 +13,7 @@ import savedir
 import train
 from conftest import REPO, make_data_dir, run_script
 from sampler import Sampler
+from settings import MAX_LOGPROBS, SampleSettings
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 OLD_SAVE_DIR = os.path.join(FIXTURES, "lstm_2x8_save")
@@ -61,3 +62,11 @@ def test_old_save_dir_resumes_training(old_save_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert "resumed from" in capsys.readouterr().out
     assert checkpoints.checkpoint_step(checkpoints.checkpoint_paths(str(old_save_dir))[0]) == 275
+
+
+@pytest.mark.parametrize("case", EXPECTED["samples"][:2], ids=lambda case: f"mode{case['mode']}-seed{case['seed']}")
+def test_penalties_at_zero_and_asking_for_logprobs_leave_the_old_texts_byte_identical(old_sampler, case):
+    settings = SampleSettings(**{name: case[name] for name in SETTINGS}, frequency_penalty=0.0,
+                              presence_penalty=0.0, logprobs=MAX_LOGPROBS)
+    [sample] = old_sampler.samples(settings, 1)
+    assert sample.text == case["text"] and len(sample.logprobs) == case["n"]

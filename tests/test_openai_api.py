@@ -2,6 +2,7 @@
 files (api_keys.py) in this process, then a real sample_server.py with keys driven by the official `openai` client."""
 import argparse
 import json
+import math
 import urllib.parse
 import urllib.request
 
@@ -43,6 +44,10 @@ def test_openai_fields_map_onto_our_settings_with_openais_defaults():
                                                                                                 0.5, 9)
     assert request.stops == ("\n",) and request.echo
     assert parsed(prompt="the ", temperature=0).settings.mode == MODE_ARGMAX  # temperature 0 is argmax
+    settings = parsed(prompt="the ", frequency_penalty=1.5, presence_penalty=-2, logprobs=5).settings
+    assert (settings.frequency_penalty, settings.presence_penalty, settings.logprobs) == (1.5, -2.0, 5)
+    settings = parsed(prompt="the ", logprobs=None).settings
+    assert (settings.frequency_penalty, settings.presence_penalty, settings.logprobs) == (0.0, 0.0, 0)
     assert parsed(prompt="the ", stop=["a", "b"], seed=None, user="me").stops == ("a", "b")
 
 
@@ -76,6 +81,11 @@ def test_a_list_prompt_gives_n_choices_each_numbered_as_openai_does_with_seeds_f
     ({"best_of": 2}, "best_of"),
     ({"logit_bias": {"5": 100}}, "logit_bias"),
     ({"tools": []}, "tools"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 2, "echo": True}, "echo"),  # the prompt's tokens are not scored
 ])
 def test_a_refused_field_is_a_400_that_names_it(fields, param):
     with pytest.raises(APIError) as refused:
@@ -306,3 +316,39 @@ def test_a_missing_or_wrong_key_is_refused_401_in_each_endpoints_format_and_coun
     assert get(server.url + "/health")[0] == 200 and get(server.url + "/ui")[0] == 200
     status, _, answer = post_json(server.url + "/generate", {"prime": "the", "n": 5}, headers=AUTHORIZED)
     assert status == 200 and answer["text"].startswith("the")
+
+
+@pytest.mark.slow
+def test_logprobs_5_give_each_tokens_logprob_and_its_5_likeliest_alternatives_as_the_native_api_does(server, client):
+    asked = dict(model=MODEL, prompt=PROMPT, max_tokens=150, seed=8, logprobs=5)
+    [choice] = client.completions.create(**asked).choices
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.token_logprobs) == 150
+    assert logprobs.text_offset == [len(PROMPT) + i for i in range(150)]  # in the prompt and text, as OpenAI's
+    for token_logprob, alternatives in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert token_logprob <= 0 and len(alternatives) == 5
+        values = list(alternatives.values())
+        assert values == sorted(values, reverse=True) and sum(math.exp(value) for value in values) <= 1 + 1e-6
+        assert token_logprob <= values[0] + 1e-6  # none likelier than the likeliest
+    # The same numbers as the native JSON API's for the same settings.
+    status, _, native = post_json(server.url + "/generate", {"prime": PROMPT, "n": 150, "sample_mode": 1,
+                                                            "temperature": 1, "seed": 8, "logprobs": 5},
+                                  headers=AUTHORIZED)
+    assert status == 200 and native["text"] == PROMPT + choice.text
+    assert native["logprobs"] == {"tokens": logprobs.tokens, "token_logprobs": logprobs.token_logprobs,
+                                  "top_logprobs": logprobs.top_logprobs, "text_offset": logprobs.text_offset}
+    # A stream carries each piece's tokens with it; without logprobs, none.
+    chunks = [chunk.choices[0] for chunk in client.completions.create(**asked, stream=True) if chunk.choices]
+    assert sum((chunk.logprobs.tokens for chunk in chunks if chunk.logprobs), []) == logprobs.tokens
+    assert client.completions.create(**dict(asked, logprobs=None)).choices[0].logprobs is None
+
+
+@pytest.mark.slow
+def test_penalties_reach_the_generator_as_the_native_apis_do(server, client):
+    asked = dict(model=MODEL, prompt=PROMPT, max_tokens=100, seed=4, temperature=0.8)
+    plain = client.completions.create(**asked).choices[0].text
+    for penalties in ({"frequency_penalty": 2.0}, {"presence_penalty": 1.5}, {"frequency_penalty": -1.0}):
+        text = client.completions.create(**asked, **penalties).choices[0].text
+        assert text != plain, penalties
+        assert PROMPT + text == native_text(server, prime=PROMPT, n=100, sample_mode=1, temperature=0.8, seed=4,
+                                            **penalties)

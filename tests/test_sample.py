@@ -106,7 +106,8 @@ def sampled_counts(sampler, prime_ids, temperature, draws):
     prime = tf.constant(prime_ids, tf.int32)
     for seed in range(draws):
         token = generate(prime, tf.constant(1), tf.constant(temperature, tf.float32), tf.constant(1),
-                         tf.constant(seed, tf.int64), tf.constant(0), tf.constant(1.0))
+                         tf.constant(seed, tf.int64), tf.constant(0), tf.constant(1.0), tf.constant(0.0),
+                         tf.constant(0.0))
         counts[int(token[0])] += 1
     return counts
 
@@ -186,9 +187,9 @@ def test_a_sample_makes_one_compiled_call_per_block_and_no_step_past_n(sampler, 
     steps = []
     block = sampler.generator.batch_block
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         steps.append(args[0])
-        return block(*args)
+        return block(*args, **kwargs)
 
     monkeypatch.setattr(sampler.generator, "batch_block", counted)
     text = sampler.sample("the", 2 * GENERATE_BLOCK + 72, mode=1, seed=3)

@@ -33,11 +33,12 @@ from servers import (
     running_server,
     stream,
 )
-from settings import MAX_N, MAX_SEED, SampleSettings
+from settings import MAX_LOGPROBS, MAX_N, MAX_SEED, SampleSettings
 
 # The README's URL asks for prime=The, so the served model must know a capital T (the shared tiny corpus has none).
 SERVED_TEXT = "The cat sat on the mat.\nThe dog sat on the log.\n" * 60
 README_QUERY = "prime=The&n=200&sample_mode=2"
+NO_PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0}
 # Every test here starts a server or a script.
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,8 @@ def test_readme_url_answers_what_sample_py_prints(server, save_dir):
     status, headers, body = get(f"{server.url}/sample.json?{README_QUERY}&seed=7")
     assert status == 200 and headers.get_content_type() == "application/json"
     assert json.loads(body) == {"text": expected, "prime": "The", "n": 200, "sample_mode": 2,
-                                "temperature": 0.8, "seed": 7, "top_k": 0, "top_p": 1.0}
+                                "temperature": 0.8, "seed": 7, "top_k": 0, "top_p": 1.0, **NO_PENALTIES,
+                                "logprobs": None}
 
 
 def test_every_parameter_reaches_the_generator(server, save_dir):
@@ -132,7 +134,7 @@ def test_defaults_are_the_original_servers(server):
     answer = json.loads(get(f"{server.url}/sample.json?seed=1")[2])
     text = answer.pop("text")
     assert answer == {"prime": "The ", "n": 200, "sample_mode": 2, "temperature": 0.8, "seed": 1, "top_k": 0,
-                      "top_p": 1.0}
+                      "top_p": 1.0, **NO_PENALTIES, "logprobs": None}
     assert text.startswith("The ") and len(text) == 4 + 200
 
 
@@ -232,6 +234,11 @@ BAD_REQUESTS = [
     ("top_p=0", "top_p must be a number in (0, 1]"),
     ("top_p=1.5", "top_p must be a number in (0, 1]"),
     ("top_p=nan", "top_p must be a number in (0, 1]"),
+    ("frequency_penalty=2.5", "frequency_penalty must be a number from -2 to 2"),
+    ("presence_penalty=-3", "presence_penalty must be a number from -2 to 2"),
+    ("presence_penalty=nan", "presence_penalty must be a number from -2 to 2"),
+    ("logprobs=6", "logprobs must be an integer from 0 to 5"),
+    ("logprobs=-1", "logprobs must be an integer >= 0"),
     ("seed=9223372036854775808", "seed must be an integer in [0, 9223372036854775807]"),
     ("n=501", "n must be an integer from 1 to 500 (--max_n)"),
     ("colour=red", "unknown parameter 'colour'"),
@@ -298,7 +305,7 @@ def request_over(protocol, url, settings):
         status, _, answer = post_json(f"{url}/generate", fields)
         return status, answer.get("text")
     status, _, events = stream(f"{url}/stream?{query}")
-    assert events[-1] == ("done", {**fields, "tokens": settings.n}), events[-1]
+    assert events[-1] == ("done", {**fields, **NO_PENALTIES, "logprobs": 0, "tokens": settings.n}), events[-1]
     return status, "".join(data["text"] for name, data in events if name == "text")
 
 
@@ -392,6 +399,10 @@ BAD_BODIES = [
     (b'{"seed": -1}', 400, "seed must be an integer >= 0"),
     (b'{"top_k": 4294967301}', 400, "top_k must be an integer from 0 to 1073741824"),
     (b'{"top_p": 0}', 400, "top_p must be a number in (0, 1]"),
+    (b'{"frequency_penalty": "1"}', 400, "frequency_penalty must be a JSON number"),
+    (b'{"presence_penalty": 2.01}', 400, "presence_penalty must be a number from -2 to 2"),
+    (b'{"logprobs": 1.5}', 400, "logprobs must be a JSON integer"),
+    (b'{"logprobs": 9}', 400, "logprobs must be an integer from 0 to 5"),
     (b"[" * 100_000, 413, "the limit is"),
     (b'{"prime": "' + b"a" * 20_000 + b'"}', 413, "the limit is"),
 ]
@@ -410,13 +421,41 @@ def test_post_generate_answers_the_text_and_settings_as_json(server):
                                                                     "seed": 7})
     assert status == 200 and headers.get_content_type() == "application/json"
     assert answer == {"text": get(f"{server.url}/?{README_QUERY}&seed=7")[2], "prime": "The", "n": 200,
-                      "sample_mode": 2, "temperature": 0.8, "seed": 7, "top_k": 0, "top_p": 1.0, "tokens": 200}
+                      "sample_mode": 2, "temperature": 0.8, "seed": 7, "top_k": 0, "top_p": 1.0, **NO_PENALTIES,
+                      "logprobs": None, "tokens": 200}
     # Every field has the default of GET /; seed null picks one and names it.
     status, _, answer = post_json(f"{server.url}/generate", {"seed": None})
     assert status == 200 and answer["prime"] == "The " and answer["n"] == 200 and isinstance(answer["seed"], int)
     # Other methods are refused, in JSON too.
     status, headers, body = get(f"{server.url}/generate")
     assert status == 405 and headers["Allow"] == "POST" and "error" in json.loads(body)
+
+
+def test_penalties_and_logprobs_reach_the_generator_on_every_surface(server, local_sampler):
+    settings = SampleSettings("The ", 150, 1, 0.8, 5, frequency_penalty=0.7, presence_penalty=-0.4, logprobs=3)
+    [expected] = local_sampler.samples(settings, 1)
+    query = "prime=The%20&n=150&sample_mode=1&seed=5&frequency_penalty=0.7&presence_penalty=-0.4"
+    assert get(f"{server.url}/?{query}")[2] == expected.text
+    assert expected.text != local_sampler.run(SampleSettings("The ", 150, 1, 0.8, 5))  # the penalties act
+    status, _, answer = post_json(f"{server.url}/generate", {"prime": "The ", "n": 150, "sample_mode": 1, "seed": 5,
+                                                              "frequency_penalty": 0.7, "presence_penalty": -0.4,
+                                                              "logprobs": 3})
+    assert status == 200 and answer["text"] == expected.text and answer["frequency_penalty"] == 0.7
+    logprobs = answer["logprobs"]
+    assert logprobs["tokens"] == [detail.token for detail in expected.logprobs]
+    assert logprobs["text_offset"] == [detail.text_offset for detail in expected.logprobs]
+    assert [list(top) for top in logprobs["top_logprobs"]] == [[t for t, _ in d.top] for d in expected.logprobs]
+    for got, detail in zip(logprobs["token_logprobs"], expected.logprobs, strict=True):
+        assert got == pytest.approx(detail.logprob, abs=1e-5)
+    assert json.loads(get(f"{server.url}/sample.json?{query}&logprobs=3")[2])["logprobs"]["tokens"] == \
+        logprobs["tokens"]
+    # The stream's text events carry their tokens: [token, logprob, [[alternative, logprob], ...], text_offset].
+    status, _, events = stream(f"{server.url}/stream?{query}&logprobs=3")
+    tokens = [token for name, data in events if name == "text" for token in data["tokens"]]
+    assert [token[0] for token in tokens] == logprobs["tokens"]
+    assert [token[3] for token in tokens] == logprobs["text_offset"]
+    assert all(len(token[2]) == 3 for token in tokens)
+    assert "tokens" not in stream(f"{server.url}/stream?{query}")[2][1][1]  # none unless asked
 
 
 # Requests whose body stops arriving: shorter than its Content-Length, or chunked and stalled after a chunk.
@@ -471,17 +510,23 @@ def test_settings_declares_every_parameter_with_this_servers_defaults_and_limits
     status, headers, body = get(server.url + "/settings")
     assert status == 200 and headers.get_content_type() == "application/json"
     declared = {setting["name"]: setting for setting in json.loads(body)}
-    assert list(declared) == ["prime", "n", "sample_mode", "temperature", "seed", "top_k", "top_p"]
+    assert list(declared) == ["prime", "n", "sample_mode", "temperature", "seed", "top_k", "top_p",
+                              "frequency_penalty", "presence_penalty", "logprobs"]
     assert {name: setting["default"] for name, setting in declared.items()} == {
-        "prime": "The ", "n": 200, "sample_mode": 2, "temperature": 0.8, "seed": None, "top_k": 0, "top_p": 1.0}
+        "prime": "The ", "n": 200, "sample_mode": 2, "temperature": 0.8, "seed": None, "top_k": 0, "top_p": 1.0,
+        **NO_PENALTIES, "logprobs": 0}
+    assert (declared["frequency_penalty"]["low"], declared["presence_penalty"]["high"]) == (-2.0, 2.0)
+    assert (declared["logprobs"]["low"], declared["logprobs"]["high"]) == (0, MAX_LOGPROBS)
     assert (declared["n"]["low"], declared["n"]["high"], declared["prime"]["high"]) == (1, 500, 1000)
     assert declared["sample_mode"]["choices"] == {"0": "argmax", "1": "sample", "2": "sample after spaces"}
     assert (declared["top_p"]["high"], declared["seed"]["high"]) == (1.0, MAX_SEED)
     assert all(setting["help"] and setting["flag"].startswith("-") for setting in declared.values())
     # The defaults are those a request without parameters gets.
+    # (the answer's "logprobs" is the tokens' log-probabilities, null when none are asked)
     answer = json.loads(get(f"{server.url}/sample.json?seed=1")[2])
-    assert {name: answer[name] for name in declared if name != "seed"} == \
-        {name: setting["default"] for name, setting in declared.items() if name != "seed"}
+    assert answer["logprobs"] is None
+    assert {name: answer[name] for name in declared if name not in ("seed", "logprobs")} == \
+        {name: setting["default"] for name, setting in declared.items() if name not in ("seed", "logprobs")}
     flagged = {setting["name"]: setting for setting in json.loads(get(flagged_server.url + "/settings")[2])}
     assert (flagged["temperature"]["default"], flagged["n"]["high"], flagged["prime"]["high"]) == \
         (FLAGGED_TEMPERATURE, FLAGGED_MAX_N, FLAGGED_MAX_PRIME)

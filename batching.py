@@ -1,8 +1,8 @@
 """Continuous batching for the sampling server: concurrent requests generated together, as the rows of one
 compiled block of the sampling loop.
 
-Batcher(sampler, max_batch, max_wait_s, max_waiting) runs one thread. submit(settings) checks the settings and
-returns a Generation at once; iterating it yields the request's text piece by piece (the prime, then the text of
+Batcher(sampler, max_batch, max_wait_s, max_waiting) runs one thread. submit(settings, stops) checks the settings
+and returns a Generation at once; iterating it yields the request's text piece by piece (the prime, then the text of
 each block of at most GENERATE_BLOCK tokens) as the thread makes them; its pieces() yields each piece with the
 TokenLogprob of the tokens that begin in it (with settings.logprobs > 0; a block is scored when one of its rows
 asks). Between two blocks the thread takes the
@@ -73,6 +73,11 @@ class Generation:
     def close(self):
         self.cancelled = True
 
+    @property
+    def stopped(self):
+        """Whether a stop string ended the text (before its n tokens, or in the last block)."""
+        return self.text.stopped
+
     def _put(self, piece):
         details = self.text.take_details()
         if piece or details:
@@ -125,17 +130,17 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, settings):
-        """Queue a request (a SampleSettings); raises ValueError for a bad setting, Busy when full, and
-        GenerationStopped once close() was called."""
-        generation = self.prepare(settings)
+    def submit(self, settings, stops=()):
+        """Queue a request (a SampleSettings, and stop strings that end its text, see Sampler.stream); raises
+        ValueError for a bad setting, Busy when full, and GenerationStopped once close() was called."""
+        generation = self.prepare(settings, stops)
         self.take_place()
         return self.start(generation)
 
-    def prepare(self, settings):
+    def prepare(self, settings, stops=()):
         """A Generation for the request, its settings checked (ValueError); it holds no place yet."""
-        prime, ids, drawn = self.sampler.prepare(settings, ())
-        return Generation(SampleText(self.sampler, prime, logprobs=drawn.logprobs), drawn, ids)
+        prime, ids, drawn = self.sampler.prepare(settings, stops)
+        return Generation(SampleText(self.sampler, prime, stops, logprobs=drawn.logprobs), drawn, ids)
 
     def take_place(self):
         """Count a request in; raises Busy when every place is taken, GenerationStopped once closed."""
@@ -289,7 +294,7 @@ class Batcher:
             self.on_block(len(rows), made)
 
     def _done(self, row):
-        if row.position >= row.generation.settings.n:
+        if row.position >= row.generation.settings.n or row.generation.text.stopped:
             self._finish(row.generation)
             return True
         return False
@@ -336,9 +341,9 @@ class BatcherPool:
             batcher.on_block = on_block
         self._choosing = threading.Lock()
 
-    def submit(self, settings):
+    def submit(self, settings, stops=()):
         """Batcher.submit on the batcher with the most free places (Busy names the pool's totals)."""
-        generation = self.batchers[0].prepare(settings)  # a bad setting is refused before taking a place
+        generation = self.batchers[0].prepare(settings, stops)  # a bad setting is refused before taking a place
         # The choice and the place taken in one step: two requests that read the same loads at once would both go
         # to the same batcher, and the later one get Busy while another batcher had room. Loads only fall
         # meanwhile, so when the chosen batcher is full, every batcher is.
@@ -382,14 +387,14 @@ class OneAtATime:
     def waiting(self):
         return self.admitted_count - self.rows
 
-    def submit(self, settings):
-        self.sampler.prepare(settings, ())  # a bad setting is refused before taking a place
+    def submit(self, settings, stops=()):
+        self.sampler.prepare(settings, stops)  # a bad setting is refused before taking a place
         if self.closed.is_set():
             raise GenerationStopped("the server is shutting down")
         if not self.admitted.acquire(blocking=False):
             raise Busy(self.running, self.places, "--threads, --queue")
         self._count("admitted_count", 1)
-        return AloneGeneration(self, settings)
+        return AloneGeneration(self, settings, stops)
 
     def close(self):
         self.closed.set()
@@ -401,10 +406,12 @@ class OneAtATime:
 
 class AloneGeneration:
     """A request of OneAtATime: iterating it waits for a turn, then yields sample.py's pieces of its text (pieces():
-    each with its TokenLogprob, as Generation.pieces)."""
+    each with its TokenLogprob, as Generation.pieces); stopped says, once it is iterated, whether a stop string
+    ended the text."""
 
-    def __init__(self, slots, settings):
-        self.slots, self.settings = slots, settings
+    def __init__(self, slots, settings, stops=()):
+        self.slots, self.settings, self.stops = slots, settings, stops
+        self.stopped = False
         self._left = False
 
     def __iter__(self):
@@ -419,7 +426,8 @@ class AloneGeneration:
                     raise GenerationStopped("the server is shutting down")
             slots._count("rows", 1)
             try:
-                yield from slots.sampler.pieces(self.settings)
+                text = yield from slots.sampler.pieces(self.settings, self.stops)
+                self.stopped = text.stopped
                 if slots.on_done is not None:
                     slots.on_done(self.settings.n)
             finally:

@@ -8,8 +8,11 @@ GET /sample.json (the text and the settings used, seed included), GET /stream (t
 it is generated), POST /generate (JSON in, JSON out), GET /ui (the web page), GET /settings (the sampling settings
 with their defaults and limits, as JSON: the web page builds its form from it), GET /metrics (Prometheus),
 GET /health ("ok" and the model served), POST /analyze (a text in, analyze.py's JSON out: each token's probability and
-alternatives, the cells that track features). A bad request answers 400 with a one-line reason (JSON from /generate);
-a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped.
+alternatives, the cells that track features), and OpenAI's completions API: POST /v1/completions and GET /v1/models
+(openai_api.py). A bad request answers 400 with a one-line reason (JSON from /generate, OpenAI's error object from
+/v1); a full queue answers 503 with Retry-After, and so does a generation that a shutdown stopped. With API keys
+(--api_key_file, CHAR_RNN_API_KEYS; api_keys.py), every endpoint but /health and the page needs
+"Authorization: Bearer KEY", and answers 401 without it.
 
 Concurrent requests are generated together, as the rows of one batch (batching.py); --max_batch 0 generates each
 request alone on its own thread instead (batching.OneAtATime). This module is the HTTP layer: the flags, the
@@ -29,8 +32,11 @@ import urllib.parse
 import cherrypy
 from cherrypy.lib import httputil
 
+import api_keys
 import cli
+import openai_api
 from errors import Busy, GenerationStopped
+from openai_api import APIError
 from request_parsing import (
     Limits,
     TooLong,
@@ -40,10 +46,12 @@ from request_parsing import (
     parse_request,
     settings_json,
 )
+from runtime import warn
 from server_engine import ModelPlugin, Shutdown, StartupFailed, check_port_free, server_config
 from service_metrics import ServiceMetrics
 from settings import MAX_ANALYZE, MAX_PRIME, SETTINGS, SETTINGS_BY_HTTP, SampleSettings
 from token_logprobs import logprobs_json, pieces_json
+from utils import tokenize
 from value_types import number_type
 
 DESCRIPTION = ("Serve text sampled from a trained char-rnn model over HTTP: "
@@ -55,6 +63,7 @@ WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "ui.h
 ANALYSIS_SCRIPT = os.path.join(os.path.dirname(WEB_PAGE), "analysis.js")  # the page's Analyze view draws with it
 MAX_PORT = 65535
 RETRY_AFTER_S = "1"  # the Retry-After header of a 503
+WWW_AUTHENTICATE = "Bearer"  # the WWW-Authenticate header of a 401: the scheme the key goes with
 STOPPED_REASON = "the server is shutting down; the generation was stopped"  # a shutdown stopped a generation
 MAX_BATCH = 1024  # the largest --max_batch (each row holds a worker thread)
 MAX_SECONDS = 86400  # the longest --socket_timeout and --shutdown_grace (larger values overflow the clocks)
@@ -63,6 +72,16 @@ seconds = number_type(float, lambda v: 0 < v <= MAX_SECONDS, f"a number of secon
 batch_rows = number_type(int, lambda v: 0 <= v <= MAX_BATCH, f"an integer from 0 to {MAX_BATCH}")
 milliseconds = number_type(float, lambda v: 0 <= v <= 1000 * MAX_SECONDS, "a number of milliseconds >= 0")
 seconds_or_zero = number_type(float, lambda v: 0 <= v <= MAX_SECONDS, f"a number of seconds from 0 to {MAX_SECONDS}")
+# Paths that need no API key: the health check, and the page and its drawing script (a browser cannot send the key
+# with a page or a script it loads; the page then asks for the key and sends it with each request).
+OPEN_PATHS = ("/health", "/ui", "/analysis.js")
+
+
+def model_name(text):
+    """--model_name's type: a name that fits in a URL path (/v1/models/NAME), so neither empty nor with '/'."""
+    if not text.strip() or "/" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name (not empty, no '/')")
+    return text
 
 
 def build_parser():
@@ -76,6 +95,14 @@ def build_parser():
     parser.add_argument("--production", action="store_true",
                         help="use CherryPy's production environment (no engine or request log on screen)")
     cli.add_model_flags(parser)
+    parser.add_argument("--model_name", type=model_name, default=None,
+                        help="the model's name in the OpenAI-compatible API (/v1/models; requests must give it) "
+                             "(default: the save dir's own name)")
+    # Who may use it
+    parser.add_argument("--api_key_file", default=None, metavar="PATH",
+                        help=f"a file of API keys, one a line (# starts a comment); with keys (this file or "
+                             f"{api_keys.KEYS_VARIABLE}), every endpoint but /health and the page needs "
+                             f"'Authorization: Bearer KEY'")
     # Sampling
     parser.add_argument("--temperature", type=cli.positive_float,
                         default=SETTINGS_BY_HTTP["temperature"].served_default,
@@ -288,6 +315,133 @@ class SampleService:
             raise cherrypy.HTTPError(503, "the server is shutting down") from None
 
 
+class OpenAIService:
+    """POST /v1/completions and GET /v1/models: OpenAI's (legacy) completions API over the same generation as the
+    native endpoints (openai_api.py reads the requests and writes the answers). Errors are OpenAI's error object."""
+
+    def __init__(self, model, limits, name):
+        self.model, self.limits, self.name = model, limits, name
+        self.created = int(time.time())  # the model's "created" in /v1/models: when the server started
+
+    @cherrypy.expose
+    def completions(self, **params):
+        """POST /v1/completions: a completion object, or with "stream": true its chunks as Server-Sent Events
+        (data: lines) ending with data: [DONE]."""
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        body = read_body(self.limits.max_body * openai_api.MAX_CHOICES)
+        try:
+            if params:
+                raise APIError(400, "/v1/completions takes its fields in the JSON body, not the query string")
+            request = openai_api.parse_completion_request(body, self.name, self.limits.max_n, self.limits.max_prime)
+            generations = self.submit(request)
+        except APIError as error:
+            return refuse(error)
+        answer = openai_api.completion_id(), int(time.time())
+        if request.stream:
+            headers = cherrypy.response.headers
+            headers["Content-Type"] = EVENT_STREAM
+            headers["Cache-Control"] = "no-cache"
+            headers["X-Accel-Buffering"] = "no"
+            cherrypy.response.stream = True
+            return self.chunks(request, generations, *answer)
+        try:
+            choices = [self.choice(generation, index, request.echo) for index, generation in enumerate(generations)]
+        except GenerationStopped:
+            return refuse(APIError(503, STOPPED_REASON))
+        finally:
+            for generation in generations:
+                generation.close()
+        return json.dumps(openai_api.completion(*answer, self.name, choices, self.prompt_tokens(request))).encode()
+
+    def submit(self, request):
+        """Each choice's Generation, in OpenAI's order; APIError when one is refused (the others are closed)."""
+        generations = []
+        try:
+            for settings in request.choices():
+                generations.append(self.model.generation.submit(settings, request.stops))
+        except (ValueError, Busy, GenerationStopped) as error:
+            for generation in generations:
+                generation.close()
+            if isinstance(error, ValueError):  # the settings are checked: a prime with unknown tokens
+                raise APIError(400, str(error), param="prompt") from None
+            raise APIError(503, str(error) if isinstance(error, Busy) else "the server is shutting down") from None
+        return generations
+
+    def choice(self, generation, index, echo):
+        """A choice's answer (openai_api.Choice), once its generation is over."""
+        pieces = generation.pieces()
+        prime, _ = next(pieces)
+        text, details = [], []
+        for piece, found in pieces:
+            text.append(piece)
+            details += found
+        text = "".join(text)
+        return openai_api.Choice(prime + text if echo else text, index, *self.ending(generation, text),
+                                 details if generation.settings.logprobs else None)
+
+    def ending(self, generation, text):
+        """(finish_reason, tokens generated) of a generation that is over, whose generated text is `text`: "stop"
+        and the tokens of the text kept when a stop string ended it, "length" and its n otherwise."""
+        if generation.stopped:
+            return "stop", len(tokenize(text, self.model.sampler.word_level))
+        return "length", generation.settings.n
+
+    def chunks(self, request, generations, answer_id, created):
+        """The stream: each choice's pieces as they come (the prompt first with echo), then its end; the usage
+        with stream_options.include_usage; then [DONE]. A shutdown that stops it sends OpenAI's error object."""
+        def sent(index, text, finish_reason=None, details=None):
+            return openai_api.server_sent(openai_api.chunk(answer_id, created, self.name, index, text, finish_reason,
+                                                           details if request.settings.logprobs else None))
+        made = 0
+        try:
+            for index, generation in enumerate(generations):
+                pieces, generated = generation.pieces(), []
+                prime, _ = next(pieces)
+                if request.echo and prime:
+                    yield sent(index, prime)
+                for piece, details in pieces:
+                    if piece or details:
+                        generated.append(piece)
+                        yield sent(index, piece, details=details)
+                finish_reason, tokens = self.ending(generation, "".join(generated))
+                made += tokens
+                yield sent(index, "", finish_reason)
+            if request.include_usage:
+                yield openai_api.server_sent(openai_api.usage_chunk(answer_id, created, self.name,
+                                                                    self.prompt_tokens(request), made))
+            yield openai_api.DONE_EVENT
+        except GenerationStopped:
+            yield openai_api.server_sent(json.loads(openai_api.error_body(503, STOPPED_REASON)))
+        finally:
+            for generation in generations:
+                generation.close()
+
+    def prompt_tokens(self, request):
+        """The prompts' tokens, each prompt counted once."""
+        return sum(len(tokenize(prompt, self.model.sampler.word_level)) for prompt in request.prompts)
+
+    @cherrypy.expose
+    def models(self, *names, **params):
+        """GET /v1/models: the model served, in OpenAI's list; GET /v1/models/NAME: that model, or 404."""
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        if params:
+            return refuse(APIError(400, "/v1/models takes no parameters"))
+        if not names:
+            return json.dumps(openai_api.model_list(self.name, self.created)).encode("utf-8")
+        if names != (self.name,):
+            return refuse(APIError(404, f"the model {'/'.join(names)!r} does not exist; this server serves "
+                                        f"{self.name!r}", param="model", code="model_not_found"))
+        return json.dumps(openai_api.model_object(self.name, self.created)).encode("utf-8")
+
+
+def refuse(error):
+    """Answer an openai_api.APIError: its status and OpenAI's error object (Retry-After with a 503)."""
+    response = cherrypy.serving.response
+    response.status = error.status
+    response.headers["Content-Type"] = JSON_TYPE
+    if error.status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER_S
+    return error.body()
 def answer_json(request, text, details):
     """The JSON answer of a sample: {"text", every setting used (seed included), "logprobs": the tokens' log-
     probabilities as token_logprobs.logprobs_json writes them, or null when none were asked}."""
@@ -350,14 +504,25 @@ def check_query_string():
         raise cherrypy.HTTPError(400, "the query string is not UTF-8 once percent-decoded") from None
 
 
-def plain_error_page(status, message, traceback, version):
-    """error_page.default: the reason on one line of plain text (the traceback, if any, stays in the log)."""
+def error_headers(status, content_type):
+    """The headers of an error page: its Content-Type, Retry-After with a 503, WWW-Authenticate with a 401."""
     headers = cherrypy.serving.response.headers
-    headers["Content-Type"] = PLAIN_TEXT
+    headers["Content-Type"] = content_type
     if status.startswith("503"):
         headers["Retry-After"] = RETRY_AFTER_S
-    # CherryPy hands the message over HTML-escaped.
-    return " ".join(html.unescape(message).splitlines()) + "\n"
+    if status.startswith("401"):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+
+
+def one_line(message):
+    """An error page's message as one line (CherryPy hands it over HTML-escaped)."""
+    return " ".join(html.unescape(message).splitlines())
+
+
+def plain_error_page(status, message, traceback, version):
+    """error_page.default: the reason on one line of plain text (the traceback, if any, stays in the log)."""
+    error_headers(status, PLAIN_TEXT)
+    return one_line(message) + "\n"
 
 
 def trim_error_padding():
@@ -372,11 +537,28 @@ def trim_error_padding():
 
 def json_error_page(status, message, traceback, version):
     """error_page.default of POST /generate: {"error": the one-line reason}."""
-    headers = cherrypy.serving.response.headers
-    headers["Content-Type"] = JSON_TYPE
-    if status.startswith("503"):
-        headers["Retry-After"] = RETRY_AFTER_S
-    return json.dumps({"error": " ".join(html.unescape(message).splitlines())})
+    error_headers(status, JSON_TYPE)
+    return json.dumps({"error": one_line(message)})
+
+
+def openai_error_page(status, message, traceback, version):
+    """error_page.default of the /v1 paths: OpenAI's error object."""
+    error_headers(status, JSON_TYPE)
+    return openai_api.error_body(int(status.split()[0]), one_line(message))
+
+
+def check_api_key(keys, metrics):
+    """on_start_resource, with API keys: a request without `Authorization: Bearer KEY` naming one of them answers
+    401 (in its endpoint's error format) and is counted; /health and the page need no key."""
+    request = cherrypy.serving.request
+    if request.path_info in OPEN_PATHS or (request.path_info == "/" and not request.query_string and wants_html()):
+        return
+    header = request.headers.get("Authorization")
+    if api_keys.authorized(header, keys):
+        return
+    metrics.unauthorized.inc()
+    raise cherrypy.HTTPError(401, "the API key is not valid" if header else
+                                  "this server needs an API key: send the header Authorization: Bearer KEY")
 
 
 def mark_arrival():
@@ -397,6 +579,7 @@ def internal_error():
     trim_error_padding()
 
 
+cherrypy.tools.check_api_key = cherrypy.Tool("on_start_resource", check_api_key, priority=20)
 cherrypy.tools.check_query_string = cherrypy.Tool("on_start_resource", check_query_string)
 cherrypy.tools.trim_error_padding = cherrypy.Tool("before_finalize", trim_error_padding)
 cherrypy.tools.mark_arrival = cherrypy.Tool("on_start_resource", mark_arrival, priority=1)
@@ -407,11 +590,16 @@ cherrypy.tools.count_request = cherrypy.Tool("on_end_request", count_request)
 # Configuration and start
 
 
-def app_config(metrics):
-    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate and /analyze), every error
-    one line of plain text (JSON from /generate), every request counted in the metrics."""
+def app_config(metrics, keys=()):
+    """The application's settings, for tree.mount: GET and HEAD only (POST for /generate, /analyze and
+    /v1/completions), every
+    error one line of plain text (JSON from /generate, OpenAI's error object from /v1), every request counted in
+    the metrics, and with `keys` (bytes) every request but /health's and the page's asked for one of them."""
     return {
         "/": {
+            "tools.check_api_key.on": bool(keys),
+            "tools.check_api_key.keys": keys,
+            "tools.check_api_key.metrics": metrics,
             "tools.allow.on": True,
             "tools.allow.methods": ["GET", "HEAD"],
             "tools.check_query_string.on": True,
@@ -438,12 +626,23 @@ def app_config(metrics):
             "request.process_request_body": False,
             "error_page.default": json_error_page,
         },
+        "/v1": {
+            "error_page.default": openai_error_page,
+        },
+        "/v1/completions": {
+            "tools.allow.methods": ["POST"],
+            "request.process_request_body": False,
+        },
     }
 
 
 def serve(args):
     """Load the model, serve until SIGTERM or Ctrl-C; returns 0."""
+    keys = api_keys.load_keys(args.api_key_file, os.environ)  # a bad key file fails at once, before the slow start
     check_port_free(args.host, args.port)  # before the slow start, so that a busy port fails at once
+    warning = api_keys.open_warning(args.host, keys)
+    if warning:
+        warn(warning)
     cli.quiet_tensorflow()  # the model plugin imports sampler, and with it TensorFlow
     engine = cherrypy.engine
     metrics = ServiceMetrics()
@@ -454,7 +653,12 @@ def serve(args):
     cherrypy.checker.known_config_types["server.socket_timeout"] = float
     cherrypy.config.update(server_config(args))
     limits = Limits(args.max_n, args.max_prime, args.temperature)
-    cherrypy.tree.mount(SampleService(model, limits, metrics, args.max_analyze), "/", app_config(metrics))
+    service = SampleService(model, limits, metrics, args.max_analyze)
+    name = args.model_name or openai_api.default_model_name(args.save_dir)
+    service.v1 = OpenAIService(model, limits, name)
+    cherrypy.tree.mount(service, "/", app_config(metrics, keys))
+    engine.log(f"OpenAI-compatible API at /v1, model {name!r}; "
+               f"{f'{len(keys)} API keys' if keys else 'no API keys'}")
     shutdown = Shutdown(engine)
     shutdown.subscribe()
     try:

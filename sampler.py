@@ -456,17 +456,20 @@ class Sampler:
 
     def pieces(self, settings, stops=()):
         """stream(), each piece with the TokenLogprob of the tokens that begin in it: (text, [TokenLogprob]),
-        the list empty unless settings.logprobs > 0 (see SampleText.take_details)."""
+        the list empty unless settings.logprobs > 0 (see SampleText.take_details). Returns (as a generator
+        returns: `text = yield from sampler.pieces(...)`) the SampleText, whose `stopped` says whether a stop
+        string ended it."""
         prime, ids, drawn = self.prepare(settings, stops)
         yield prime, []
         text = SampleText(self, prime, stops, settings.logprobs)
         for block, scores in self.generator.blocks(ids, settings.n, drawn):
             yield text.add(block, scores), text.take_details()
             if text.stopped:
-                return
+                return text
         yield text.rest(), text.take_details()
         if text.made < settings.n:
             raise GenerationStopped(f"the generation was stopped after {text.made} of {settings.n} tokens")
+        return text
 
     def run_many(self, settings, count, stops=()):
         """`count` samples of one prime, generated together as the rows of one batch: [(seed, text)], sample i

@@ -6,13 +6,15 @@ char_rnn_queue_depth                        requests waiting for a row of the ba
 char_rnn_generating                         requests generating now (rows of the batch)
 char_rnn_batch_rows                         rows of each generated block (batching only)
 char_rnn_tokens_generated_total             tokens generated
+char_rnn_unauthorized_requests_total        requests refused for a missing or wrong API key (401)
 """
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Endpoints counted by name; any other path counts as "other", so that scanners cannot grow the label set.
-ENDPOINTS = ("/", "/sample.json", "/stream", "/generate", "/ui", "/settings", "/metrics", "/health")
+ENDPOINTS = ("/", "/sample.json", "/stream", "/generate", "/ui", "/settings", "/metrics", "/health", "/v1/completions",
+             "/v1/models")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -33,6 +35,8 @@ class ServiceMetrics:
         self.batch_rows = Histogram("char_rnn_batch_rows", "Rows of each generated block (of at most 128 tokens)",
                                     buckets=ROW_BUCKETS, registry=self.registry)
         self.tokens = Counter("char_rnn_tokens_generated", "Tokens generated", registry=self.registry)
+        self.unauthorized = Counter("char_rnn_unauthorized_requests", "Requests refused (401) for a missing or wrong "
+                                    "API key", registry=self.registry)
 
     def watch(self, generation):
         """Read the queue depth and the rows generating from a Batcher (or OneAtATime) at each scrape."""

@@ -48,8 +48,11 @@ class Server:
     wait_until_ready starts it again on another port.
     """
 
-    def __init__(self, save_dir, log_path, *flags, host="127.0.0.1"):
+    def __init__(self, save_dir, log_path, *flags, host="127.0.0.1", env=None):
         self.save_dir, self.log_path, self.flags, self.host = save_dir, log_path, flags, host
+        # The server's environment: this one's, without API keys unless `env` (a dict of variables) gives some.
+        self.env = {name: value for name, value in os.environ.items() if name != "CHAR_RNN_API_KEYS"}
+        self.env.update(env or {}, PYTHONUNBUFFERED="1")
         self.process = None
         self.start()
 
@@ -60,7 +63,7 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(REPO, "sample_server.py"), "--save_dir", self.save_dir,
                  "--host", self.host, "--port", str(self.port), *map(str, self.flags)],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
     def wait_until_ready(self):
         attempts = 1
@@ -90,29 +93,30 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(save_dir, log_path, *flags, host="127.0.0.1"):
-    server = Server(save_dir, log_path, *flags, host=host)
+def running_server(save_dir, log_path, *flags, host="127.0.0.1", env=None):
+    server = Server(save_dir, log_path, *flags, host=host, env=env)
     try:
         yield server.wait_until_ready()
     finally:
         server.stop()
 
 
-def get(url, timeout=REQUEST_TIMEOUT_S):
-    """GET url; returns (status, headers, body as text), whatever the status."""
+def get(url, timeout=REQUEST_TIMEOUT_S, headers=None):
+    """GET url (with these request headers); returns (status, headers, body as text), whatever the status."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return response.status, response.headers, response.read().decode("utf-8")
     except urllib.error.HTTPError as error:
         with error:
             return error.code, error.headers, error.read().decode("utf-8")
 
 
-def post_json(url, body, timeout=REQUEST_TIMEOUT_S):
-    """POST body (an object to send as JSON, or bytes as they are) to url; returns (status, headers, the answer
-    read as JSON)."""
+def post_json(url, body, timeout=REQUEST_TIMEOUT_S, headers=None):
+    """POST body (an object to send as JSON, or bytes as they are) to url (with these request headers besides
+    Content-Type); returns (status, headers, the answer read as JSON)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.headers, json.loads(response.read())

@@ -98,6 +98,25 @@ def test_close_finishes_the_rows_and_turns_away_the_waiting(sampler, alone):
         batcher.submit(REQUESTS[0])
 
 
+def test_a_stop_string_ends_a_rows_text_and_frees_its_row_in_both_schedulers(sampler):
+    # An hours-long request with a stop string that comes soon: its text is Sampler.run's with the same stop, and it
+    # ends at that block, leaving its row (and with it the batch) to the next request.
+    settings, stops = SampleSettings("the", 10 ** 8, mode=1, seed=4), ("at", "\n")
+    expected = sampler.run(settings, stops)
+    unstopped = sampler.run(SampleSettings("the", 2 * GENERATE_BLOCK, mode=1, seed=4))
+    cuts = [cut for cut in (unstopped.find(stop, len("the")) for stop in stops) if cut >= 0]
+    assert cuts and expected == unstopped[:min(cuts)]  # a stop string cut it
+    batcher = Batcher(sampler, max_batch=1, max_wait_s=0, max_waiting=1)
+    one_at_a_time = OneAtATime(sampler, running=1, waiting=0)
+    for scheduler in (batcher, one_at_a_time):
+        generation = scheduler.submit(settings, stops)
+        assert "".join(generation) == expected and generation.stopped
+        plain = scheduler.submit(REQUESTS[0])
+        assert "".join(plain) == sampler.run(REQUESTS[0]) and not plain.stopped
+    assert batcher.rows == 0
+    batcher.close()
+
+
 def test_bad_settings_are_refused_before_taking_a_place(sampler):
     batcher = Batcher(sampler, max_batch=1, max_wait_s=0, max_waiting=0)
     with pytest.raises(ValueError, match="temperature"):

@@ -43,6 +43,21 @@ def server(request, tmp_path_factory):
         yield running
 
 
+API_KEY = "sk-browser-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(request, tmp_path_factory):
+    """A server that needs an API key (CHAR_RNN_API_KEYS)."""
+    if missing_programs():
+        yield None
+        return
+    save_dir = request.getfixturevalue("trained_save_dir")
+    log_path = str(tmp_path_factory.mktemp("keyed-server") / "server.log")
+    with running_server(save_dir, log_path, env={"CHAR_RNN_API_KEYS": API_KEY}) as running:
+        yield running
+
+
 def missing_programs():
     return [name for name in BROWSER_PROGRAMS if shutil.which(name) is None]
 
@@ -191,6 +206,48 @@ def test_the_page_has_a_field_for_every_declared_setting_and_its_top_p_gives_the
         assert element(driver, "output").get_attribute("textContent") == answer["text"]
         assert answer["text"] != post_generate(server, SETTINGS)  # top_p reached the generator
         screenshot(driver, "ui-top-p.png")
+
+
+def give_key(driver, key, reason, shot=None):
+    """Wait for the page to ask for the API key with `reason`, and give it `key` (a screenshot first if named)."""
+    WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "key_form").is_displayed(),
+                                                   "the page did not ask for the API key")
+    assert reason in element(driver, "key_reason").text
+    if shot:
+        screenshot(driver, shot)
+    element(driver, "api_key").send_keys(key, Keys.ENTER)
+
+
+def test_with_api_keys_the_page_asks_for_the_key_once_and_streams_with_it(keyed_server):
+    with chromium(*DESKTOP) as driver:
+        driver.get(keyed_server.url + "/ui")  # the page itself needs no key
+        give_key(driver, "sk-wrong", "needs an API key", shot="ui-key.png")
+        give_key(driver, API_KEY, "refused this key")  # a wrong key is asked for again
+        WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "health").text.startswith("ok: "),
+                                                       "the page did not show GET /health's answer")
+        assert not element(driver, "key_form").is_displayed()
+        fill(driver, **SETTINGS)
+        element(driver, "generate").click()
+        assert wait_for_the_end(driver) == "done", element(driver, "error").text
+        status, _, answer = post_json(keyed_server.url + "/generate", dict(SETTINGS, top_p=1.0),
+                                      headers={"Authorization": f"Bearer {API_KEY}"})
+        assert status == 200, answer
+        assert element(driver, "output").get_attribute("textContent") == answer["text"]
+        # The tab keeps the key: a reload asks for nothing.
+        driver.refresh()
+        WebDriverWait(driver, REQUEST_TIMEOUT_S).until(lambda d: element(d, "health").text.startswith("ok: "),
+                                                       "the page did not show GET /health's answer after a reload")
+        assert not element(driver, "key_form").is_displayed()
+        assert driver.execute_script("return sessionStorage.getItem('char-rnn-api-key')") == API_KEY
+        # The Analyze view sends the key too, and its drawing script (/analysis.js) loads without one.
+        driver.find_element(By.CSS_SELECTOR, "#analyze_view summary").click()
+        element(driver, "analyze_text").send_keys(ANALYZED_TEXT)
+        element(driver, "analyze_button").click()
+        WebDriverWait(driver, GENERATION_TIMEOUT_S).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".an-text span") or element(d, "analyze_error").is_displayed(),
+            "the Analyze view showed neither a text nor an error")
+        assert not element(driver, "analyze_error").is_displayed(), element(driver, "analyze_error").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".an-text span")) == len(ANALYZED_TEXT)
 
 
 def test_hovering_a_generated_character_shows_its_probability_and_the_likeliest_alternatives(server):

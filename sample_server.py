@@ -212,11 +212,7 @@ class SampleService:
     @cherrypy.expose
     def analysis_js(self, **params):
         """GET /analysis.js: the Analyze view's renderer (the one analyze.py's reports inline)."""
-        if params:
-            raise cherrypy.HTTPError(400, "/analysis.js takes no parameters")
-        cherrypy.response.headers["Content-Type"] = "text/javascript; charset=utf-8"
-        with open(ANALYSIS_SCRIPT, "rb") as script:
-            return script.read()
+        return static_file("/analysis.js", params, ANALYSIS_SCRIPT, "text/javascript")
 
     @cherrypy.expose
     def stream(self, **params):
@@ -248,11 +244,7 @@ class SampleService:
     @cherrypy.expose
     def ui(self, **params):
         """The web page: one static HTML file with its script and styles."""
-        if params:
-            raise cherrypy.HTTPError(400, "/ui takes no parameters")
-        cherrypy.response.headers["Content-Type"] = "text/html; charset=utf-8"
-        with open(WEB_PAGE, "rb") as page:
-            return page.read()
+        return static_file("/ui", params, WEB_PAGE, "text/html")
 
     @cherrypy.expose
     def settings(self, **params):
@@ -447,6 +439,15 @@ def answer_json(request, text, details):
     probabilities as token_logprobs.logprobs_json writes them, or null when none were asked}."""
     return {"text": text, **settings_json(request),
             "logprobs": logprobs_json(details) if request.logprobs else None}
+
+
+def static_file(path, params, file_path, content_type):
+    """The bytes of one of the page's files, as `content_type` in UTF-8; a request with parameters answers 400."""
+    if params:
+        raise cherrypy.HTTPError(400, f"{path} takes no parameters")
+    cherrypy.response.headers["Content-Type"] = f"{content_type}; charset=utf-8"
+    with open(file_path, "rb") as file:
+        return file.read()
 
 
 def server_sent_event(name, data):

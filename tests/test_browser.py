@@ -31,31 +31,29 @@ SETTINGS = {"prime": "the ", "n": 60, "sample_mode": 1, "temperature": 0.8, "top
 GENERATION_TIMEOUT_S = 120  # the first generation compiles its block; a busy machine starves the browser too
 
 
-@pytest.fixture(scope="module")
-def server(request, tmp_path_factory):
-    """The server on conftest's tiny model; none without a browser (the test then fails at once in chromium())."""
+API_KEY = "sk-browser-key"
+
+
+def browser_server(request, tmp_path_factory, name, env=None):
+    """A server on conftest's tiny model; none without a browser (the test then fails at once in chromium())."""
     if missing_programs():
         yield None
         return
     save_dir = request.getfixturevalue("trained_save_dir")
-    log_path = str(tmp_path_factory.mktemp("browser-server") / "server.log")
-    with running_server(save_dir, log_path) as running:
+    log_path = str(tmp_path_factory.mktemp(name) / "server.log")
+    with running_server(save_dir, log_path, env=env) as running:
         yield running
 
 
-API_KEY = "sk-browser-key"
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    yield from browser_server(request, tmp_path_factory, "browser-server")
 
 
 @pytest.fixture(scope="module")
 def keyed_server(request, tmp_path_factory):
     """A server that needs an API key (CHAR_RNN_API_KEYS)."""
-    if missing_programs():
-        yield None
-        return
-    save_dir = request.getfixturevalue("trained_save_dir")
-    log_path = str(tmp_path_factory.mktemp("keyed-server") / "server.log")
-    with running_server(save_dir, log_path, env={"CHAR_RNN_API_KEYS": API_KEY}) as running:
-        yield running
+    yield from browser_server(request, tmp_path_factory, "keyed-server", env={"CHAR_RNN_API_KEYS": API_KEY})
 
 
 def missing_programs():

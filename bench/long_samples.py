@@ -150,7 +150,7 @@ def one_off(runs, save_dir, count):
 
 
 IN_PROCESS_CHILD = """
-import json, sys, time
+import json, os, sys, time
 checkouts, save_dir, n, rounds = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 samplers = {}
 for name, root in checkouts.items():  # each checkout's modules imported apart, each keeping its own
@@ -158,8 +158,8 @@ for name, root in checkouts.items():  # each checkout's modules imported apart, 
     import sampler
     samplers[name] = sampler.Sampler.load(save_dir)
     sys.path.remove(root)
-    for module_name, module in list(sys.modules.items()):
-        if (getattr(module, "__file__", None) or "").startswith(root + "/"):
+    for module_name, module in list(sys.modules.items()):  # the project's own modules (not a venv's inside root)
+        if os.path.dirname(getattr(module, "__file__", None) or "") == root:
             del sys.modules[module_name]
 texts = {name: each.sample("", 3000, seed=1) for name, each in samplers.items()}  # and the warm-up
 rates = {name: [] for name in samplers}

@@ -58,7 +58,7 @@ def blocks(setting):
 
 def text(setting):
     settings = read(setting)
-    sampler.samples(settings, 1) if settings.logprobs else sampler.run(settings)
+    sampler.samples(settings, 1) if getattr(settings, "logprobs", 0) else sampler.run(settings)  # older: none
 
 for line in sys.stdin:
     kind, _, setting = line.strip().partition(" ")

@@ -238,13 +238,7 @@ def test_with_api_keys_the_page_asks_for_the_key_once_and_streams_with_it(keyed_
         assert not element(driver, "key_form").is_displayed()
         assert driver.execute_script("return sessionStorage.getItem('char-rnn-api-key')") == API_KEY
         # The Analyze view sends the key too, and its drawing script (/analysis.js) loads without one.
-        driver.find_element(By.CSS_SELECTOR, "#analyze_view summary").click()
-        element(driver, "analyze_text").send_keys(ANALYZED_TEXT)
-        element(driver, "analyze_button").click()
-        WebDriverWait(driver, GENERATION_TIMEOUT_S).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, ".an-text span") or element(d, "analyze_error").is_displayed(),
-            "the Analyze view showed neither a text nor an error")
-        assert not element(driver, "analyze_error").is_displayed(), element(driver, "analyze_error").text
+        analyze_in_page(driver)
         assert len(driver.find_elements(By.CSS_SELECTOR, ".an-text span")) == len(ANALYZED_TEXT)
 
 
@@ -328,16 +322,21 @@ def test_the_report_colours_every_character_shows_its_alternatives_and_a_cells_a
         screenshot(driver, "analysis-report.png")
 
 
+def analyze_in_page(driver):
+    """Open the page's Analyze view, analyze ANALYZED_TEXT, and wait for its coloured text (an error fails)."""
+    driver.find_element(By.CSS_SELECTOR, "#analyze_view summary").click()
+    element(driver, "analyze_text").send_keys(ANALYZED_TEXT)
+    element(driver, "analyze_button").click()
+    WebDriverWait(driver, GENERATION_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".an-text span") or element(d, "analyze_error").is_displayed(),
+        "the Analyze view showed neither a text nor an error")
+    assert not element(driver, "analyze_error").is_displayed(), element(driver, "analyze_error").text
+
+
 def test_the_analyze_view_colours_the_text_post_analyze_analyzed(server):
     with chromium(*DESKTOP) as driver:
         open_page(driver, server)
-        driver.find_element(By.CSS_SELECTOR, "#analyze_view summary").click()
-        element(driver, "analyze_text").send_keys(ANALYZED_TEXT)
-        element(driver, "analyze_button").click()
-        WebDriverWait(driver, GENERATION_TIMEOUT_S).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, ".an-text span") or element(d, "analyze_error").is_displayed(),
-            "the Analyze view showed neither a text nor an error")
-        assert not element(driver, "analyze_error").is_displayed(), element(driver, "analyze_error").text
+        analyze_in_page(driver)
         status, _, data = post_json(server.url + "/analyze", {"text": ANALYZED_TEXT})
         assert status == 200, data
         check_analysis_view(driver, data, ANALYZED_TEXT)

@@ -153,7 +153,7 @@ class ExportedModel(tf.Module):
 
         def body(made, previous, logits, states, counts, tokens):
             steps = tf.minimum(GENERATE_BLOCK, longest - made)
-            block, previous, logits, states, counts, _ = generator._block(
+            block, previous, logits, states, counts = generator.graph_block(
                 steps, tf.fill([rows], made), previous, logits, states, counts, settings)
             return made + steps, previous, logits, states, counts, tf.concat([tokens, block[:, :steps]], 1)
 

@@ -24,22 +24,28 @@ STEP_TABLE_MAX_VOCAB = 128  # see CharRNN.step_table
 class CharRNN(keras.Model):
     """Embedding -> stacked recurrent layers -> Dense logits, with explicit state in and out."""
 
-    def __init__(self, config, precision=FLOAT32, **kwargs):
+    def __init__(self, config, precision=FLOAT32, random_init=True, **kwargs):
         """config: a settings.ModelConfig (vocab_size, model, rnn_size, num_layers, embedding_size, dropout);
-        precision: "float32" or "bfloat16" (see the module doc)."""
+        precision: "float32" or "bfloat16" (see the module doc); random_init=False: the weights start as zeros, for
+        a model whose weights are restored or copied next (the random values, an orthogonal matrix's QR included,
+        cost a one-off sample.py's start-up for nothing)."""
         super().__init__(**kwargs)
         self.model_config, self.precision = config, precision
         self.product_dtype = tf.bfloat16 if precision == BFLOAT16 else tf.float32  # of the recurrent products
         self.vocab_size, self.rnn_size, self.num_layers = config.vocab_size, config.rnn_size, config.num_layers
         self.cell_type = config.model
-        self.embedding = keras.layers.Embedding(config.vocab_size, config.embedding_size, name="embedding")
+        zeros = {} if random_init else {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
+        self.embedding = keras.layers.Embedding(config.vocab_size, config.embedding_size, name="embedding",
+                                                **({} if random_init else {"embeddings_initializer": "zeros"}))
         # Default activations, no recurrent dropout, no unrolling: the layers stay eligible for cuDNN.
         self.rnn_layers = [RNN_LAYERS[config.model](config.rnn_size, return_sequences=True, return_state=True,
-                                                    dtype=keras_policy(precision), name=f"{config.model}_{i}")
+                                                    dtype=keras_policy(precision), name=f"{config.model}_{i}",
+                                                    **zeros, **({} if random_init else
+                                                                {"recurrent_initializer": "zeros"}))
                            for i in range(config.num_layers)]
         # `dropout` is the probability of dropping a unit (TF1's keep_prob confusion is not repeated).
         self.dropouts = [keras.layers.Dropout(config.dropout, name=f"dropout_{i}") for i in range(config.num_layers)]
-        self.head = keras.layers.Dense(config.vocab_size, name="head")
+        self.head = keras.layers.Dense(config.vocab_size, name="head", **zeros)
         # tf.train.Checkpoint does not see into Keras' tracked lists: give every layer its own attribute.
         for i, (layer, dropout_layer) in enumerate(zip(self.rnn_layers, self.dropouts)):
             setattr(self, f"rnn_{i}", layer)
@@ -112,9 +118,11 @@ class CharRNN(keras.Model):
         return self.input_projection_table() if self.vocab_size <= STEP_TABLE_MAX_VOCAB else None
 
     def build_weights(self):
-        """Create every weight (Keras builds lazily) by running one tiny batch."""
+        """Create every weight (Keras builds lazily), layer by layer, without running the network."""
+        self.embedding.build((None, None))
         width = self.embedding.output_dim
         for layer in self.rnn_layers:  # the unrolled path calls only their cells
-            layer.build((1, 1, width))
+            layer.build((None, None, width))
             width = self.rnn_size
-        self(tf.zeros([1, 1], tf.int32), self.zero_state(1))
+        self.head.build((None, None, width))
+        self.built = True

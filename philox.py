@@ -28,29 +28,32 @@ def uniform_draws(seeds, positions):
     seed, position = (tf.cast(tf.bitwise.bitwise_and(value, LOW_32_BITS), tf.uint32) for value in (seeds, positions))
     zeros = tf.zeros_like(seed)
     # A seed below 2**32 fills the counter's first and third words; its second and fourth are zero.
-    scrambled = _philox((seed, zeros, position, zeros), tuple(tf.fill(tf.shape(seed), tf.constant(k, tf.uint32))
-                                                             for k in SCRAMBLE_KEY))
-    bits = _philox((zeros, zeros, scrambled[2], scrambled[3]), scrambled[:2])[0]
+    scrambled = _philox(tf.stack([seed, position]), tf.stack([zeros, zeros]),
+                        tf.constant(SCRAMBLE_KEY, tf.uint32)[:, tf.newaxis])
+    multiplied, xored = scrambled  # the words (0, 2) and (1, 3) of the scrambled block
+    key = tf.stack([multiplied[0], xored[0]])
+    bits = _philox(tf.stack([zeros, multiplied[1]]), tf.stack([zeros, xored[1]]), key)[0][0]
     mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint32))
     return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
 
 
-def _philox(counter, key):
-    """One Philox-4x32-10 block: counter, a tuple of four uint32 [rows] words, and key, two -> the four words."""
+def _philox(multiplied, xored, key):
+    """One Philox-4x32-10 block over uint32 words, each [2, rows]: the counter's words 0 and 2 (`multiplied`, which
+    each round multiplies) and 1 and 3 (`xored`), and the key's two words ([2, rows] or [2, 1]) -> the block's words
+    as the same two pairs. Each round runs both halves of the block as one op per step, so that tracing the block
+    (which a one-off sample.py waits for) makes a few ops a round, not one per word."""
+    multipliers = tf.constant(MULTIPLIERS, tf.uint64)[:, tf.newaxis]
+    key_steps = tf.constant(KEY_STEPS, tf.uint32)[:, tf.newaxis]
+    shift = tf.constant(32, tf.uint64)
     for round_ in range(ROUNDS):
         if round_:
-            key = tuple(k + tf.constant(step, tf.uint32) for k, step in zip(key, KEY_STEPS))
-        high0, low0 = _multiply(MULTIPLIERS[0], counter[0])
-        high1, low1 = _multiply(MULTIPLIERS[1], counter[2])
-        counter = (high1 ^ counter[1] ^ key[0], low1, high0 ^ counter[3] ^ key[1], low0)
-    return counter
-
-
-def _multiply(multiplier, word):
-    """(high, low) 32-bit halves of the 64-bit product of a constant and uint32 words."""
-    product = tf.constant(multiplier, tf.uint64) * tf.cast(word, tf.uint64)
-    return tf.cast(tf.bitwise.right_shift(product, tf.constant(32, tf.uint64)), tf.uint32), tf.cast(
-        tf.bitwise.bitwise_and(product, tf.constant(LOW_32_BITS, tf.uint64)), tf.uint32)
+            key = key + key_steps
+        product = multipliers * tf.cast(multiplied, tf.uint64)
+        high = tf.cast(tf.bitwise.right_shift(product, shift), tf.uint32)
+        low = tf.cast(product, tf.uint32)  # the low 32 bits: a cast to a narrower integer keeps them
+        # Words 0 and 2 become high1 ^ word1 ^ key0 and high0 ^ word3 ^ key1; words 1 and 3 become low1 and low0.
+        multiplied, xored = tf.reverse(high, [0]) ^ xored ^ key, tf.reverse(low, [0])
+    return multiplied, xored
 
 
 def reference_draw(seed_pair):

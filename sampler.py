@@ -72,13 +72,20 @@ class BlockScores(NamedTuple):
 def penalize(logits, counts, frequency_penalty, presence_penalty):
     """OpenAI's frequency and presence penalties: logits [rows, vocab] lowered by counts x frequency_penalty +
     (counts > 0) x presence_penalty, each row by its own counts [rows, vocab] (int32: the tokens it generated so far)
-    and penalties [rows]. Left alone when no row has a penalty, so that such a sample is what it always was."""
-    def lowered():
-        counted = tf.cast(counts, logits.dtype)
-        present = tf.cast(counts > 0, logits.dtype)
-        return logits - counted * frequency_penalty[:, tf.newaxis] - present * presence_penalty[:, tf.newaxis]
-    penalized = tf.logical_or(tf.not_equal(frequency_penalty, 0.0), tf.not_equal(presence_penalty, 0.0))
-    return tf.cond(tf.reduce_any(penalized), lowered, lambda: logits)
+    and penalties [rows]. A row without penalties keeps its logits exactly (x - 0 is x). The blocks run this only
+    when some row has a penalty (see has_penalty), so that a sample without them is what it always was, as fast."""
+    counted = tf.cast(counts, logits.dtype)
+    present = tf.cast(counts > 0, logits.dtype)
+    return logits - counted * frequency_penalty[:, tf.newaxis] - present * presence_penalty[:, tf.newaxis]
+
+
+def has_penalty(settings):
+    """Whether some row of the rows' settings (numpy or tensors, by name) has a frequency or presence penalty: a
+    Python bool for numpy, a boolean tensor for tensors. The blocks count tokens and penalize only then."""
+    if isinstance(settings["frequency_penalty"], np.ndarray):
+        return bool(np.any(settings["frequency_penalty"]) or np.any(settings["presence_penalty"]))
+    return tf.reduce_any(tf.logical_or(tf.not_equal(settings["frequency_penalty"], 0.0),
+                                       tf.not_equal(settings["presence_penalty"], 0.0)))
 
 
 def score(logits, token, top):
@@ -133,15 +140,17 @@ def keep_top_p(logits, top_p):
     return tf.cond(tf.reduce_any(top_p < 1.0), masked, lambda: logits)
 
 
-def choose_next(logits, previous, steps, settings, space_id, counts):
+def choose_next(logits, previous, steps, settings, space_id, counts=None):
     """Pick the next token id of each row from logits [rows, vocab]: settings holds the rows' settings by name
     (ROW_SETTINGS; see Generator.generate for what each means), each a [rows] vector; row r draws with the seed
-    pair [seed[r], steps[r]]; counts [rows, vocab] are the tokens each row generated so far (for the penalties).
-    The rows share no arithmetic: each row's choice is what it would be alone."""
+    pair [seed[r], steps[r]]; counts [rows, vocab] are the tokens each row generated so far, for the penalties
+    (None: no row has one, see has_penalty). The rows share no arithmetic: each row's choice is what it would be
+    alone."""
     temperature, mode, seeds = settings["temperature"], settings["mode"], settings["seed"]
     top_k, top_p = settings["top_k"], settings["top_p"]
     # The penalties first, on the logits that every mode reads (argmax too), as OpenAI applies them.
-    logits = penalize(logits, counts, settings["frequency_penalty"], settings["presence_penalty"])
+    if counts is not None:
+        logits = penalize(logits, counts, settings["frequency_penalty"], settings["presence_penalty"])
     # The largest logit is subtracted first, so that a tiny temperature cannot overflow to inf - inf = NaN. Then
     # top-k, then top-p over the k kept (the order of Hugging Face's and llama.cpp's samplers).
     scaled = (logits - tf.reduce_max(logits, axis=-1, keepdims=True)) / temperature[:, tf.newaxis]
@@ -184,8 +193,8 @@ class Generator(tf.Module):
         self.stopped = tf.Variable(False, trainable=False, name="stopped")
         # The code spells out its loops and conditions (tf.while_loop, tf.cond): without AutoGraph's conversion,
         # tracing takes a fifth of the time, which a one-off sample.py feels.
-        # reduce_retracing: one trace serves every row count (XLA still compiles each shape). generate() runs it;
-        # blocks() and the batching server run the packed block below.
+        # reduce_retracing: one trace serves every row count (XLA still compiles each shape). generate() and the
+        # export run it (graph_block); blocks() and the batching server run the packed block below.
         self._block = tf.function(self._generate_block, jit_compile=jit_compile, autograph=False,
                                   reduce_retracing=True)
         self._prime_pass = tf.function(self._feed_prime, autograph=False,
@@ -196,7 +205,7 @@ class Generator(tf.Module):
         # block without them stays as fast as it was.
         self._scored_packed_block = tf.function(self._generate_scored_packed_block, jit_compile=jit_compile,
                                                 autograph=False)
-        self._packed_block_calls = {}  # their concrete functions by (scored, capacity), made at the first use
+        self._packed_block_calls = {}  # their concrete functions by (scored, capacity, penalized), made when first used
         self._packed_block_lock = threading.Lock()
 
     def stop(self):
@@ -226,14 +235,16 @@ class Generator(tf.Module):
         return prime[-1], logits[0], states
 
     def _generate_block(self, steps, positions, previous, logits, states, counts, settings, scored=False,
-                        capacity=GENERATE_BLOCK):
+                        capacity=GENERATE_BLOCK, penalized=False):
         """`steps` (at most `capacity`, a Python int) more tokens for each row of (previous token [rows], its logits
         [rows, vocab], states, counts [rows, vocab] of the tokens it generated so far): row r is at token
         positions[r] of its sample and draws with its settings, the r-th values of the dict `settings`
         (ROW_SETTINGS by name, each a vector over the rows, so that the rows of a batch may be different requests).
         Returns the tokens [rows, capacity] (the first `steps` columns made, the rest zeros), the new carry
         and, when scored, each token's scores (BlockScores' tensors, before the penalties: see score). The rows
-        share the model's matrix products only: each row's choice depends on its own logits and settings alone."""
+        share the model's matrix products only: each row's choice depends on its own logits and settings alone.
+        penalized (a Python bool): apply the rows' penalties and count the tokens; without, the counts come back
+        as they came (give True when some row has a penalty: has_penalty)."""
         top = min(MAX_LOGPROBS, self.model.vocab_size)
         outputs = (tf.TensorArray(tf.int32, size=capacity),) + ((
             tf.TensorArray(tf.float32, size=capacity), tf.TensorArray(tf.int32, size=capacity),
@@ -241,33 +252,47 @@ class Generator(tf.Module):
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
         positions = tf.cast(positions, tf.int64)
 
-        def body(i, previous, logits, states, counts, outputs):
+        def body(i, previous, logits, states, outputs, *counted):
             token = choose_next(logits, previous, positions + tf.cast(i, tf.int64), settings, self.space_id,
-                                counts)
+                                *counted)
             made = (token, *score(logits, token, top)) if scored else (token,)
             next_logits, next_states = self.model.step(token, states, table)
-            counts += tf.one_hot(token, self.model.vocab_size, dtype=tf.int32)
-            return (i + 1, token, next_logits, next_states, counts,
-                    tuple(output.write(i, value) for output, value in zip(outputs, made)))
+            counted = tuple(counts + tf.one_hot(token, self.model.vocab_size, dtype=tf.int32) for counts in counted)
+            return (i + 1, token, next_logits, next_states,
+                    tuple(output.write(i, value) for output, value in zip(outputs, made)), *counted)
 
-        _, previous, logits, states, counts, outputs = tf.while_loop(
-            lambda i, *_: i < steps, body, (tf.constant(0), previous, logits, states, counts, outputs))
+        _, previous, logits, states, outputs, *counted = tf.while_loop(
+            lambda i, *_: i < steps, body,
+            (tf.constant(0), previous, logits, states, outputs) + ((counts,) if penalized else ()))
+        counts = counted[0] if penalized else counts
         # [GENERATE_BLOCK, rows, ...] -> [rows, GENERATE_BLOCK, ...]
         made = tuple(tf.experimental.numpy.swapaxes(output.stack(), 0, 1) for output in outputs)
         return made[0], previous, logits, states, counts, made[1:]
 
-    def _generate_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity):
+    def graph_block(self, steps, positions, previous, logits, states, counts, settings):
+        """One compiled block (GENERATE_BLOCK tokens of room) inside a graph, for generate() and the export's
+        batched signature: the block without the penalties' arithmetic unless some row has a penalty (one check a
+        block, not a step). Returns the tokens [rows, GENERATE_BLOCK] and the new previous, logits, states and
+        counts."""
+        def block(penalized):
+            return lambda: self._block(steps, positions, previous, logits, states, counts, settings,
+                                       penalized=penalized)[:5]
+        return tf.cond(has_penalty(settings), block(True), block(False))
+
+    def _generate_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity,
+                               penalized):
         """_generate_block with the states side by side in one [rows, num_states x size] tensor, in and out."""
-        return self._packed(steps, positions, previous, logits, states, counts, settings, False, capacity)
+        return self._packed(steps, positions, previous, logits, states, counts, settings, False, capacity, penalized)
 
-    def _generate_scored_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity):
+    def _generate_scored_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity,
+                                      penalized):
         """_generate_packed_block that also scores each token (BlockScores)."""
-        return self._packed(steps, positions, previous, logits, states, counts, settings, True, capacity)
+        return self._packed(steps, positions, previous, logits, states, counts, settings, True, capacity, penalized)
 
-    def _packed(self, steps, positions, previous, logits, states, counts, settings, scored, capacity):
+    def _packed(self, steps, positions, previous, logits, states, counts, settings, scored, capacity, penalized):
         states = tuple(tf.split(states, self.model.num_states, axis=1))
         tokens, previous, logits, states, counts, scores = self._generate_block(
-            steps, positions, previous, logits, states, counts, settings, scored, capacity)
+            steps, positions, previous, logits, states, counts, settings, scored, capacity, penalized)
         return tokens, previous, logits, tf.concat(states, axis=1), counts, scores
 
     def batch_block(self, steps, positions, previous, logits, states, counts, settings, scored=False,
@@ -280,25 +305,27 @@ class Generator(tf.Module):
         most steps the block has room for (GENERATE_BLOCK for the batching server, whose blocks are short;
         LONGEST_BLOCK for blocks(), whose blocks grow: see block_schedule). Returns (tokens [rows, capacity], of
         which the first `steps` columns are made; previous, logits, states, counts; BlockScores when scored, else
-        None). XLA compiles it once per row count, scored and capacity.
+        None). XLA compiles it once per row count, scored, capacity and penalized (whether some row has a
+        penalty: has_penalty; without, the counts come back as they came).
 
         Why the packing and a concrete function: each call from Python into TensorFlow lets go of the GIL and
         takes it back, and while the server's request threads run Python, each taking back waits for them (up to
         the interpreter's switch interval). Beside three threads running Python, a block of 16 rows took 316 to
         373 ms called the plain way and 45 to 49 ms this way (32 to 36 ms with nothing beside it)."""
+        penalized = has_penalty(settings)
         with self._packed_block_lock:
-            if (scored, capacity) not in self._packed_block_calls:
+            if (scored, capacity, penalized) not in self._packed_block_calls:
                 rows, vocab = [None], self.model.vocab_size
                 block = self._scored_packed_block if scored else self._packed_block
-                self._packed_block_calls[scored, capacity] = block.get_concrete_function(
+                self._packed_block_calls[scored, capacity, penalized] = block.get_concrete_function(
                     tf.TensorSpec([], tf.int32), tf.TensorSpec(rows, tf.int32), tf.TensorSpec(rows, tf.int32),
                     tf.TensorSpec(rows + [vocab], tf.float32),
                     tf.TensorSpec(rows + [self.model.num_states * self.model.rnn_size], tf.float32),
-                    tf.TensorSpec(rows + [vocab], tf.int32), row_specs(None), capacity)
-        *outputs, scores = self._packed_block_calls[scored, capacity](
+                    tf.TensorSpec(rows + [vocab], tf.int32), row_specs(None), capacity, penalized)
+        *outputs, scores = self._packed_block_calls[scored, capacity, penalized](
             tf.constant(steps, tf.int32),
             *(tf.constant(value) for value in (positions, previous, logits, states, counts)),
-            {name: tf.constant(value) for name, value in settings.items()}, capacity)
+            {name: tf.constant(value) for name, value in settings.items()}, capacity, penalized)
         return (*(output.numpy() for output in outputs),
                 BlockScores(*(score.numpy() for score in scores)) if scored else None)
 
@@ -379,7 +406,7 @@ class Generator(tf.Module):
         blocks = tf.TensorArray(tf.int32, size=num_blocks, element_shape=[GENERATE_BLOCK])
 
         def body(b, previous, logits, states, counts, blocks):
-            tokens, previous, logits, states, counts, _ = self._block(
+            tokens, previous, logits, states, counts = self.graph_block(
                 tf.constant(GENERATE_BLOCK), (b * GENERATE_BLOCK)[tf.newaxis], previous, logits, states, counts,
                 settings)
             return b + 1, previous, logits, states, counts, blocks.write(b, tokens[0])

@@ -408,9 +408,11 @@ def _csv_value(value):
     return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
 
 
-def build_model(config):
-    """Create the CharRNN a ModelConfig (or a config.yaml's settings) describes, with all its weights built."""
-    model = CharRNN(config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config))
+def build_model(config, random_init=True):
+    """Create the CharRNN a ModelConfig (or a config.yaml's settings) describes, with all its weights built
+    (random_init=False: as zeros, for weights restored next)."""
+    model = CharRNN(config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config),
+                    random_init=random_init)
     model.build_weights()
     return model
 
@@ -435,7 +437,7 @@ def load(save_dir):
     if len(saved.vocab) != saved.model_config.vocab_size:
         raise ValueError(f"{save_dir}: vocab.json has {len(saved.vocab)} tokens but config.yaml says "
                          f"{saved.model_config.vocab_size}; the save dir is damaged")
-    model = build_model(saved.model_config)
+    model = build_model(saved.model_config, random_init=False)  # the checkpoint's weights replace them
     path = checkpoints.restore_newest(tf.train.Checkpoint(model=model), save_dir)
     checkpoints.check_finite(model, path)
     return Loaded(saved.train_config, saved.model_config, saved.vocab, saved.unk_token, model, path)

@@ -31,7 +31,7 @@ class TrainingSamples:
         self.config, self.model, self.save_dir = config, model, save_dir
         self.temperatures = parse_temperatures(config.sample_temperatures)
         # No dropout: a dropout layer would take a seed from the training's random state (nor does sampling drop).
-        self.copy = CharRNN(dataclasses.replace(model_config, dropout=0.0))
+        self.copy = CharRNN(dataclasses.replace(model_config, dropout=0.0), random_init=False)
         self.copy.build_weights()
         loaded = savedir.Loaded(config, model_config, vocab, unk_token, self.copy, path=None)
         self.sampler = Sampler(loaded)

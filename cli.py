@@ -16,6 +16,7 @@ from value_types import (  # noqa: F401
     probability,
     sample_every,
     top_p,
+    weight_decay,
 )
 
 

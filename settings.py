@@ -58,6 +58,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     learning_rate: float = 0.002
     decay_rate: float = 0.97
+    weight_decay: float = 0.0  # decoupled (AdamW's): each step shrinks every weight by learning rate x weight_decay
     seed: int | None = None
     # Devices and machines (distribution.py)
     strategy: str = "auto"

@@ -103,6 +103,9 @@ def build_parser():
                               help="Adam learning rate")
     optimization.add_argument("--decay_rate", type=cli.positive_float, default=DEFAULTS.decay_rate,
                               help="per-epoch learning-rate decay: epoch e uses learning_rate * decay_rate**e")
+    optimization.add_argument("--weight_decay", type=cli.weight_decay, default=DEFAULTS.weight_decay,
+                              help="decoupled weight decay (AdamW's): each step every weight shrinks by its "
+                                   "current learning rate x this; 0: none (the original's Adam)")
     optimization.add_argument("--seed", type=cli.non_negative_int, default=DEFAULTS.seed,
                               help="random seed, for a repeatable run (default: a random one, saved in config)")
 

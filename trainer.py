@@ -178,7 +178,7 @@ class Trainer:
         with strategy.scope():  # the weights and the optimizer's slots mirrored on every replica
             self.model = CharRNN(model_config, precision=config.precision)
             self.model.build_weights()
-            self.optimizer = Adam(config.learning_rate)
+            self.optimizer = Adam(config.learning_rate, weight_decay=config.weight_decay or None)
             self.optimizer.build(self.model.trainable_variables)  # Keras builds lazily; a restore needs the slots
         # After the training model, so that its weights and dropout seeds are those of a run without samples.
         self.samples = (train_samples.TrainingSamples(config, self.model, model_config, loader.vocab, loader.unk_token,

@@ -26,6 +26,7 @@ positive_int = number_type(int, lambda v: v > 0, "a positive integer")
 positive_float = number_type(float, in_float32_range, "a positive number (1.2e-38 to 3.4e+38)")
 sample_every = number_type(int, lambda v: v >= -1, "-1 (no samples), 0 (at each checkpoint) or a number of steps")
 fraction = number_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+weight_decay = number_type(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 probability = number_type(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 # float32 rounds numbers below 1.2e-38 to 0: the smallest top_p is the smallest normal float32.
 top_p = number_type(float, lambda v: FLOAT32_TINY <= v <= 1, "a probability in (0, 1]")

@@ -23,36 +23,41 @@ LOW_32_BITS = 0xFFFFFFFF
 
 
 def uniform_draws(seeds, positions):
-    """Uniform float32 draws in [0, 1), one per row, from int64 [rows] seeds and positions: row r's draw is
-    reference_draw([seeds[r], positions[r]]), which keeps only the low 32 bits of each."""
-    seed, position = (tf.cast(tf.bitwise.bitwise_and(value, LOW_32_BITS), tf.uint32) for value in (seeds, positions))
+    """Uniform float32 draws in [0, 1), one per element, from int64 seeds and positions of one shape ([rows], or
+    [rows, steps] for a block's draws made at once): element i's draw is reference_draw([seeds[i], positions[i]]),
+    which keeps only the low 32 bits of each."""
+    seed, position = (tf.cast(tf.bitwise.bitwise_and(value, LOW_32_BITS), tf.uint64) for value in (seeds, positions))
     zeros = tf.zeros_like(seed)
     # A seed below 2**32 fills the counter's first and third words; its second and fourth are zero.
-    scrambled = _philox(tf.stack([seed, position]), tf.stack([zeros, zeros]),
-                        tf.constant(SCRAMBLE_KEY, tf.uint32)[:, tf.newaxis])
-    multiplied, xored = scrambled  # the words (0, 2) and (1, 3) of the scrambled block
-    key = tf.stack([multiplied[0], xored[0]])
-    bits = _philox(tf.stack([zeros, multiplied[1]]), tf.stack([zeros, xored[1]]), key)[0][0]
-    mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint32))
+    scramble_key = tf.reshape(tf.constant(SCRAMBLE_KEY, tf.uint32), [2] + [1] * seed.shape.rank)
+    multiplied, xored = _philox(tf.stack([seed, position]), tf.stack([zeros, zeros]), scramble_key)
+    multiplied, xored = tf.unstack(multiplied), tf.unstack(xored)  # the scrambled block's words (0, 2) and (1, 3)
+    key = tf.cast(tf.stack([multiplied[0], xored[0]]), tf.uint32)
+    bits = tf.unstack(_philox(tf.stack([zeros, multiplied[1]]), tf.stack([zeros, xored[1]]), key)[0])[0]
+    mantissa = tf.bitwise.right_shift(bits, tf.constant(32 - FLOAT32_MANTISSA_BITS, tf.uint64))
     return tf.cast(mantissa, tf.float32) * (2.0 ** -FLOAT32_MANTISSA_BITS)
 
 
 def _philox(multiplied, xored, key):
-    """One Philox-4x32-10 block over uint32 words, each [2, rows]: the counter's words 0 and 2 (`multiplied`, which
-    each round multiplies) and 1 and 3 (`xored`), and the key's two words ([2, rows] or [2, 1]) -> the block's words
-    as the same two pairs. Each round runs both halves of the block as one op per step, so that tracing the block
-    (which a one-off sample.py waits for) makes a few ops a round, not one per word."""
-    multipliers = tf.constant(MULTIPLIERS, tf.uint64)[:, tf.newaxis]
-    key_steps = tf.constant(KEY_STEPS, tf.uint32)[:, tf.newaxis]
-    shift = tf.constant(32, tf.uint64)
-    for round_ in range(ROUNDS):
-        if round_:
-            key = key + key_steps
-        product = multipliers * tf.cast(multiplied, tf.uint64)
-        high = tf.cast(tf.bitwise.right_shift(product, shift), tf.uint32)
-        low = tf.cast(product, tf.uint32)  # the low 32 bits: a cast to a narrower integer keeps them
-        # Words 0 and 2 become high1 ^ word1 ^ key0 and high0 ^ word3 ^ key1; words 1 and 3 become low1 and low0.
-        multiplied, xored = tf.reverse(high, [0]) ^ xored ^ key, tf.reverse(low, [0])
+    """One Philox-4x32-10 block: the counter's words 0 and 2 (`multiplied`, which each round multiplies) and 1 and 3
+    (`xored`), each pair [2, ...] of uint64 that hold 32-bit words, and the key's two uint32 words ([2, ...], or
+    [2, 1, ...] for every element) -> the block's words as the same two pairs.
+
+    Few ops, because tracing and compiling the sampling block (which a one-off sample.py waits for) take time by
+    the op: each round runs both halves of the block as one op per step, on 64-bit words, so that the 32 x 32-bit
+    product needs no casts; and the rounds' keys (each the one before plus KEY_STEPS, modulo 2**32) are made at once.
+    """
+    rounds = tf.constant([[round_ * step % 2 ** 32 for step in KEY_STEPS] for round_ in range(ROUNDS)], tf.uint32)
+    keys = tf.unstack(tf.cast(key[tf.newaxis] + tf.reshape(rounds, [ROUNDS, 2] + [1] * (key.shape.rank - 1)),
+                              tf.uint64))
+    multipliers = tf.reshape(tf.constant(MULTIPLIERS, tf.uint64), [2] + [1] * (multiplied.shape.rank - 1))
+    shift, low_bits, first = tf.constant(32, tf.uint64), tf.constant(LOW_32_BITS, tf.uint64), tf.constant([0])
+    for key in keys:
+        # Words 0 and 2 become high1 ^ word1 ^ key0 and high0 ^ word3 ^ key1; words 1 and 3 become low1 and low0:
+        # the products' halves, each pair reversed.
+        product = tf.reverse(multipliers * multiplied, first)
+        multiplied, xored = tf.bitwise.right_shift(product, shift) ^ xored ^ key, tf.bitwise.bitwise_and(product,
+                                                                                                      low_bits)
     return multiplied, xored
 
 

@@ -116,6 +116,16 @@ def block_schedule(n):
         steps = min(2 * steps, LONGEST_BLOCK)
 
 
+def block_draws(seeds, positions, steps):
+    """The uniform draws [rows, steps] of a block whose row r draws with seeds[r] (int64 [rows]) from token
+    positions[r] (int64 [rows]) on: the draw of token position p is that of the seed pair [seed, p], whatever block
+    makes it, so that the text of a seed does not depend on how a sample is cut into blocks. The same with and
+    without XLA (see philox.py); made at once before a block's loop, so that the loop's step neither runs nor
+    traces them one token at a time."""
+    positions = positions[:, tf.newaxis] + tf.range(steps, dtype=tf.int64)
+    return uniform_draws(seeds[:, tf.newaxis] + tf.zeros_like(positions), positions)
+
+
 def keep_top_k(logits, top_k):
     """logits [rows, vocab]: mask all but each row's top_k[r] largest logits to -inf (all kept where top_k is 0)."""
     def masked():
@@ -140,13 +150,13 @@ def keep_top_p(logits, top_p):
     return tf.cond(tf.reduce_any(top_p < 1.0), masked, lambda: logits)
 
 
-def choose_next(logits, previous, steps, settings, space_id, counts=None):
+def choose_next(logits, previous, draws, settings, space_id, counts=None):
     """Pick the next token id of each row from logits [rows, vocab]: settings holds the rows' settings by name
-    (ROW_SETTINGS; see Generator.generate for what each means), each a [rows] vector; row r draws with the seed
-    pair [seed[r], steps[r]]; counts [rows, vocab] are the tokens each row generated so far, for the penalties
-    (None: no row has one, see has_penalty). The rows share no arithmetic: each row's choice is what it would be
-    alone."""
-    temperature, mode, seeds = settings["temperature"], settings["mode"], settings["seed"]
+    (ROW_SETTINGS; see Generator.generate for what each means), each a [rows] vector; row r samples with the
+    uniform draw draws[r] (block_draws: the draw of its seed and its token's position); counts [rows, vocab] are the
+    tokens each row generated so far, for the penalties (None: no row has one, see has_penalty). The rows share no
+    arithmetic: each row's choice is what it would be alone."""
+    temperature, mode = settings["temperature"], settings["mode"]
     top_k, top_p = settings["top_k"], settings["top_p"]
     # The penalties first, on the logits that every mode reads (argmax too), as OpenAI applies them.
     if counts is not None:
@@ -158,11 +168,9 @@ def choose_next(logits, previous, steps, settings, space_id, counts=None):
     # Inverse CDF: one uniform draw u in [0, total) and the first token whose cumulative weight exceeds it; a
     # token of weight 0 (masked by top_k) is never chosen. Unlike stateless_categorical it compiles with XLA
     # on the CPU. The index is capped at the last token of positive weight, should rounding make u reach the
-    # total: never one past the vocabulary, as the original's weighted_pick could be. The draw is the same with
-    # and without XLA, and one vectorized op for all the rows (see philox.py).
+    # total: never one past the vocabulary, as the original's weighted_pick could be.
     weights = tf.exp(scaled - tf.reduce_max(scaled, axis=-1, keepdims=True))
     cumulative = tf.cumsum(weights, axis=-1)
-    draws = uniform_draws(seeds, steps)
     u = draws * cumulative[:, -1]
     vocab_ids = tf.range(tf.shape(weights)[-1])[tf.newaxis]
     last_possible = tf.reduce_max(tf.where(weights > 0, vocab_ids, 0), axis=-1)
@@ -207,6 +215,7 @@ class Generator(tf.Module):
                                                 autograph=False)
         self._packed_block_calls = {}  # their concrete functions by (scored, capacity, penalized), made when first used
         self._packed_block_lock = threading.Lock()
+        self._compiled = set()  # the (scored, capacity, penalized, rows) of the blocks run so far
 
     def stop(self):
         """Make every generate() call, running or later, stop before its next block: it then returns fewer
@@ -246,27 +255,36 @@ class Generator(tf.Module):
         penalized (a Python bool): apply the rows' penalties and count the tokens; without, the counts come back
         as they came (give True when some row has a penalty: has_penalty)."""
         top = min(MAX_LOGPROBS, self.model.vocab_size)
-        outputs = (tf.TensorArray(tf.int32, size=capacity),) + ((
-            tf.TensorArray(tf.float32, size=capacity), tf.TensorArray(tf.int32, size=capacity),
-            tf.TensorArray(tf.float32, size=capacity)) if scored else ())
+        rows = tf.shape(previous)
+        with_top = tf.concat([rows, [top]], axis=0)
+        made_kinds = ((tf.int32, rows),) + (((tf.float32, rows), (tf.int32, with_top), (tf.float32, with_top))
+                                             if scored else ())
+        # What each step makes (its token, and its scores), as TensorLists with the elements' shape given: XLA
+        # then compiles the loop's body once. With TensorArrays, whose element shape is unknown to it, XLA compiled
+        # the body twice (first to find the shape), which was most of what a one-off sample.py waited for after
+        # the import.
+        outputs = tuple(tf.raw_ops.TensorListReserve(element_shape=shape, num_elements=capacity, element_dtype=dtype)
+                        for dtype, shape in made_kinds)
         table = self.model.step_table()  # a small vocabulary's first-layer products, once per block
-        positions = tf.cast(positions, tf.int64)
+        draws = block_draws(settings["seed"], tf.cast(positions, tf.int64), capacity)
 
         def body(i, previous, logits, states, outputs, *counted):
-            token = choose_next(logits, previous, positions + tf.cast(i, tf.int64), settings, self.space_id,
-                                *counted)
+            token = choose_next(logits, previous, tf.gather(draws, i, axis=1), settings, self.space_id, *counted)
             made = (token, *score(logits, token, top)) if scored else (token,)
             next_logits, next_states = self.model.step(token, states, table)
             counted = tuple(counts + tf.one_hot(token, self.model.vocab_size, dtype=tf.int32) for counts in counted)
             return (i + 1, token, next_logits, next_states,
-                    tuple(output.write(i, value) for output, value in zip(outputs, made)), *counted)
+                    tuple(tf.raw_ops.TensorListSetItem(input_handle=output, index=i, item=value)
+                          for output, value in zip(outputs, made)), *counted)
 
         _, previous, logits, states, outputs, *counted = tf.while_loop(
             lambda i, *_: i < steps, body,
             (tf.constant(0), previous, logits, states, outputs) + ((counts,) if penalized else ()))
         counts = counted[0] if penalized else counts
-        # [GENERATE_BLOCK, rows, ...] -> [rows, GENERATE_BLOCK, ...]
-        made = tuple(tf.experimental.numpy.swapaxes(output.stack(), 0, 1) for output in outputs)
+        # [capacity, rows, ...] (zeros after the steps made) -> [rows, capacity, ...]
+        made = tuple(tf.experimental.numpy.swapaxes(tf.raw_ops.TensorListStack(
+            input_handle=output, element_shape=shape, element_dtype=dtype), 0, 1)
+            for output, (dtype, shape) in zip(outputs, made_kinds))
         return made[0], previous, logits, states, counts, made[1:]
 
     def graph_block(self, steps, positions, previous, logits, states, counts, settings):
@@ -326,6 +344,7 @@ class Generator(tf.Module):
             tf.constant(steps, tf.int32),
             *(tf.constant(value) for value in (positions, previous, logits, states, counts)),
             {name: tf.constant(value) for name, value in settings.items()}, capacity, penalized)
+        self._compiled.add((scored, capacity, penalized, len(positions)))  # XLA compiles once per row count
         return (*(output.numpy() for output in outputs),
                 BlockScores(*(score.numpy() for score in scores)) if scored else None)
 
@@ -355,16 +374,19 @@ class Generator(tf.Module):
         rows > 1: that many samples of the prime at once, row r drawing with seed + r (so row 0 is the sample of
         settings.seed alone); each block's ids are then [rows, ids] (and its scores those of every row).
         """
+        scored = settings.logprobs > 0
+        seed, settings = settings.seed, row_settings([settings] * rows)
+        settings["seed"] = np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64)
+        compiling = self._compile_beside(rows, settings, scored, LONGEST_BLOCK)
         previous, logits, states = self.feed_prime(prime)
+        if compiling is not None:
+            compiling.join()
         # numpy in and out, through batch_block's concrete function: a request of a server without batching makes
         # one TensorFlow call per block and a few array copies, where each eager op it made before cost a call
         # (and, beside the server's other threads, a wait for the GIL: see batch_block).
         carry = (np.full(rows, previous, np.int32), np.repeat(logits[np.newaxis], rows, axis=0),
                  np.repeat(np.concatenate(states, axis=1), rows, axis=0),
                  np.zeros((rows, self.model.vocab_size), np.int32))  # the penalties count generated tokens only
-        scored = settings.logprobs > 0
-        seed, settings = settings.seed, row_settings([settings] * rows)
-        settings["seed"] = np.array([(seed + row) % (MAX_SEED + 1) for row in range(rows)], np.int64)
         # A block's first k tokens do not depend on how many steps it makes: each block makes the steps that
         # block_schedule gives it (the last one only the steps left), all with one compiled program.
         for position, steps in block_schedule(n):
@@ -377,6 +399,31 @@ class Generator(tf.Module):
             else:
                 yield tokens[:, :steps], None if scores is None else BlockScores(
                     *(score[:, :steps] for score in scores))
+
+    def _compile_beside(self, rows, settings, scored, capacity):
+        """Unless it ran before, start compiling the block that `rows` rows with these settings (row_settings) will
+        run, in a thread: returns the thread, to join before the block's first call, or None.
+
+        Why: a one-off sample.py waits for the prime pass (about 0.1 s of TensorFlow's C++ on its first call) and
+        for the block's tracing (Python) and compilation (C++); both calls let go of the GIL, so that in a thread
+        of its own the block is traced and compiled while the prime is fed (docs/performance.md, One-off sample).
+        The prime pass is traced first, here: two traces at once would only take turns for the GIL."""
+        if (scored, capacity, has_penalty(settings), rows) in self._compiled:
+            return None
+        self._prime_pass.get_concrete_function()
+        vocab, width = self.model.vocab_size, self.model.num_states * self.model.rnn_size
+        zeros = (np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros((rows, vocab), np.float32),
+                 np.zeros((rows, width), np.float32), np.zeros((rows, vocab), np.int32))
+
+        def compile_block():
+            try:
+                self.batch_block(0, *zeros, settings, scored, capacity)  # no steps: compiles it, makes nothing
+            except Exception:  # noqa: BLE001 - the block's own first call meets the same error and reports it
+                pass
+
+        thread = threading.Thread(target=compile_block, name="compile-block", daemon=True)
+        thread.start()
+        return thread
 
     @tf.function(autograph=False, input_signature=[
         tf.TensorSpec([None], tf.int32, name="prime"),

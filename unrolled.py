@@ -140,18 +140,21 @@ def cell_step(cell_type, cell, x_product, layer_states, multiply_recurrent, h_bi
 # The Keras cells' arithmetic (LSTMCell, GRUCell with reset_after, SimpleRNNCell; implementation 2) from the two
 # matrix products of a step: x_product = inputs @ kernel + input bias, h_product = h @ recurrent_kernel (plus the
 # recurrent bias, GRU). The unrolled sequence and sampling call these instead of the cells.
+# Each gate's activation is one op over all the gates that share it (elementwise, so the same numbers as one op a
+# gate): XLA lowers each sigmoid and tanh op on its own, at about 4 ms apiece, which a one-off sample.py waits for.
 def lstm_gates(cell, x_product, h_product, states):
-    z_i, z_f, z_c, z_o = tf.split(x_product + h_product, 4, axis=-1)
-    c = cell.recurrent_activation(z_f) * states[1] + cell.recurrent_activation(z_i) * cell.activation(z_c)
-    h = cell.recurrent_activation(z_o) * cell.activation(c)
+    z = x_product + h_product
+    i, f, _, o = tf.split(cell.recurrent_activation(z), 4, axis=-1)  # the candidate's quarter is not used
+    z_c = tf.split(z, 4, axis=-1)[2]
+    c = f * states[1] + i * cell.activation(z_c)
+    h = o * cell.activation(c)
     return h, [h, c]
 
 
 def gru_gates(cell, x_product, h_product, states):
-    x_z, x_r, x_h = tf.split(x_product, 3, axis=-1)
-    recurrent_z, recurrent_r, recurrent_h = tf.split(h_product, 3, axis=-1)
-    z = cell.recurrent_activation(x_z + recurrent_z)
-    r = cell.recurrent_activation(x_r + recurrent_r)
+    x_zr, x_h = tf.split(x_product, [2 * cell.units, cell.units], axis=-1)
+    recurrent_zr, recurrent_h = tf.split(h_product, [2 * cell.units, cell.units], axis=-1)
+    z, r = tf.split(cell.recurrent_activation(x_zr + recurrent_zr), 2, axis=-1)
     candidate = cell.activation(x_h + r * recurrent_h)
     h = z * states[0] + (1 - z) * candidate
     return h, [h]

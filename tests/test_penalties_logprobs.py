@@ -46,7 +46,7 @@ def test_penalties_follow_openais_formula_per_row_and_argmax_reads_them():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert np.array_equal(got[0], logits[0])  # a row without penalties keeps its logits exactly
     settings = row_settings(4, MODE_ARGMAX, frequency_penalty=frequency, presence_penalty=presence)
-    chosen = sampler_module.choose_next(tf.constant(logits), tf.zeros([4], tf.int32), tf.zeros([4], tf.int64),
+    chosen = sampler_module.choose_next(tf.constant(logits), tf.zeros([4], tf.int32), tf.fill([4], 0.5),
                                         settings, tf.constant(-1), tf.constant(counts)).numpy()
     assert chosen.tolist() == expected.argmax(axis=1).tolist()
 

@@ -17,5 +17,9 @@ def test_the_vectorized_draws_are_tensorflows_own_draws_bit_for_bit():
     for jit_compile in (False, True):
         draws = tf.function(uniform_draws, jit_compile=jit_compile)(tf.constant(seeds), tf.constant(positions))
         np.testing.assert_array_equal(draws.numpy(), expected.numpy())
+        # A block's draws, made at once: [rows, steps] in, the same draws in that shape out.
+        block = tf.function(uniform_draws, jit_compile=jit_compile)(tf.constant(seeds.reshape(2, -1)),
+                                                                     tf.constant(positions.reshape(2, -1)))
+        np.testing.assert_array_equal(block.numpy(), expected.numpy().reshape(2, -1))
     assert 0.0 <= expected.numpy().min() and expected.numpy().max() < 1.0
     assert len(np.unique(expected.numpy())) > ROWS * 0.99  # draws, not a constant

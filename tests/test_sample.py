@@ -274,14 +274,19 @@ def test_top_k_draws_exactly_the_k_likeliest_in_proportion(sampler, following_lo
     assert chi_square_p(counts[:top_k + 1], rank_probabilities(logits, 2.0, top_k + 1)[:top_k + 1]) < 1e-8
 
 
-def test_top_p_keeps_exactly_the_smallest_set_of_likeliest_tokens_that_reaches_p():
+def test_top_p_keeps_exactly_the_smallest_set_of_likeliest_tokens_that_reaches_p_after_top_k():
     # Probabilities 0.5, 0.3, 0.15, 0.05 (in shuffled token order): the fewest likeliest tokens reaching p.
     probabilities = np.array([0.15, 0.5, 0.05, 0.3])
     logits = tf.constant(np.log(probabilities), tf.float32)
     by_rank = [1, 3, 0, 2]  # token ids from the likeliest
-    for top_p, kept in [(0.3, 1), (0.5, 1), (0.55, 2), (0.79, 2), (0.81, 3), (0.94, 3), (0.96, 4), (1.0, 4)]:
-        masked = sampler_module.keep_top_p(logits[tf.newaxis], tf.constant([top_p]))[0].numpy()
-        assert sorted(np.flatnonzero(np.isfinite(masked))) == sorted(by_rank[:kept]), top_p
+    cases = [(0, 0.3, 1), (0, 0.5, 1), (0, 0.55, 2), (0, 0.79, 2), (0, 0.81, 3), (0, 0.94, 3), (0, 0.96, 4),
+             (0, 1.0, 4),
+             # top-k first, then top-p over the k kept: among 0.5, 0.3, 0.15, 0.81 is reached by two tokens
+             (3, 0.81, 2), (2, 0.96, 2), (3, 1.0, 3), (1, 0.3, 1)]
+    for top_k, top_p, kept in cases:
+        masked = sampler_module.keep_top_k_top_p(logits[tf.newaxis], tf.constant([top_k]),
+                                                 tf.constant([top_p]))[0].numpy()
+        assert sorted(np.flatnonzero(np.isfinite(masked))) == sorted(by_rank[:kept]), (top_k, top_p)
         assert np.array_equal(masked[np.isfinite(masked)], logits.numpy()[np.isfinite(masked)])
 
 

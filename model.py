@@ -104,7 +104,8 @@ class CharRNN(keras.Model):
             x_bias, h_bias = unrolled.split_bias(self.cell_type, cell.bias.value)
             x_product = (x if i == 0 and table is not None else tf.matmul(x, cell.kernel.value)) + x_bias
             x, layer_states = unrolled.cell_step(self.cell_type, cell, x_product, self.layer_states(states, i),
-                                                 unrolled.by_weight(cell.recurrent_kernel.value), h_bias)
+                                                 unrolled.by_weight(cell.recurrent_kernel.value), h_bias,
+                                                 shared_activations=True)
             new_states.extend(layer_states)
         return self.head(x), tuple(new_states)
 

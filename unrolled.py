@@ -129,38 +129,49 @@ def dropout(layer, x, training, rows=None):
     return x * mask[first:first + x.shape[0]]
 
 
-def cell_step(cell_type, cell, x_product, layer_states, multiply_recurrent, h_bias):
-    """One step of one layer from its input product (input bias included): (output, new layer states)."""
+def cell_step(cell_type, cell, x_product, layer_states, multiply_recurrent, h_bias, shared_activations=False):
+    """One step of one layer from its input product (input bias included): (output, new layer states).
+    shared_activations: see the gates below (sampling's step, which XLA compiles)."""
     h_product = multiply_recurrent(layer_states[0])
     if h_bias is not None:
         h_product += h_bias
-    return GATES[cell_type](cell, x_product, h_product, layer_states)
+    return GATES[cell_type](cell, x_product, h_product, layer_states, shared_activations)
 
 
 # The Keras cells' arithmetic (LSTMCell, GRUCell with reset_after, SimpleRNNCell; implementation 2) from the two
 # matrix products of a step: x_product = inputs @ kernel + input bias, h_product = h @ recurrent_kernel (plus the
 # recurrent bias, GRU). The unrolled sequence and sampling call these instead of the cells.
-# Each gate's activation is one op over all the gates that share it (elementwise, so the same numbers as one op a
-# gate): XLA lowers each sigmoid and tanh op on its own, at about 4 ms apiece, which a one-off sample.py waits for.
-def lstm_gates(cell, x_product, h_product, states):
+# shared_activations: one sigmoid op over all of a step's gates (elementwise, so the same numbers as one op a gate),
+# for sampling's compiled step: XLA lowers each sigmoid and tanh op on its own, at about 4 ms apiece, which a one-off
+# sample.py waits for. Training keeps one op a gate: its backward pass would pay for the LSTM's unused quarter
+# (0.90x the tokens/s at 3 x 128) and for joining the split gradients.
+def lstm_gates(cell, x_product, h_product, states, shared_activations=False):
     z = x_product + h_product
-    i, f, _, o = tf.split(cell.recurrent_activation(z), 4, axis=-1)  # the candidate's quarter is not used
-    z_c = tf.split(z, 4, axis=-1)[2]
+    z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
+    if shared_activations:
+        i, f, _, o = tf.split(cell.recurrent_activation(z), 4, axis=-1)  # the candidate's quarter is not used
+    else:
+        i, f, o = (cell.recurrent_activation(gate) for gate in (z_i, z_f, z_o))
     c = f * states[1] + i * cell.activation(z_c)
     h = o * cell.activation(c)
     return h, [h, c]
 
 
-def gru_gates(cell, x_product, h_product, states):
-    x_zr, x_h = tf.split(x_product, [2 * cell.units, cell.units], axis=-1)
-    recurrent_zr, recurrent_h = tf.split(h_product, [2 * cell.units, cell.units], axis=-1)
-    z, r = tf.split(cell.recurrent_activation(x_zr + recurrent_zr), 2, axis=-1)
+def gru_gates(cell, x_product, h_product, states, shared_activations=False):
+    x_z, x_r, x_h = tf.split(x_product, 3, axis=-1)
+    recurrent_z, recurrent_r, recurrent_h = tf.split(h_product, 3, axis=-1)
+    if shared_activations:
+        z, r = tf.split(cell.recurrent_activation(tf.concat([x_z + recurrent_z, x_r + recurrent_r], axis=-1)), 2,
+                        axis=-1)
+    else:
+        z = cell.recurrent_activation(x_z + recurrent_z)
+        r = cell.recurrent_activation(x_r + recurrent_r)
     candidate = cell.activation(x_h + r * recurrent_h)
     h = z * states[0] + (1 - z) * candidate
     return h, [h]
 
 
-def rnn_gates(cell, x_product, h_product, states):
+def rnn_gates(cell, x_product, h_product, states, shared_activations=False):
     h = cell.activation(x_product + h_product)
     return h, [h]
 

@@ -5,6 +5,7 @@ import glob
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from runtime import warn
@@ -74,8 +75,9 @@ def restore_newest(checkpoint, directory):
 
 
 def weights_finite(model):
-    """True when every weight of the model is a finite number."""
-    return all(bool(tf.reduce_all(tf.math.is_finite(weight))) for weight in model.weights)
+    """True when every weight of the model is a finite number. Read in numpy: an eager op or two a weight took a
+    one-off sample.py 11 ms, numpy 4 ms."""
+    return all(np.isfinite(weight.numpy()).all() for weight in model.weights)
 
 
 def check_finite(model, path):

@@ -80,12 +80,9 @@ def penalize(logits, counts, frequency_penalty, presence_penalty):
 
 
 def has_penalty(settings):
-    """Whether some row of the rows' settings (numpy or tensors, by name) has a frequency or presence penalty: a
-    Python bool for numpy, a boolean tensor for tensors. The blocks count tokens and penalize only then."""
-    if isinstance(settings["frequency_penalty"], np.ndarray):
-        return bool(np.any(settings["frequency_penalty"]) or np.any(settings["presence_penalty"]))
-    return tf.reduce_any(tf.logical_or(tf.not_equal(settings["frequency_penalty"], 0.0),
-                                       tf.not_equal(settings["presence_penalty"], 0.0)))
+    """Whether some row of the rows' settings (row_settings: numpy arrays by name) has a frequency or presence
+    penalty, as a Python bool. The blocks count tokens and penalize only then (in a graph: Generator.graph_block)."""
+    return bool(np.any(settings["frequency_penalty"]) or np.any(settings["presence_penalty"]))
 
 
 def score(logits, token, top):
@@ -292,7 +289,9 @@ class Generator(tf.Module):
         def block(penalized):
             return lambda: self._block(steps, positions, previous, logits, states, counts, settings,
                                        penalized=penalized)[:5]
-        return tf.cond(has_penalty(settings), block(True), block(False))
+        penalized = tf.reduce_any(tf.logical_or(tf.not_equal(settings["frequency_penalty"], 0.0),
+                                                tf.not_equal(settings["presence_penalty"], 0.0)))
+        return tf.cond(penalized, block(True), block(False))
 
     def _generate_packed_block(self, steps, positions, previous, logits, states, counts, settings, capacity,
                                penalized):
@@ -403,7 +402,7 @@ class Generator(tf.Module):
 
         Why: a one-off sample.py waits for the prime pass (about 0.1 s of TensorFlow's C++ on its first call) and
         for the block's tracing (Python) and compilation (C++); both calls let go of the GIL, so that in a thread
-        of its own the block is traced and compiled while the prime is fed (docs/performance.md, One-off sample).
+        of its own the block is traced and compiled while the prime is fed (docs/performance.md, One-off sampling).
         The prime pass is traced first, here: two traces at once would only take turns for the GIL."""
         if (scored, capacity, has_penalty(settings), rows) in self._compiled:
             return None
